@@ -1,0 +1,41 @@
+// Schemas of every native op of fastdiffinst. Device kernels register themselves in
+// ops/<op>.cpp (CPU) and ops/cuda/<op>.cu (CUDA); fake, autograd and autocast registrations live
+// in Python (fastdiffinst/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+// `import fastdiffinst._C` runs the static registrars below; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+#ifdef WITH_CUDA
+  const long with_cuda = 1;
+#else
+  const long with_cuda = 0;
+#endif
+  // Lets Python tell "built without CUDA" from "CUDA kernel missing".
+  if (PyModule_AddIntConstant(module, "WITH_CUDA", with_cuda) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+
+TORCH_LIBRARY(fastdiffinst, m) {
+  m.def(
+      "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+      "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
+      "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, "
+      "int sampling_ratio, bool aligned) -> Tensor");
+  m.def(
+      "multilevel_roi_align(Tensor[] features, Tensor rois, float[] spatial_scales, "
+      "SymInt pooled_height, SymInt pooled_width, int sampling_ratio, bool aligned, "
+      "int canonical_box_size, int canonical_level) -> Tensor");
+  m.def(
+      "_multilevel_roi_align_backward(Tensor grad, Tensor rois, float[] spatial_scales, "
+      "SymInt[] heights, SymInt[] widths, SymInt batch_size, SymInt channels, int sampling_ratio, "
+      "bool aligned, int canonical_box_size, int canonical_level) -> Tensor[]");
+}

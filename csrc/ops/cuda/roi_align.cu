@@ -1,0 +1,304 @@
+// CUDA kernels of roi_align and multilevel_roi_align (forward and backward).
+//
+// Forward: one thread per output element (k, c, ph, pw) over NCHW features; the RoI's pyramid
+// level is computed in-kernel, so all levels are served by one launch with no host sync.
+// Backward: one thread per grad element, scattering into channels-last per-level gradients (the
+// same layout the CPU kernel returns). By default with fp32/fp64 atomics; under
+// torch.use_deterministic_algorithms(True) with int64 fixed-point atomics, whose sums do not
+// depend on the order of the additions, converted back afterwards.
+//
+// Bad values never read out of bounds: a batch index outside [0, B) or a NaN box gives zeros
+// (fastdiffinst.ops.set_input_checks(True) raises for them instead, at the cost of a sync).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "ops/common/roi_align_math.h"
+#include "ops/roi_align_checks.h"
+
+namespace fastdiffinst {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+struct LevelTable {
+  T* data[roi::kMaxLevels];
+  int64_t height[roi::kMaxLevels];
+  int64_t width[roi::kMaxLevels];
+  double scale[roi::kMaxLevels];
+  int num_levels;
+  int canonical_box_size, canonical_level, min_level;
+};
+
+template <typename T>
+LevelTable<T> make_table(const std::vector<at::Tensor>& tensors, at::ArrayRef<double> scales,
+                         const LevelRule& rule) {
+  LevelTable<T> t{};
+  t.num_levels = static_cast<int>(tensors.size());
+  for (int l = 0; l < t.num_levels; ++l) {
+    t.data[l] = reinterpret_cast<T*>(tensors[l].data_ptr());
+    t.height[l] = tensors[l].size(2);
+    t.width[l] = tensors[l].size(3);
+    t.scale[l] = scales[l];
+  }
+  t.canonical_box_size = rule.canonical_box_size;
+  t.canonical_level = rule.canonical_level;
+  t.min_level = rule.min_level;
+  return t;
+}
+
+template <typename T>
+__device__ inline int roi_level(const LevelTable<T>& t, const float* box) {
+  if (t.num_levels == 1) return 0;
+  return roi::assign_level(box[0], box[1], box[2], box[3], t.canonical_box_size, t.canonical_level, t.min_level,
+                           t.num_levels);
+}
+
+// Reads rois[k] (coord_t) into floats for the level rule and returns the batch index, or -1 when
+// it is outside [0, batch) or not a number.
+template <typename coord_t>
+__device__ inline int64_t roi_batch(const coord_t* roi, int64_t batch) {
+  const coord_t b = roi[0];
+  if (!(b >= coord_t(0) && b < static_cast<coord_t>(batch))) return -1;
+  return static_cast<int64_t>(b);
+}
+
+inline unsigned int blocks_for(int64_t n) {
+  return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
+}
+
+template <typename scalar_t, typename coord_t>
+__global__ void forward_kernel(LevelTable<const scalar_t> levels, const coord_t* __restrict__ rois, int64_t num_rois,
+                               int64_t batch, int64_t channels, int pooled_h, int pooled_w, int sampling_ratio,
+                               bool aligned, scalar_t* __restrict__ out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = num_rois * channels * pooled_h * pooled_w;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(blockDim.x) * gridDim.x) {
+    const int pw = static_cast<int>(idx % pooled_w);
+    const int ph = static_cast<int>((idx / pooled_w) % pooled_h);
+    const int64_t c = (idx / (int64_t(pooled_w) * pooled_h)) % channels;
+    const int64_t k = idx / (int64_t(pooled_w) * pooled_h * channels);
+    const coord_t* roi = rois + 5 * k;
+    const int64_t b = roi_batch(roi, batch);
+    if (b < 0) {
+      out[idx] = scalar_t(0);
+      continue;
+    }
+    const float box[4] = {float(roi[1]), float(roi[2]), float(roi[3]), float(roi[4])};
+    const int l = roi_level(levels, box);
+    const int64_t height = levels.height[l], width = levels.width[l];
+    const auto g = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], coord_t(levels.scale[l]), pooled_h,
+                                              pooled_w, sampling_ratio, aligned);
+    const scalar_t* plane = levels.data[l] + (b * channels + c) * height * width;
+    acc_t sum = 0;
+    for (int iy = 0; iy < g.grid_h; ++iy) {
+      const auto ty = roi::axis_taps(roi::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h), height);
+      if (!ty.valid) continue;
+      for (int ix = 0; ix < g.grid_w; ++ix) {
+        const auto tx = roi::axis_taps(roi::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w), width);
+        if (!tx.valid) continue;
+        sum += acc_t(ty.w_lo * tx.w_lo) * acc_t(plane[ty.lo * width + tx.lo]) +
+               acc_t(ty.w_lo * tx.w_hi) * acc_t(plane[ty.lo * width + tx.hi]) +
+               acc_t(ty.w_hi * tx.w_lo) * acc_t(plane[ty.hi * width + tx.lo]) +
+               acc_t(ty.w_hi * tx.w_hi) * acc_t(plane[ty.hi * width + tx.hi]);
+      }
+    }
+    out[idx] = static_cast<scalar_t>(sum / acc_t(g.count));
+  }
+}
+
+// Adds `value` to a channels-last gradient element: a float/double atomic, or an int64 fixed-point
+// atomic (value * scale, rounded) whose total is independent of the order of additions.
+template <typename acc_t, bool kFixedPoint>
+struct GradSink;
+
+template <typename acc_t>
+struct GradSink<acc_t, false> {
+  using storage_t = acc_t;
+  __device__ static void add(storage_t* p, acc_t v, const double*) { atomicAdd(p, v); }
+};
+
+template <typename acc_t>
+struct GradSink<acc_t, true> {
+  using storage_t = unsigned long long;
+  __device__ static void add(storage_t* p, acc_t v, const double* scale) {
+    const long long q = llrint(static_cast<double>(v) * *scale);
+    atomicAdd(p, static_cast<unsigned long long>(q));
+  }
+};
+
+template <typename scalar_t, typename coord_t, typename Sink>
+__global__ void backward_kernel(const scalar_t* __restrict__ grad, LevelTable<typename Sink::storage_t> levels,
+                                const coord_t* __restrict__ rois, int64_t num_rois, int64_t batch, int64_t channels,
+                                int pooled_h, int pooled_w, int sampling_ratio, bool aligned,
+                                const double* __restrict__ fixed_point_scale) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t total = num_rois * channels * pooled_h * pooled_w;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(blockDim.x) * gridDim.x) {
+    const int pw = static_cast<int>(idx % pooled_w);
+    const int ph = static_cast<int>((idx / pooled_w) % pooled_h);
+    const int64_t c = (idx / (int64_t(pooled_w) * pooled_h)) % channels;
+    const int64_t k = idx / (int64_t(pooled_w) * pooled_h * channels);
+    const coord_t* roi = rois + 5 * k;
+    const int64_t b = roi_batch(roi, batch);
+    if (b < 0) continue;
+    const float box[4] = {float(roi[1]), float(roi[2]), float(roi[3]), float(roi[4])};
+    const int l = roi_level(levels, box);
+    const int64_t height = levels.height[l], width = levels.width[l];
+    const auto g = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], coord_t(levels.scale[l]), pooled_h,
+                                              pooled_w, sampling_ratio, aligned);
+    const acc_t g_bin = acc_t(grad[idx]) / acc_t(g.count);
+    // Channels-last: element (b, y, x, c).
+    typename Sink::storage_t* image = levels.data[l] + b * height * width * channels + c;
+    for (int iy = 0; iy < g.grid_h; ++iy) {
+      const auto ty = roi::axis_taps(roi::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h), height);
+      if (!ty.valid) continue;
+      for (int ix = 0; ix < g.grid_w; ++ix) {
+        const auto tx = roi::axis_taps(roi::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w), width);
+        if (!tx.valid) continue;
+        Sink::add(image + (ty.lo * width + tx.lo) * channels, acc_t(ty.w_lo * tx.w_lo) * g_bin, fixed_point_scale);
+        Sink::add(image + (ty.lo * width + tx.hi) * channels, acc_t(ty.w_lo * tx.w_hi) * g_bin, fixed_point_scale);
+        Sink::add(image + (ty.hi * width + tx.lo) * channels, acc_t(ty.w_hi * tx.w_lo) * g_bin, fixed_point_scale);
+        Sink::add(image + (ty.hi * width + tx.hi) * channels, acc_t(ty.w_hi * tx.w_hi) * g_bin, fixed_point_scale);
+      }
+    }
+  }
+}
+
+
+at::Tensor multilevel_forward_cuda(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
+                                   int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                                   int64_t canonical_box_size, int64_t canonical_level, const char* op) {
+  check_roi_align_inputs(features, rois, scales, pooled_h, pooled_w, op);
+  const auto& first = features[0];
+  c10::cuda::CUDAGuard guard(first.device());
+  auto output = at::empty({rois.size(0), first.size(1), pooled_h, pooled_w}, first.options());
+  if (output.numel() == 0) return output;
+  std::vector<at::Tensor> nchw;
+  for (const auto& f : features) nchw.push_back(f.contiguous());
+  const auto r = coord_rois(rois, first.scalar_type());
+  const LevelRule rule = make_level_rule(scales, canonical_box_size, canonical_level);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_forward", [&] {
+    using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    forward_kernel<scalar_t, coord_t><<<blocks_for(output.numel()), kThreads, 0, stream>>>(
+        make_table<const scalar_t>(nchw, scales, rule), r.data_ptr<coord_t>(), r.size(0), first.size(0),
+        first.size(1), static_cast<int>(pooled_h), static_cast<int>(pooled_w), static_cast<int>(sampling_ratio),
+        aligned, output.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return output;
+}
+
+std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
+                                                 at::ArrayRef<double> scales, at::IntArrayRef heights,
+                                                 at::IntArrayRef widths, int64_t batch_size, int64_t channels,
+                                                 int64_t sampling_ratio, bool aligned, int64_t canonical_box_size,
+                                                 int64_t canonical_level, const char* op) {
+  check_roi_align_backward_inputs(grad, rois, scales, heights, widths, batch_size, channels, op);
+  c10::cuda::CUDAGuard guard(grad.device());
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const auto acc_dtype = at::toOpMathType(grad.scalar_type());
+  const auto sink_dtype = deterministic ? at::kLong : acc_dtype;
+  std::vector<at::Tensor> sinks;
+  for (size_t l = 0; l < heights.size(); ++l)
+    sinks.push_back(at::zeros({batch_size, channels, heights[l], widths[l]},
+                              grad.options().dtype(sink_dtype).memory_format(at::MemoryFormat::ChannelsLast)));
+  at::Tensor fixed_point_scale;
+  if (grad.numel() > 0) {
+    const auto g = grad.contiguous();
+    const auto r = coord_rois(rois, grad.scalar_type());
+    const LevelRule rule = make_level_rule(scales, canonical_box_size, canonical_level);
+    if (deterministic) {
+      // Every element's total is bounded by K * PH * PW * max|grad| (the bilinear weights of a
+      // bin sum to at most 1), so this scale keeps all partial sums below 2^62. Computed on the
+      // device: no host sync.
+      const double bound = double(g.size(0)) * double(g.size(2)) * double(g.size(3));
+      fixed_point_scale = (std::ldexp(1.0, 62) / (g.abs().amax().to(at::kDouble) * bound))
+                              .clamp_max(std::ldexp(1.0, 62))
+                              .nan_to_num(0.0, 0.0, 0.0)
+                              .reshape({1});
+    }
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward", [&] {
+      using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto launch = [&](auto sink) {
+        using Sink = decltype(sink);
+        backward_kernel<scalar_t, coord_t, Sink><<<blocks_for(g.numel()), kThreads, 0, stream>>>(
+            g.data_ptr<scalar_t>(), make_table<typename Sink::storage_t>(sinks, scales, rule), r.data_ptr<coord_t>(),
+            r.size(0), batch_size, channels, static_cast<int>(g.size(2)), static_cast<int>(g.size(3)),
+            static_cast<int>(sampling_ratio), aligned,
+            deterministic ? fixed_point_scale.data_ptr<double>() : nullptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (deterministic) {
+        launch(GradSink<acc_t, true>{});
+      } else {
+        launch(GradSink<acc_t, false>{});
+      }
+    });
+  }
+  std::vector<at::Tensor> grads;
+  for (auto& s : sinks) {
+    at::Tensor gl = s;
+    if (deterministic) gl = fixed_point_scale.defined() ? (s.to(at::kDouble) / fixed_point_scale.clamp_min(1e-300))
+                                                        : s.to(at::kDouble);
+    grads.push_back(gl.to(grad.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast));
+  }
+  return grads;
+}
+
+at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
+                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+  return multilevel_forward_cuda({input}, rois, {spatial_scale}, pooled_h, pooled_w, sampling_ratio, aligned,
+                                 kDefaultCanonicalBoxSize, kDefaultCanonicalLevel, "roi_align");
+}
+
+at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
+                                   int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
+                                   int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
+  TORCH_CHECK(grad.dim() == 4 && grad.size(2) == pooled_h && grad.size(3) == pooled_w,
+              "roi_align backward: grad must be [K, C, ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
+  return multilevel_backward_cuda(grad, rois, {spatial_scale}, {height}, {width}, batch_size, channels,
+                                  sampling_ratio, aligned, kDefaultCanonicalBoxSize, kDefaultCanonicalLevel,
+                                  "roi_align backward")[0];
+}
+
+at::Tensor multilevel_roi_align_cuda(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
+                                     int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                                     int64_t canonical_box_size, int64_t canonical_level) {
+  return multilevel_forward_cuda(features, rois, scales, pooled_h, pooled_w, sampling_ratio, aligned,
+                                 canonical_box_size, canonical_level, "multilevel_roi_align");
+}
+
+std::vector<at::Tensor> multilevel_roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
+                                                           at::ArrayRef<double> scales, at::IntArrayRef heights,
+                                                           at::IntArrayRef widths, int64_t batch_size,
+                                                           int64_t channels, int64_t sampling_ratio, bool aligned,
+                                                           int64_t canonical_box_size, int64_t canonical_level) {
+  return multilevel_backward_cuda(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
+                                  canonical_box_size, canonical_level, "multilevel_roi_align backward");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiffinst, CUDA, m) {
+  m.impl("roi_align", TORCH_FN(roi_align_forward_cuda));
+  m.impl("_roi_align_backward", TORCH_FN(roi_align_backward_cuda));
+  m.impl("multilevel_roi_align", TORCH_FN(multilevel_roi_align_cuda));
+  m.impl("_multilevel_roi_align_backward", TORCH_FN(multilevel_roi_align_backward_cuda));
+}
+
+}  // namespace fastdiffinst

@@ -1,0 +1,82 @@
+// Host-side argument checks and level-rule set-up shared by the CPU and CUDA RoIAlign kernels.
+// The Python layer checks the same things first with friendlier messages; these keep the native
+// ops memory-safe when called directly through torch.ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "ops/common/roi_align_math.h"
+
+namespace fastdiffinst {
+
+constexpr int64_t kDefaultCanonicalBoxSize = 224;
+constexpr int64_t kDefaultCanonicalLevel = 4;
+
+struct LevelRule {
+  int canonical_box_size;
+  int canonical_level;
+  int min_level;  // -log2(spatial_scales[0])
+};
+
+inline LevelRule make_level_rule(at::ArrayRef<double> scales, int64_t canonical_box_size, int64_t canonical_level) {
+  TORCH_CHECK(canonical_box_size > 0, "canonical_box_size must be positive, got ", canonical_box_size);
+  const double min_level = -std::log2(scales[0]);
+  const double rounded = std::round(min_level);
+  for (size_t l = 0; l < scales.size(); ++l) {
+    TORCH_CHECK(scales.size() == 1 || std::abs(-std::log2(scales[l]) - (rounded + double(l))) < 1e-6,
+                "spatial_scales must be consecutive powers of two (1/2^k, 1/2^(k+1), ...), got spatial_scales[", l,
+                "] = ", scales[l]);
+  }
+  return {static_cast<int>(canonical_box_size), static_cast<int>(canonical_level), static_cast<int>(rounded)};
+}
+
+// Box coordinates are read in fp32, or fp64 for fp64 features, whatever the dtype of `rois`.
+inline at::Tensor coord_rois(const at::Tensor& rois, at::ScalarType feature_dtype) {
+  return rois.to(feature_dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+}
+
+inline void check_roi_align_inputs(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
+                                   int64_t pooled_h, int64_t pooled_w, const char* op) {
+  TORCH_CHECK(!features.empty(), op, ": features must hold at least one tensor");
+  TORCH_CHECK(features.size() <= static_cast<size_t>(roi::kMaxLevels), op, ": at most ", roi::kMaxLevels,
+              " feature levels are supported, got ", features.size());
+  TORCH_CHECK(scales.size() == features.size(), op, ": len(spatial_scales) must equal len(features) (",
+              features.size(), "), got ", scales.size());
+  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, op, ": output_size must be positive, got (", pooled_h, ", ", pooled_w,
+              ")");
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5], got ", rois.sizes());
+  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point, got ", rois.scalar_type());
+  const auto& first = features[0];
+  for (size_t l = 0; l < features.size(); ++l) {
+    const auto& f = features[l];
+    TORCH_CHECK(f.dim() == 4, op, ": features[", l, "] must be [B, C, H, W], got ", f.sizes());
+    TORCH_CHECK(f.device() == rois.device(), op, ": features[", l, "] is on ", f.device(), " but rois on ",
+                rois.device());
+    TORCH_CHECK(f.scalar_type() == first.scalar_type(), op, ": features[", l, "] has dtype ", f.scalar_type(),
+                ", features[0] has ", first.scalar_type());
+    TORCH_CHECK(f.size(0) == first.size(0) && f.size(1) == first.size(1), op, ": features[", l,
+                "] has batch/channels ", f.size(0), "/", f.size(1), ", features[0] has ", first.size(0), "/",
+                first.size(1));
+    TORCH_CHECK(scales[l] > 0 && std::isfinite(scales[l]), op, ": spatial_scales[", l, "] must be positive, got ",
+                scales[l]);
+  }
+}
+
+inline void check_roi_align_backward_inputs(const at::Tensor& grad, const at::Tensor& rois,
+                                            at::ArrayRef<double> scales, at::IntArrayRef heights,
+                                            at::IntArrayRef widths, int64_t batch_size, int64_t channels,
+                                            const char* op) {
+  TORCH_CHECK(!heights.empty() && heights.size() <= static_cast<size_t>(roi::kMaxLevels), op,
+              ": between 1 and ", roi::kMaxLevels, " levels are supported, got ", heights.size());
+  TORCH_CHECK(heights.size() == widths.size() && heights.size() == scales.size(), op,
+              ": heights, widths and spatial_scales must have one entry per level");
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels, op,
+              ": grad must be [K, C, PH, PW] with K = ", rois.size(0), " and C = ", channels, ", got ", grad.sizes());
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5], got ", rois.sizes());
+  TORCH_CHECK(grad.device() == rois.device(), op, ": grad is on ", grad.device(), " but rois on ", rois.device());
+  TORCH_CHECK(batch_size >= 0 && channels >= 0, op, ": batch_size and channels must be non-negative");
+}
+
+}  // namespace fastdiffinst
