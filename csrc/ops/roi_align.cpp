@@ -256,8 +256,7 @@ std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at
   const auto acc_dtype = at::toOpMathType(grad.scalar_type());
   std::vector<at::Tensor> grads;
   for (size_t l = 0; l < heights.size(); ++l)
-    grads.push_back(at::zeros({batch_size, channels, heights[l], widths[l]},
-                              grad.options().dtype(acc_dtype).memory_format(at::MemoryFormat::ChannelsLast)));
+    grads.push_back(zeros_channels_last({batch_size, channels, heights[l], widths[l]}, grad.options().dtype(acc_dtype)));
   if (grad.numel() > 0) {
     const auto g = grad.contiguous();
     const auto r = coord_rois(rois, grad.scalar_type());

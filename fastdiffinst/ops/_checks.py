@@ -58,7 +58,8 @@ def boxes_to_rois(op: str, boxes: Tensor | Sequence[Tensor], device: torch.devic
             require_floating(op, f"boxes[{i}]", b)
             if b.dim() != 2 or b.shape[1] != 4:
                 raise ValueError(f"{op}: boxes[{i}] must be [k, 4] (x1, y1, x2, y2), got shape {tuple(b.shape)}")
-            require_same_device(op, f"boxes[{i}]", b, "the features", torch.empty(0, device=device))
+            if b.device != device:
+                raise ValueError(f"{op}: boxes[{i}] is on {b.device} but the features are on {device}")
         if len(boxes) == 0:
             return torch.zeros((0, 5), device=device)
         dtype = boxes[0].dtype

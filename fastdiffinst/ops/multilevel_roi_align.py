@@ -48,7 +48,8 @@ def _check_features(features: Sequence[Tensor], spatial_scales: Sequence[float])
         if f.shape[0] != first.shape[0] or f.shape[1] != first.shape[1]:
             raise ValueError(f"{_OP}: every level must have the batch size and channels of features[0] "
                              f"({first.shape[0]}, {first.shape[1]}); {name} has ({f.shape[0]}, {f.shape[1]})")
-        if f.dtype != first.dtype:
+        # Under autocast, mixed storage dtypes are promoted by the autocast kernel below.
+        if f.dtype != first.dtype and not torch.is_autocast_enabled(first.device.type):
             raise TypeError(f"{_OP}: every level must have the dtype of features[0] ({first.dtype}); "
                             f"{name} has {f.dtype}")
     try:

@@ -213,8 +213,7 @@ std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const a
   const auto sink_dtype = deterministic ? at::kLong : acc_dtype;
   std::vector<at::Tensor> sinks;
   for (size_t l = 0; l < heights.size(); ++l)
-    sinks.push_back(at::zeros({batch_size, channels, heights[l], widths[l]},
-                              grad.options().dtype(sink_dtype).memory_format(at::MemoryFormat::ChannelsLast)));
+    sinks.push_back(zeros_channels_last({batch_size, channels, heights[l], widths[l]}, grad.options().dtype(sink_dtype)));
   at::Tensor fixed_point_scale;
   if (grad.numel() > 0) {
     const auto g = grad.contiguous();

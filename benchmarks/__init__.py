@@ -1,0 +1,1 @@
+"""Throughput studies of fastdiffinst (``python benchmarks/run.py``); nothing imports this package."""

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# One command for a machine with a CUDA GPU and no network: build, CUDA parity tests, benchmarks.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR
+#
+# Stages (each writes its files into OUT_DIR as it finishes, so a run cut short still reports):
+#   0. versions.json   python/torch/triton/CUDA/GPU, printed first
+#   1. build.log       the extension built in place with the CUDA kernels (FORCE_CUDA=1)
+#   2. cuda_tests.*    the CUDA-marked tests (parity with CPU, determinism, opcheck)
+#   3. bench/          python benchmarks/run.py --device cuda (JSON + markdown)
+#   4. summary.md      the summary table, printed last
+# Fits in ~5 minutes on an H100/H200 (one architecture compiled).
+set -uo pipefail
+OUT="${1:?usage: gpu_check.sh OUT_DIR}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" FORCE_CUDA=1 MAX_JOBS="${MAX_JOBS:-8}"
+status() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
+
+status "stage 0: versions"
+"$PY" - "$OUT/versions.json" <<'PYEOF'
+import json, platform, sys
+import torch
+info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+try:
+    import triton; info["triton"] = triton.__version__
+except ImportError:
+    info["triton"] = None
+try:
+    import torchvision; info["torchvision"] = torchvision.__version__
+except ImportError:
+    info["torchvision"] = None
+json.dump(info, open(sys.argv[1], "w"), indent=2)
+print(json.dumps(info))
+PYEOF
+
+status "stage 1: build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+if ! timeout 240 "$PY" -m pip install -e . --no-build-isolation --no-deps >"$OUT/build.log" 2>&1; then
+  status "build failed; tail of build.log:"; tail -40 "$OUT/build.log"; exit 1
+fi
+"$PY" -c "import fastdiffinst._extension as e; assert e.built_with_cuda(), 'extension built without CUDA'; print('extension built with CUDA')" || exit 1
+
+status "stage 2: CUDA tests"
+tests_rc=0
+if "$PY" -c "import pytest" 2>/dev/null; then
+  FASTDIFFINST_REQUIRE_EXT=1 timeout 120 "$PY" -m pytest tests -m cuda -q -p no:cacheprovider \
+    --junitxml="$OUT/cuda_tests.xml" >"$OUT/cuda_tests.log" 2>&1 || tests_rc=$?
+  tail -5 "$OUT/cuda_tests.log"
+else
+  echo "pytest is not installed here; CUDA tests skipped" | tee "$OUT/cuda_tests.log"; tests_rc=99
+fi
+
+status "stage 3: benchmarks"
+bench_rc=0
+timeout 150 "$PY" benchmarks/run.py --device cuda --out "$OUT/bench" >"$OUT/bench.log" 2>&1 || bench_rc=$?
+
+status "stage 4: summary"
+{
+  echo "# gpu_check summary"
+  echo
+  echo "versions: $(cat "$OUT/versions.json" | tr -d '\n')"
+  echo
+  echo "CUDA tests: exit $tests_rc ($(grep -Eo '[0-9]+ (passed|failed|skipped|error)[^ ]*' "$OUT/cuda_tests.log" | tr '\n' ' '))"
+  echo "benchmarks: exit $bench_rc"
+  echo
+  [ -f "$OUT/bench/results.md" ] && tail -n +3 "$OUT/bench/results.md"
+} >"$OUT/summary.md"
+cat "$OUT/summary.md"
+[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]

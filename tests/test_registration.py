@@ -1,0 +1,184 @@
+"""Registration of the RoIAlign ops: native kernels per device, backend selection and reporting,
+and the import footprint of ``fastdiffinst.ops`` (DESIGN §2, §3)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastdiffinst.ops as fops
+from fastdiffinst import _extension
+from fastdiffinst.ops import _dispatch
+
+NATIVE_OPS = ("roi_align", "_roi_align_backward", "multilevel_roi_align", "_multilevel_roi_align_backward")
+PUBLIC_OPS = ("roi_align", "multilevel_roi_align")
+
+
+@pytest.mark.parametrize("op", NATIVE_OPS)
+def test_cpu_kernel_registered(op):
+    assert _extension.has_ops(), "fastdiffinst._C is not loaded"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiffinst::{op}", "CPU")
+    assert _extension.has_kernel(op, "cpu")
+
+
+@pytest.mark.parametrize("op", NATIVE_OPS)
+def test_cuda_kernel_registered_iff_built_with_cuda(op):
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiffinst::{op}", "CUDA")
+    assert has_cuda_kernel == _extension.built_with_cuda()
+    assert _extension.has_kernel(op, "cuda") == has_cuda_kernel
+
+
+@pytest.mark.parametrize("op", NATIVE_OPS)
+def test_fake_kernel_registered(op):
+    # A fake (meta) kernel is what torch.compile and opcheck trace through.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiffinst::{op}", "Meta")
+
+
+@pytest.mark.parametrize("op", ("roi_align", "_roi_align_backward", "multilevel_roi_align"))
+def test_autograd_registered(op):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiffinst::{op}", "Autograd")
+
+
+def test_has_kernel_rejects_unknown_device():
+    assert not _extension.has_kernel("roi_align", "mps")
+
+
+@pytest.mark.parametrize("op", PUBLIC_OPS)
+def test_backend_info_names_cpp(op):
+    info = fops.backend_info()
+    assert set(PUBLIC_OPS) <= set(info)
+    assert set(info[op]) == {"cpu", "cuda"}
+    assert info[op]["cpu"].startswith("cpp:"), info[op]["cpu"]
+    expected_cuda = "cpp:" if _extension.built_with_cuda() else "reference:"
+    assert info[op]["cuda"].startswith(expected_cuda), info[op]["cuda"]
+    assert _dispatch.resolve(op, "cpu") == "cpp"
+
+
+class _Spy:
+    """Counts calls to a native op and forwards them."""
+
+    def __init__(self, op):
+        self.op = op
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.op(*args, **kwargs)
+
+
+def _roi_align_inputs():
+    g = torch.Generator().manual_seed(101)
+    x = torch.randn(2, 3, 11, 13, generator=g)
+    rois = torch.tensor([[0, 1.5, 2.0, 9.0, 8.5], [1, -2.0, 3.0, 6.0, 12.0], [1, 4.0, 1.0, 12.5, 7.0]])
+    return x, rois
+
+
+def test_use_backend_switches_roi_align_to_reference_and_restores(monkeypatch):
+    x, rois = _roi_align_inputs()
+    spy = _Spy(torch.ops.fastdiffinst.roi_align)
+    monkeypatch.setattr(torch.ops.fastdiffinst, "roi_align", spy)
+
+    native = fops.roi_align(x, rois, (3, 5), 0.5, 2, True)
+    assert spy.calls == 1
+
+    with fops.use_backend("roi_align", "reference"):
+        assert fops.backend_info()["roi_align"]["cpu"].startswith("reference: selected with use_backend")
+        assert fops.backend_info()["multilevel_roi_align"]["cpu"].startswith("cpp:")  # other ops untouched
+        assert _dispatch.resolve("roi_align", "cpu") == "reference"
+        ref = fops.roi_align(x, rois, (3, 5), 0.5, 2, True)
+        assert spy.calls == 1, "the native op ran although the reference backend was selected"
+        # Nested selection wins inside, the outer one comes back after.
+        with fops.use_backend("roi_align", "cpp"):
+            fops.roi_align(x, rois, (3, 5), 0.5, 2, True)
+            assert spy.calls == 2
+        fops.roi_align(x, rois, (3, 5), 0.5, 2, True)
+        assert spy.calls == 2
+
+    torch.testing.assert_close(ref, native, rtol=1e-5, atol=1e-5)
+    assert fops.backend_info()["roi_align"]["cpu"].startswith("cpp:")
+    fops.roi_align(x, rois, (3, 5), 0.5, 2, True)
+    assert spy.calls == 3
+
+
+def test_use_backend_restores_after_exception():
+    with pytest.raises(KeyError):
+        with fops.use_backend("roi_align", "reference"):
+            raise KeyError("boom")
+    assert _dispatch.resolve("roi_align", "cpu") == "cpp"
+    assert fops.backend_info()["roi_align"]["cpu"].startswith("cpp:")
+
+
+def test_use_backend_switches_multilevel_to_reference(monkeypatch):
+    g = torch.Generator().manual_seed(102)
+    features = [torch.randn(2, 3, 9, 11, generator=g), torch.randn(2, 3, 5, 6, generator=g)]
+    rois = torch.tensor([[0, 1.0, 2.0, 9.0, 8.0], [1, -4.0, -3.0, 40.0, 30.0], [1, 3.0, 3.0, 5.0, 7.0]])
+    spy = _Spy(torch.ops.fastdiffinst.multilevel_roi_align)
+    monkeypatch.setattr(torch.ops.fastdiffinst, "multilevel_roi_align", spy)
+    args = ((2, 3), [0.25, 0.125], 2, True, 16, 3)
+
+    native = fops.multilevel_roi_align(features, rois, *args)
+    assert spy.calls == 1
+    with fops.use_backend("multilevel_roi_align", "reference"):
+        assert fops.backend_info()["multilevel_roi_align"]["cpu"].startswith("reference:")
+        ref = fops.multilevel_roi_align(features, rois, *args)
+    assert spy.calls == 1
+    torch.testing.assert_close(ref, native, rtol=1e-5, atol=1e-5)
+    fops.multilevel_roi_align(features, rois, *args)
+    assert spy.calls == 2
+    assert fops.backend_info()["multilevel_roi_align"]["cpu"].startswith("cpp:")
+
+
+def test_reference_backend_gradient_is_not_the_native_layout():
+    """A behaviour difference: the native backward hands back a channels-last gradient, the
+    autograd reference one in the layout of the (contiguous) input."""
+    x, rois = _roi_align_inputs()
+    x = x.requires_grad_()
+    with fops.use_backend("roi_align", "reference"):
+        out = fops.roi_align(x * 1, rois, (3, 5), 0.5, 2, True)
+        (g_ref,) = torch.autograd.grad(out.sum(), x)
+    y = x * 1
+    out = fops.roi_align(y, rois, (3, 5), 0.5, 2, True)
+    (g_native,) = torch.autograd.grad(out, y, torch.ones_like(out))
+    assert g_native.is_contiguous(memory_format=torch.channels_last)
+    assert not g_native.is_contiguous()
+    assert g_ref.is_contiguous()
+    torch.testing.assert_close(g_native, g_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("op, name, match", [
+    ("no_such_op", "cpp", "unknown op"),
+    ("roi_align", "triton", "no backend"),
+    ("multilevel_roi_align", "cuda", "no backend"),
+])
+def test_use_backend_rejects_unknown(op, name, match):
+    with pytest.raises(ValueError, match=match):
+        with fops.use_backend(op, name):
+            pass
+    assert _dispatch.resolve("roi_align", "cpu") == "cpp"
+
+
+def test_set_input_checks_toggles():
+    assert _dispatch.input_checks_enabled()  # conftest turns them on
+    try:
+        fops.set_input_checks(False)
+        assert not _dispatch.input_checks_enabled()
+    finally:
+        fops.set_input_checks(True)
+    assert _dispatch.input_checks_enabled()
+
+
+def test_import_ops_is_light():
+    code = (
+        "import sys\n"
+        "import fastdiffinst.ops\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torchvision', 'pycocotools')"
+        " or m == 'fastdiffinst.modeling' or m.startswith('fastdiffinst.modeling.'))\n"
+        "assert 'fastdiffinst._C' in sys.modules, 'extension not loaded'\n"
+        "print('BAD=' + ','.join(bad))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "BAD=\n" in result.stdout, result.stdout
