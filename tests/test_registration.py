@@ -131,23 +131,6 @@ def test_use_backend_switches_multilevel_to_reference(monkeypatch):
     assert fops.backend_info()["multilevel_roi_align"]["cpu"].startswith("cpp:")
 
 
-def test_reference_backend_gradient_is_not_the_native_layout():
-    """A behaviour difference: the native backward hands back a channels-last gradient, the
-    autograd reference one in the layout of the (contiguous) input."""
-    x, rois = _roi_align_inputs()
-    x = x.requires_grad_()
-    with fops.use_backend("roi_align", "reference"):
-        out = fops.roi_align(x * 1, rois, (3, 5), 0.5, 2, True)
-        (g_ref,) = torch.autograd.grad(out.sum(), x)
-    y = x * 1
-    out = fops.roi_align(y, rois, (3, 5), 0.5, 2, True)
-    (g_native,) = torch.autograd.grad(out, y, torch.ones_like(out))
-    assert g_native.is_contiguous(memory_format=torch.channels_last)
-    assert not g_native.is_contiguous()
-    assert g_ref.is_contiguous()
-    torch.testing.assert_close(g_native, g_ref, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("op, name, match", [
     ("no_such_op", "cpp", "unknown op"),
     ("roi_align", "triton", "no backend"),

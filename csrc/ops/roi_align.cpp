@@ -11,7 +11,8 @@
 // samples are closer than a pixel (the common case at the assigned FPN level).
 //
 // Forward: parallel over RoIs. Backward: parallel over channel blocks, every thread walking all
-// RoIs in order, so the gradient is race-free and deterministic whatever the thread count.
+// RoIs in order, so the gradient is race-free and deterministic whatever the thread count; it
+// accumulates channels-last in a reused workspace and returns contiguous (NCHW) gradients.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -254,9 +255,13 @@ std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at
                                                 int64_t canonical_level, const char* op) {
   check_roi_align_backward_inputs(grad, rois, scales, heights, widths, batch_size, channels, op);
   const auto acc_dtype = at::toOpMathType(grad.scalar_type());
-  std::vector<at::Tensor> grads;
-  for (size_t l = 0; l < heights.size(); ++l)
-    grads.push_back(zeros_channels_last({batch_size, channels, heights[l], widths[l]}, grad.options().dtype(acc_dtype)));
+  // Accumulate channels-last in reused workspaces, then hand back contiguous (NCHW) gradients.
+  std::vector<at::Tensor> sums;
+  for (size_t l = 0; l < heights.size(); ++l) {
+    sums.push_back(channels_last_workspace(l, {batch_size, channels, heights[l], widths[l]},
+                                           grad.options().dtype(acc_dtype)));
+    sums.back().zero_();
+  }
   if (grad.numel() > 0) {
     const auto g = grad.contiguous();
     const auto r = coord_rois(rois, grad.scalar_type());
@@ -264,12 +269,12 @@ std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at
     const LevelRule rule = make_level_rule(scales, canonical_box_size, canonical_level);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      backward_kernel<scalar_t, acc_t>(level_views<acc_t>(grads, scales), r, g, rule, grad.size(2), grad.size(3),
+      backward_kernel<scalar_t, acc_t>(level_views<acc_t>(sums, scales), r, g, rule, grad.size(2), grad.size(3),
                                        sampling_ratio, aligned);
     });
   }
-  if (acc_dtype != grad.scalar_type())
-    for (auto& t : grads) t = t.to(grad.scalar_type());
+  std::vector<at::Tensor> grads;
+  for (const auto& sum : sums) grads.push_back(at::empty(sum.sizes(), grad.options()).copy_(sum));
   return grads;
 }
 

@@ -32,12 +32,6 @@ inline LevelRule make_level_rule(at::ArrayRef<double> scales, int64_t canonical_
   return {static_cast<int>(canonical_box_size), static_cast<int>(canonical_level), static_cast<int>(rounded)};
 }
 
-// Zero-filled [B, C, H, W] tensor with channels-last strides (at::zeros ignores the memory format
-// of its options).
-inline at::Tensor zeros_channels_last(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return at::empty(sizes, options.memory_format(at::MemoryFormat::ChannelsLast)).zero_();
-}
-
 // Box coordinates are read in fp32, or fp64 for fp64 features, whatever the dtype of `rois`.
 inline at::Tensor coord_rois(const at::Tensor& rois, at::ScalarType feature_dtype) {
   return rois.to(feature_dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();

@@ -151,8 +151,7 @@ def _register() -> None:
     @torch.library.register_fake("fastdiffinst::_multilevel_roi_align_backward")
     def _backward_fake(grad, rois, spatial_scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
                        canonical_box_size, canonical_level):
-        return [torch.empty((batch_size, channels, h, w), dtype=grad.dtype, device=grad.device,
-                            memory_format=torch.channels_last) for h, w in zip(heights, widths)]
+        return [torch.empty((batch_size, channels, h, w), dtype=grad.dtype, device=grad.device) for h, w in zip(heights, widths)]
 
     def setup_context(ctx, inputs, output):
         features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned, box_size, level = inputs

@@ -92,8 +92,7 @@ def _register() -> None:
     @torch.library.register_fake("fastdiffinst::_roi_align_backward")
     def _roi_align_backward_fake(grad, rois, spatial_scale, pooled_height, pooled_width, batch_size, channels,
                                  height, width, sampling_ratio, aligned):
-        return torch.empty((batch_size, channels, height, width), dtype=grad.dtype, device=grad.device,
-                           memory_format=torch.channels_last)
+        return torch.empty((batch_size, channels, height, width), dtype=grad.dtype, device=grad.device)
 
     def setup_context(ctx, inputs, output):
         input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned = inputs

@@ -2,8 +2,8 @@
 //
 // Forward: one thread per output element (k, c, ph, pw) over NCHW features; the RoI's pyramid
 // level is computed in-kernel, so all levels are served by one launch with no host sync.
-// Backward: one thread per grad element, scattering into channels-last per-level gradients (the
-// same layout the CPU kernel returns). By default with fp32/fp64 atomics; under
+// Backward: one thread per grad element, scattering into contiguous per-level gradients (the
+// layout the CPU kernel returns too). By default with fp32/fp64 atomics; under
 // torch.use_deterministic_algorithms(True) with int64 fixed-point atomics, whose sums do not
 // depend on the order of the additions, converted back afterwards.
 //
@@ -159,18 +159,17 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, LevelTable<ty
     const auto g = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], coord_t(levels.scale[l]), pooled_h,
                                               pooled_w, sampling_ratio, aligned);
     const acc_t g_bin = acc_t(grad[idx]) / acc_t(g.count);
-    // Channels-last: element (b, y, x, c).
-    typename Sink::storage_t* image = levels.data[l] + b * height * width * channels + c;
+    typename Sink::storage_t* plane = levels.data[l] + (b * channels + c) * height * width;
     for (int iy = 0; iy < g.grid_h; ++iy) {
       const auto ty = roi::axis_taps(roi::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h), height);
       if (!ty.valid) continue;
       for (int ix = 0; ix < g.grid_w; ++ix) {
         const auto tx = roi::axis_taps(roi::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w), width);
         if (!tx.valid) continue;
-        Sink::add(image + (ty.lo * width + tx.lo) * channels, acc_t(ty.w_lo * tx.w_lo) * g_bin, fixed_point_scale);
-        Sink::add(image + (ty.lo * width + tx.hi) * channels, acc_t(ty.w_lo * tx.w_hi) * g_bin, fixed_point_scale);
-        Sink::add(image + (ty.hi * width + tx.lo) * channels, acc_t(ty.w_hi * tx.w_lo) * g_bin, fixed_point_scale);
-        Sink::add(image + (ty.hi * width + tx.hi) * channels, acc_t(ty.w_hi * tx.w_hi) * g_bin, fixed_point_scale);
+        Sink::add(plane + ty.lo * width + tx.lo, acc_t(ty.w_lo * tx.w_lo) * g_bin, fixed_point_scale);
+        Sink::add(plane + ty.lo * width + tx.hi, acc_t(ty.w_lo * tx.w_hi) * g_bin, fixed_point_scale);
+        Sink::add(plane + ty.hi * width + tx.lo, acc_t(ty.w_hi * tx.w_lo) * g_bin, fixed_point_scale);
+        Sink::add(plane + ty.hi * width + tx.hi, acc_t(ty.w_hi * tx.w_hi) * g_bin, fixed_point_scale);
       }
     }
   }
@@ -213,7 +212,7 @@ std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const a
   const auto sink_dtype = deterministic ? at::kLong : acc_dtype;
   std::vector<at::Tensor> sinks;
   for (size_t l = 0; l < heights.size(); ++l)
-    sinks.push_back(zeros_channels_last({batch_size, channels, heights[l], widths[l]}, grad.options().dtype(sink_dtype)));
+    sinks.push_back(at::zeros({batch_size, channels, heights[l], widths[l]}, grad.options().dtype(sink_dtype)));
   at::Tensor fixed_point_scale;
   if (grad.numel() > 0) {
     const auto g = grad.contiguous();
@@ -254,7 +253,7 @@ std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const a
     at::Tensor gl = s;
     if (deterministic) gl = fixed_point_scale.defined() ? (s.to(at::kDouble) / fixed_point_scale.clamp_min(1e-300))
                                                         : s.to(at::kDouble);
-    grads.push_back(gl.to(grad.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast));
+    grads.push_back(gl.to(grad.scalar_type()));
   }
   return grads;
 }
