@@ -274,7 +274,7 @@ std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at
     });
   }
   std::vector<at::Tensor> grads;
-  for (const auto& sum : sums) grads.push_back(at::empty(sum.sizes(), grad.options()).copy_(sum));
+  for (const auto& sum : sums) grads.push_back(channels_last_to_contiguous(sum, grad.scalar_type()));
   return grads;
 }
 
