@@ -38,4 +38,12 @@ TORCH_LIBRARY(fastdiffinst, m) {
       "_multilevel_roi_align_backward(Tensor grad, Tensor rois, float[] spatial_scales, "
       "SymInt[] heights, SymInt[] widths, SymInt batch_size, SymInt channels, int sampling_ratio, "
       "bool aligned, int canonical_box_size, int canonical_level) -> Tensor[]");
+  m.def(
+      "q_sample_boxes(Tensor gt_boxes, Tensor gt_counts, Tensor t, Tensor noise, Tensor placeholder_noise, "
+      "Tensor select_index, Tensor sqrt_alphas_cumprod, Tensor sqrt_one_minus_alphas_cumprod, float scale, "
+      "Tensor images_whwh) -> Tensor");
+  m.def(
+      "ddim_step_boxes(Tensor x_t, Tensor pred_boxes, Tensor images_whwh, Tensor keep, int t, int t_next, "
+      "Tensor alphas_cumprod, float eta, float scale, Tensor noise, Tensor renew_noise) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,5 +1,5 @@
-"""Registration of the RoIAlign ops: native kernels per device, backend selection and reporting,
-and the import footprint of ``fastdiffinst.ops`` (DESIGN §2, §3)."""
+"""Registration of the native ops: kernels per device, backend selection and reporting, and the
+import footprint of ``fastdiffinst.ops`` (DESIGN §2, §3)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,14 @@ import fastdiffinst.ops as fops
 from fastdiffinst import _extension
 from fastdiffinst.ops import _dispatch
 
-NATIVE_OPS = ("roi_align", "_roi_align_backward", "multilevel_roi_align", "_multilevel_roi_align_backward")
-PUBLIC_OPS = ("roi_align", "multilevel_roi_align")
+# Every op of the fastdiffinst namespace, discovered, so that a new op is covered without editing this file.
+NATIVE_OPS = tuple(sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                          if name.startswith("fastdiffinst::")))
+PUBLIC_OPS = ("roi_align", "multilevel_roi_align", "q_sample_boxes", "ddim_step_boxes")
+
+
+def test_native_ops_discovered():
+    assert set(PUBLIC_OPS) | {"_roi_align_backward", "_multilevel_roi_align_backward"} <= set(NATIVE_OPS)
 
 
 @pytest.mark.parametrize("op", NATIVE_OPS)

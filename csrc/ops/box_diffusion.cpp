@@ -1,0 +1,190 @@
+// CPU kernels of q_sample_boxes (training corruption) and ddim_step_boxes (DDIM update with box
+// renewal), for any batch size and with fixed output shapes. Arithmetic in float64, shared with
+// the CUDA kernels through ops/common/box_diffusion_math.h.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+
+#include "ops/box_diffusion_host.h"
+#include "ops/common/box_diffusion_math.h"
+
+namespace fastdiffinst {
+namespace {
+
+// Reads a contiguous float32 or float64 tensor as float64 without a converted copy: the inputs
+// are a few thousand numbers, so a copy per input would cost more than the kernel.
+class Float64Reader {
+ public:
+  explicit Float64Reader(const at::Tensor& t) : tensor_(readable(t)) {
+    if (tensor_.scalar_type() == at::kDouble) {
+      f64_ = tensor_.data_ptr<double>();
+    } else {
+      f32_ = tensor_.data_ptr<float>();
+    }
+  }
+  double operator[](int64_t i) const { return f64_ != nullptr ? f64_[i] : static_cast<double>(f32_[i]); }
+  void row4(int64_t row, double* out) const {
+    if (f64_ != nullptr) {
+      for (int j = 0; j < 4; ++j) out[j] = f64_[4 * row + j];
+    } else {
+      for (int j = 0; j < 4; ++j) out[j] = static_cast<double>(f32_[4 * row + j]);
+    }
+  }
+
+ private:
+  static at::Tensor readable(const at::Tensor& t) {
+    auto c = t.contiguous();
+    return c.scalar_type() == at::kFloat || c.scalar_type() == at::kDouble ? c : c.to(at::kDouble);
+  }
+  at::Tensor tensor_;
+  const float* f32_ = nullptr;
+  const double* f64_ = nullptr;
+};
+
+// x * 0 is NaN exactly when x is not finite, so one test covers a whole row.
+inline bool all_finite(const double* v, int n) {
+  double poison = 0.0;
+  for (int j = 0; j < n; ++j) poison += v[j] * 0.0;
+  return poison == 0.0;
+}
+
+// Problems this small run on the calling thread; waking the pool costs more than the work.
+constexpr int64_t kGrain = 4096;
+
+at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_counts, const at::Tensor& t,
+                              const at::Tensor& noise, const at::Tensor& placeholder_noise,
+                              const at::Tensor& select_index, const at::Tensor& sqrt_alphas_cumprod,
+                              const at::Tensor& sqrt_one_minus_alphas_cumprod, double scale,
+                              const at::Tensor& images_whwh) {
+  constexpr const char* op = "q_sample_boxes";
+  const auto s = check_q_sample_inputs(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index,
+                                       sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, images_whwh);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be positive, got ", scale);
+  const Float64Reader gt(gt_boxes), eps(noise), draws(placeholder_noise), whwh(images_whwh);
+  const Float64Reader sa(sqrt_alphas_cumprod), s1a(sqrt_one_minus_alphas_cumprod);
+  const auto counts = gt_counts.contiguous(), steps = t.contiguous(), select = select_index.contiguous();
+  const int64_t *count_p = counts.data_ptr<int64_t>(), *t_p = steps.data_ptr<int64_t>();
+  const int64_t* sel_p = select.data_ptr<int64_t>();
+  for (int64_t b = 0; b < s.batch; ++b) {
+    TORCH_CHECK(count_p[b] >= 0 && count_p[b] <= s.max_gt, op, ": gt_counts[", b, "] must be in [0, G = ", s.max_gt,
+                "], got ", count_p[b]);
+    TORCH_CHECK(t_p[b] >= 0 && t_p[b] < s.timesteps, op, ": t[", b, "] must be in [0, ", s.timesteps, "), got ",
+                t_p[b]);
+    double box[4];
+    whwh.row4(b, box);
+    TORCH_CHECK(all_finite(box, 4), op, ": images_whwh[", b, "] must be finite");
+  }
+
+  auto out = at::empty({s.batch, s.proposals, 4}, gt_boxes.options().dtype(at::kDouble));
+  double* out_p = out.data_ptr<double>();
+  static constexpr double kFakeBox[4] = {0.5, 0.5, 1.0, 1.0};
+  at::parallel_for(0, s.batch, std::max<int64_t>(1, kGrain / std::max<int64_t>(s.proposals, 1)), [&](int64_t begin,
+                                                                                                      int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      double image_whwh[4], x0[4], e[4];
+      whwh.row4(b, image_whwh);
+      const double sqrt_alpha = sa[t_p[b]], sqrt_one_minus_alpha = s1a[t_p[b]];
+      // An image without GT has one (fake) box, index 0.
+      const int64_t available = count_p[b] > 0 ? count_p[b] : 1;
+      for (int64_t i = 0; i < s.proposals; ++i) {
+        const int64_t k = b * s.proposals + i, sel = sel_p[k];
+        TORCH_CHECK(sel >= -1 && sel < available, op, ": select_index[", b, ", ", i, "] must be -1 or in [0, ",
+                    available, "), got ", sel);
+        // Every draw is checked, used or not: a non-finite draw is a bug upstream.
+        draws.row4(k, e);
+        TORCH_CHECK(all_finite(e, 4), op, ": placeholder_noise[", b, ", ", i, "] must be finite");
+        if (sel < 0) {
+          diffusion::placeholder_box(e, x0);
+        } else if (count_p[b] == 0) {
+          for (int j = 0; j < 4; ++j) x0[j] = kFakeBox[j];
+        } else {
+          gt.row4(b * s.max_gt + sel, x0);
+          TORCH_CHECK(all_finite(x0, 4), op, ": gt_boxes[", b, ", ", sel, "] must be finite");
+        }
+        eps.row4(k, e);
+        TORCH_CHECK(all_finite(e, 4), op, ": noise[", b, ", ", i, "] must be finite");
+        diffusion::q_sample_box(x0, e, sqrt_alpha, sqrt_one_minus_alpha, scale, image_whwh, out_p + 4 * k);
+      }
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cpu(
+    const at::Tensor& x_t, const at::Tensor& pred_boxes, const at::Tensor& images_whwh, const at::Tensor& keep,
+    int64_t t, int64_t t_next, const at::Tensor& alphas_cumprod, double eta, double scale, const at::Tensor& noise,
+    const at::Tensor& renew_noise) {
+  constexpr const char* op = "ddim_step_boxes";
+  check_ddim_inputs(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, noise, renew_noise);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be positive, got ", scale);
+  TORCH_CHECK(std::isfinite(eta) && eta >= 0, op, ": eta must be >= 0, got ", eta);
+  const int64_t batch = x_t.size(0), proposals = x_t.size(1);
+  const Float64Reader xt(x_t), pred(pred_boxes), whwh(images_whwh), z(noise), fresh(renew_noise), ac(alphas_cumprod);
+  const auto keep_c = keep.contiguous();
+  const bool* keep_p = keep_c.data_ptr<bool>();
+  const auto k = diffusion::ddim_coefficients(ac[t], t_next >= 0 ? ac[t_next] : 1.0, eta);
+
+  const auto options = x_t.options().dtype(at::kDouble);
+  auto x0 = at::empty({batch, proposals, 4}, options);
+  auto x_next = at::empty({batch, proposals, 4}, options);
+  auto next_boxes = at::empty({batch, proposals, 4}, options);
+  auto num_kept = at::empty({batch}, options.dtype(at::kLong));
+  double *x0_p = x0.data_ptr<double>(), *next_p = x_next.data_ptr<double>(), *boxes_p = next_boxes.data_ptr<double>();
+  int64_t* kept_p = num_kept.data_ptr<int64_t>();
+
+  at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / std::max<int64_t>(proposals, 1)), [&](int64_t begin,
+                                                                                                  int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t base = b * proposals;
+      double image_whwh[4], row[4];
+      whwh.row4(b, image_whwh);
+      TORCH_CHECK(all_finite(image_whwh, 4), op, ": images_whwh[", b, "] must be finite");
+      const double inv_whwh[4] = {1.0 / image_whwh[0], 1.0 / image_whwh[1], 1.0 / image_whwh[2], 1.0 / image_whwh[3]};
+      int64_t kept = 0;
+      for (int64_t i = 0; i < proposals; ++i) {
+        pred.row4(base + i, row);
+        TORCH_CHECK(all_finite(row, 4), op, ": pred_boxes[", b, ", ", i, "] must be finite");
+        diffusion::box_to_signal(row, inv_whwh, scale, x0_p + 4 * (base + i));
+        kept += keep_p[base + i] ? 1 : 0;
+        // Every row is checked, used or not: a non-finite draw is a bug upstream.
+        for (const auto& [input, name] : {std::pair{&xt, "x_t"}, {&z, "noise"}, {&fresh, "renew_noise"}}) {
+          input->row4(base + i, row);
+          TORCH_CHECK(all_finite(row, 4), op, ": ", name, "[", b, ", ", i, "] must be finite");
+        }
+      }
+      kept_p[b] = kept;
+      if (t_next < 0) {
+        // The final step returns x̂0 for every proposal, no renewal.
+        for (int64_t i = 0; i < 4 * proposals; ++i) next_p[4 * base + i] = x0_p[4 * base + i];
+      } else {
+        // Kept proposals move to the front in their order; slot p's eta noise is noise[b, p].
+        int64_t p = 0;
+        double noise_row[4];
+        for (int64_t i = 0; i < proposals; ++i) {
+          if (!keep_p[base + i]) continue;
+          xt.row4(base + i, row);
+          z.row4(base + p, noise_row);
+          diffusion::ddim_update(row, x0_p + 4 * (base + i), noise_row, k, next_p + 4 * (base + p));
+          ++p;
+        }
+        for (; p < proposals; ++p) fresh.row4(base + p, next_p + 4 * (base + p));
+      }
+      for (int64_t i = 0; i < proposals; ++i)
+        diffusion::signal_to_box(next_p + 4 * (base + i), image_whwh, scale, boxes_p + 4 * (base + i));
+    }
+  });
+  return {x_next, x0, next_boxes, num_kept};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiffinst, CPU, m) {
+  m.impl("q_sample_boxes", TORCH_FN(q_sample_boxes_cpu));
+  m.impl("ddim_step_boxes", TORCH_FN(ddim_step_boxes_cpu));
+}
+
+}  // namespace fastdiffinst

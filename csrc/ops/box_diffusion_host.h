@@ -1,0 +1,82 @@
+// Host-side argument checks and input preparation shared by the CPU and CUDA box-diffusion kernels.
+// The Python layer checks the same things first with friendlier messages; these keep the native
+// ops memory-safe when called directly through torch.ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastdiffinst {
+
+inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", expected, ", got ", t.sizes());
+}
+
+inline void check_float(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be floating point, got ", t.scalar_type());
+}
+
+inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the boxes on ", ref.device());
+}
+
+// float64 contiguous copy (or the tensor itself): the kernels compute in float64.
+inline at::Tensor f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
+
+struct QSampleSizes {
+  int64_t batch, max_gt, proposals, timesteps;
+};
+
+inline QSampleSizes check_q_sample_inputs(const at::Tensor& gt_boxes, const at::Tensor& gt_counts,
+                                          const at::Tensor& t, const at::Tensor& noise,
+                                          const at::Tensor& placeholder_noise, const at::Tensor& select_index,
+                                          const at::Tensor& sqrt_alphas_cumprod,
+                                          const at::Tensor& sqrt_one_minus_alphas_cumprod,
+                                          const at::Tensor& images_whwh) {
+  constexpr const char* op = "q_sample_boxes";
+  TORCH_CHECK(gt_boxes.dim() == 3 && gt_boxes.size(2) == 4, op, ": gt_boxes must be [B, G, 4], got ",
+              gt_boxes.sizes());
+  TORCH_CHECK(noise.dim() == 3 && noise.size(2) == 4, op, ": noise must be [B, N, 4], got ", noise.sizes());
+  const QSampleSizes s{gt_boxes.size(0), gt_boxes.size(1), noise.size(1), sqrt_alphas_cumprod.numel()};
+  check_shape(gt_counts, {s.batch}, op, "gt_counts");
+  check_shape(t, {s.batch}, op, "t");
+  check_shape(noise, {s.batch, s.proposals, 4}, op, "noise");
+  check_shape(placeholder_noise, {s.batch, s.proposals, 4}, op, "placeholder_noise");
+  check_shape(select_index, {s.batch, s.proposals}, op, "select_index");
+  check_shape(sqrt_alphas_cumprod, {s.timesteps}, op, "sqrt_alphas_cumprod");
+  check_shape(sqrt_one_minus_alphas_cumprod, {s.timesteps}, op, "sqrt_one_minus_alphas_cumprod");
+  check_shape(images_whwh, {s.batch, 4}, op, "images_whwh");
+  TORCH_CHECK(gt_counts.scalar_type() == at::kLong && t.scalar_type() == at::kLong &&
+                  select_index.scalar_type() == at::kLong,
+              op, ": gt_counts, t and select_index must be int64");
+  for (const auto* x : {&gt_boxes, &noise, &placeholder_noise, &sqrt_alphas_cumprod, &sqrt_one_minus_alphas_cumprod,
+                        &images_whwh})
+    check_float(*x, op, "gt_boxes, noise, placeholder_noise, the schedule and images_whwh");
+  for (const auto* x : {&gt_counts, &t, &noise, &placeholder_noise, &select_index, &sqrt_alphas_cumprod,
+                        &sqrt_one_minus_alphas_cumprod, &images_whwh})
+    check_device(*x, gt_boxes, op, "an input");
+  return s;
+}
+
+inline void check_ddim_inputs(const at::Tensor& x_t, const at::Tensor& pred_boxes, const at::Tensor& images_whwh,
+                              const at::Tensor& keep, int64_t t, int64_t t_next, const at::Tensor& alphas_cumprod,
+                              const at::Tensor& noise, const at::Tensor& renew_noise) {
+  constexpr const char* op = "ddim_step_boxes";
+  TORCH_CHECK(x_t.dim() == 3 && x_t.size(2) == 4, op, ": x_t must be [B, N, 4], got ", x_t.sizes());
+  const int64_t batch = x_t.size(0), proposals = x_t.size(1), timesteps = alphas_cumprod.numel();
+  check_shape(pred_boxes, x_t.sizes(), op, "pred_boxes");
+  check_shape(noise, x_t.sizes(), op, "noise");
+  check_shape(renew_noise, x_t.sizes(), op, "renew_noise");
+  check_shape(keep, {batch, proposals}, op, "keep");
+  check_shape(images_whwh, {batch, 4}, op, "images_whwh");
+  TORCH_CHECK(alphas_cumprod.dim() == 1, op, ": alphas_cumprod must be [T], got ", alphas_cumprod.sizes());
+  TORCH_CHECK(keep.scalar_type() == at::kBool, op, ": keep must be bool, got ", keep.scalar_type());
+  for (const auto* x : {&x_t, &pred_boxes, &images_whwh, &alphas_cumprod, &noise, &renew_noise})
+    check_float(*x, op, "x_t, pred_boxes, images_whwh, alphas_cumprod and the noises");
+  for (const auto* x : {&pred_boxes, &images_whwh, &keep, &alphas_cumprod, &noise, &renew_noise})
+    check_device(*x, x_t, op, "an input");
+  TORCH_CHECK(t >= 0 && t < timesteps, op, ": t must be in [0, ", timesteps, "), got ", t);
+  TORCH_CHECK(t_next < t, op, ": t_next must be smaller than t (", t, "), got ", t_next);
+  TORCH_CHECK(t_next >= -1, op, ": t_next must be >= -1 (-1 = the final step), got ", t_next);
+}
+
+}  // namespace fastdiffinst

@@ -1,0 +1,91 @@
+// DiffusionDet box-diffusion arithmetic shared by the CPU (ops/box_diffusion.cpp) and CUDA
+// (ops/cuda/box_diffusion.cu) kernels, in float64 as the official code computes it (its schedule
+// buffers are float64). Boxes are 4 doubles: normalised (cx, cy, w, h) in the diffusion space
+// mapped to [-scale, scale], or absolute xyxy. Divisions by per-call constants (scale, image size,
+// schedule terms) are multiplications by reciprocals computed once: divisions dominated the cost,
+// and the difference is at most an ulp.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace fastdiffinst {
+namespace diffusion {
+
+// Placeholder boxes: N(0.5, (1/6)^2) per coordinate, sizes at least this.
+constexpr double kPlaceholderMinSize = 1e-4;
+
+C10_HOST_DEVICE inline double clamp_signal(double v, double scale) {
+  // Written so that NaN stays NaN (the CPU kernel rejects non-finite inputs before this).
+  return v < -scale ? -scale : (v > scale ? scale : v);
+}
+
+// Diffusion-space box -> absolute xyxy: clamp, map to [0, 1], cxcywh -> xyxy, × (w, h, w, h).
+C10_HOST_DEVICE inline void signal_to_box(const double* x, const double* whwh, double scale, double* out) {
+  const double inv_scale = 1.0 / scale;
+  double b[4];
+  for (int j = 0; j < 4; ++j) b[j] = (clamp_signal(x[j], scale) * inv_scale + 1.0) * 0.5;
+  out[0] = (b[0] - 0.5 * b[2]) * whwh[0];
+  out[1] = (b[1] - 0.5 * b[3]) * whwh[1];
+  out[2] = (b[0] + 0.5 * b[2]) * whwh[2];
+  out[3] = (b[1] + 0.5 * b[3]) * whwh[3];
+}
+
+// Absolute xyxy -> diffusion space (x̂0 of the DDIM update): ÷ whwh, xyxy -> cxcywh, ·2 - 1, · scale, clamp.
+// `inv_whwh` holds 1 / (w, h, w, h).
+C10_HOST_DEVICE inline void box_to_signal(const double* box, const double* inv_whwh, double scale, double* out) {
+  double n[4];
+  for (int j = 0; j < 4; ++j) n[j] = box[j] * inv_whwh[j];
+  const double c[4] = {(n[0] + n[2]) / 2, (n[1] + n[3]) / 2, n[2] - n[0], n[3] - n[1]};
+  for (int j = 0; j < 4; ++j) out[j] = clamp_signal((c[j] * 2.0 - 1.0) * scale, scale);
+}
+
+// The starting box x0 (normalised cxcywh) of a training proposal: a GT box, or a placeholder made
+// from a standard-normal draw.
+C10_HOST_DEVICE inline void placeholder_box(const double* draw, double* out) {
+  for (int j = 0; j < 4; ++j) out[j] = draw[j] * (1.0 / 6.0) + 0.5;
+  out[2] = out[2] < kPlaceholderMinSize ? kPlaceholderMinSize : out[2];
+  out[3] = out[3] < kPlaceholderMinSize ? kPlaceholderMinSize : out[3];
+}
+
+// q(x_t | x0): x_t = sqrt(ᾱ_t)·x0' + sqrt(1 - ᾱ_t)·ε with x0' = (x0·2 - 1)·scale; returned as an
+// absolute xyxy box.
+C10_HOST_DEVICE inline void q_sample_box(const double* x0, const double* noise, double sqrt_alpha,
+                                         double sqrt_one_minus_alpha, double scale, const double* whwh,
+                                         double* out) {
+  double x[4];
+  for (int j = 0; j < 4; ++j) x[j] = sqrt_alpha * ((x0[j] * 2.0 - 1.0) * scale) + sqrt_one_minus_alpha * noise[j];
+  signal_to_box(x, whwh, scale, out);
+}
+
+// Coefficients of one DDIM step from ᾱ_t to ᾱ_next with stochasticity eta.
+struct DDIMCoefficients {
+  double sqrt_recip_alpha;    // sqrt(1 / ᾱ_t)
+  double inv_sqrt_recipm1_alpha;  // 1 / sqrt(1 / ᾱ_t - 1)
+  double sqrt_alpha_next;     // sqrt(ᾱ_next)
+  double c;                   // sqrt(1 - ᾱ_next - σ²)
+  double sigma;               // η·sqrt((1 - ᾱ_t/ᾱ_next)(1 - ᾱ_next)/(1 - ᾱ_t))
+};
+
+C10_HOST_DEVICE inline DDIMCoefficients ddim_coefficients(double alpha, double alpha_next, double eta) {
+  DDIMCoefficients k;
+  k.sqrt_recip_alpha = sqrt(1.0 / alpha);
+  k.inv_sqrt_recipm1_alpha = 1.0 / sqrt(1.0 / alpha - 1.0);
+  k.sqrt_alpha_next = sqrt(alpha_next);
+  k.sigma = eta * sqrt((1.0 - alpha / alpha_next) * (1.0 - alpha_next) / (1.0 - alpha));
+  k.c = sqrt(1.0 - alpha_next - k.sigma * k.sigma);
+  return k;
+}
+
+// ε̂ = (sqrt(1/ᾱ_t)·x_t - x̂0) / sqrt(1/ᾱ_t - 1), then x_next = sqrt(ᾱ_next)·x̂0 + c·ε̂ + σ·z.
+C10_HOST_DEVICE inline void ddim_update(const double* x_t, const double* x0, const double* z,
+                                        const DDIMCoefficients& k, double* out) {
+  for (int j = 0; j < 4; ++j) {
+    const double eps = (k.sqrt_recip_alpha * x_t[j] - x0[j]) * k.inv_sqrt_recipm1_alpha;
+    out[j] = x0[j] * k.sqrt_alpha_next + k.c * eps + k.sigma * z[j];
+  }
+}
+
+}  // namespace diffusion
+}  // namespace fastdiffinst

@@ -1,0 +1,480 @@
+"""Box-diffusion ops: the schedule, q_sample_boxes and ddim_step_boxes against the official
+formulation (per image, float64 buffers), the batched reference, the golden fixture, and each other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdiffinst.ops as fops
+from fastdiffinst.reference import box_diffusion as bd
+from conftest import devices
+from utils import deterministic_with_nan_fill
+
+native = torch.ops.fastdiffinst
+FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "fixtures" / "official_small.pt"
+SCHEDULE = bd.cosine_schedule()
+SCALE = 2.0
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    if not FIXTURE.exists():
+        pytest.skip(f"golden fixture not found at {FIXTURE}")
+    return torch.load(FIXTURE, weights_only=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedule and box math
+# ------------------------------------------------------------------------------------------------
+
+def test_schedule_reference_values():
+    """The spec's reference values of ᾱ (spec §3.1), to 7 significant digits. (The spec prints
+    ᾱ[0] as 0.99995874; the official buffer holds 0.9999587158, which the next test checks bit for
+    bit, so the spec's 8th digit is a typo.)"""
+    ac = SCHEDULE.alphas_cumprod
+    assert ac.dtype == torch.float64 and ac.shape == (1000,)
+    expected = {0: 0.99995874, 249: 0.8470122, 499: 0.4938436, 749: 0.1442721, 999: 2.428767e-09}
+    for index, value in expected.items():
+        assert f"{ac[index].item():.7g}" == f"{value:.7g}", (index, ac[index].item(), value)
+    assert SCHEDULE.betas.max().item() == pytest.approx(0.999)  # only β_999 is clipped
+    assert (SCHEDULE.betas[:-1] < 0.999).all()
+
+
+def test_schedule_equals_official_buffers(fixture):
+    """All 12 buffers are bit-identical to the official model's registered buffers."""
+    state = fixture["state_dict"]
+    for name in bd.DiffusionSchedule.__dataclass_fields__:
+        torch.testing.assert_close(getattr(SCHEDULE, name), state[name], rtol=0, atol=0, msg=name)
+
+
+def test_ddim_time_pairs():
+    assert bd.ddim_time_pairs(1) == [(999, -1)]
+    assert bd.ddim_time_pairs(4) == [(999, 749), (749, 499), (499, 249), (249, -1)]
+    with pytest.raises(ValueError, match="sampling_steps"):
+        bd.ddim_time_pairs(0)
+
+
+def test_box_conversions_round_trip():
+    g = torch.Generator().manual_seed(1)
+    boxes = torch.rand(7, 4, generator=g, dtype=torch.float64)
+    xyxy = bd.box_cxcywh_to_xyxy(boxes)
+    torch.testing.assert_close(xyxy[:, 2] - xyxy[:, 0], boxes[:, 2])
+    torch.testing.assert_close(bd.box_xyxy_to_cxcywh(xyxy), boxes)
+    whwh = torch.tensor([[90.0, 60.0, 90.0, 60.0]], dtype=torch.float64)
+    inside = bd.box_cxcywh_to_xyxy(torch.tensor([[[0.5, 0.5, 0.4, 0.2]]], dtype=torch.float64)) * whwh[:, None]
+    torch.testing.assert_close(bd.signal_to_boxes(bd.boxes_to_signal(inside, whwh), whwh), inside)
+
+
+# ------------------------------------------------------------------------------------------------
+# q_sample_boxes
+# ------------------------------------------------------------------------------------------------
+
+def make_gt(counts, max_gt, generator, dtype=torch.float32):
+    """Per-image absolute xyxy GT boxes, image sizes, and the padded normalised cxcywh batch."""
+    sizes = [(float(60 + 7 * b), float(45 + 5 * b)) for b in range(len(counts))]
+    per_image, padded = [], torch.full((len(counts), max_gt, 4), float("nan"), dtype=dtype)
+    for b, (count, (w, h)) in enumerate(zip(counts, sizes)):
+        cxcywh = torch.rand(count, 4, generator=generator, dtype=torch.float64) * 0.5 + 0.2
+        whwh = torch.tensor([w, h, w, h], dtype=torch.float64)
+        xyxy = (bd.box_cxcywh_to_xyxy(cxcywh) * whwh).to(dtype)
+        per_image.append(xyxy)
+        padded[b, :count] = bd.box_xyxy_to_cxcywh(xyxy / whwh.to(dtype))
+    whwh = torch.tensor([[w, h, w, h] for w, h in sizes], dtype=dtype)
+    return per_image, sizes, padded, whwh
+
+
+def official_batch(per_image, sizes, draws, num_proposals):
+    """The official per-image formulation on the same draws."""
+    whwh = torch.tensor([[w, h, w, h] for w, h in sizes])
+    gt = [bd.box_xyxy_to_cxcywh(boxes / whwh[b]) for b, boxes in enumerate(per_image)]
+    return bd.official_training_boxes(gt, whwh, num_proposals, draws.t, draws.noise, draws.placeholder_noise,
+                                      draws.select_index, SCHEDULE, SCALE)
+
+
+def q_sample(padded, counts, draws, whwh, fn=fops.q_sample_boxes):
+    return fn(padded, torch.tensor(counts), draws.t, draws.noise, draws.placeholder_noise, draws.select_index,
+              SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE, whwh)
+
+
+COUNTS = [0, 1, 7, 23]  # no GT, one, some, more than N = 19
+
+
+@pytest.mark.parametrize("counts", [COUNTS, [3], [0], [19, 19]])
+def test_q_sample_matches_official_formulation(counts):
+    g = torch.Generator().manual_seed(100 + sum(counts))
+    n = 19
+    per_image, sizes, padded, whwh = make_gt(counts, max(max(counts), 1), g)
+    draws = fops.draw_q_sample_inputs(counts, n, g)
+    ours = q_sample(padded, counts, draws, whwh)
+    expected = official_batch(per_image, sizes, draws, n)
+    assert ours.dtype == torch.float64 and ours.shape == (len(counts), n, 4)
+    # The official code normalises and pads in float32, we in float64: ~1e-7 of the image size.
+    torch.testing.assert_close(ours, expected, rtol=0, atol=2e-5)
+    torch.testing.assert_close(q_sample(padded, counts, draws, whwh, bd.q_sample_boxes), ours, rtol=0, atol=1e-12)
+
+
+def test_q_sample_matches_golden_fixture(fixture):
+    """The recorded training corruption of the official code, from its recorded draws."""
+    train = fixture["train"]
+    draws = [d["value"] for d in train["draws"]]  # per image: t, noise, placeholders
+    n = train["head_call"]["in_boxes"].shape[1]
+    whwh = train["images_whwh"]
+    counts = [len(inp["gt_boxes_xyxy"]) for inp in train["inputs"]]
+    padded = torch.zeros(len(counts), max(counts), 4)
+    t, noise, placeholder = torch.zeros(2, dtype=torch.int64), torch.zeros(2, n, 4), torch.zeros(2, n, 4)
+    select = torch.full((2, n), -1, dtype=torch.int64)
+    for b, inp in enumerate(train["inputs"]):
+        padded[b, :counts[b]] = bd.box_xyxy_to_cxcywh(inp["gt_boxes_xyxy"] / whwh[b])
+        t[b], noise[b], placeholder[b, counts[b]:] = draws[3 * b], draws[3 * b + 1], draws[3 * b + 2]
+        select[b, :counts[b]] = torch.arange(counts[b])
+    ours = fops.q_sample_boxes(padded, torch.tensor(counts), t, noise, placeholder, select,
+                               SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE, whwh)
+    torch.testing.assert_close(t, train["head_call"]["in_t"])
+    torch.testing.assert_close(ours, train["head_call"]["in_boxes"], rtol=0, atol=1e-4)
+    gt = [bd.box_xyxy_to_cxcywh(inp["gt_boxes_xyxy"] / whwh[b]) for b, inp in enumerate(train["inputs"])]
+    official = bd.official_training_boxes(gt, whwh, n, t, noise, placeholder, select, SCHEDULE)
+    torch.testing.assert_close(official, train["head_call"]["in_boxes"], rtol=0, atol=0)
+
+
+def test_q_sample_batch_equals_per_image():
+    g = torch.Generator().manual_seed(5)
+    per_image, sizes, padded, whwh = make_gt(COUNTS, 23, g)
+    draws = fops.draw_q_sample_inputs(COUNTS, 19, g)
+    batch = q_sample(padded, COUNTS, draws, whwh)
+    for b in range(len(COUNTS)):
+        one = fops.QSampleDraws(*(d[b:b + 1] for d in draws))
+        torch.testing.assert_close(q_sample(padded[b:b + 1], COUNTS[b:b + 1], one, whwh[b:b + 1]), batch[b:b + 1],
+                                   rtol=0, atol=0)
+
+
+def test_q_sample_ignores_padding_rows_and_uses_placeholders():
+    g = torch.Generator().manual_seed(6)
+    _, _, padded, whwh = make_gt([2, 0], 4, g)  # padding rows are NaN
+    draws = fops.draw_q_sample_inputs([2, 0], 6, g)
+    out = q_sample(padded, [2, 0], draws, whwh)
+    assert torch.isfinite(out).all()
+    assert draws.select_index.tolist() == [[0, 1, -1, -1, -1, -1], [0, -1, -1, -1, -1, -1]]
+    # At t = 0 the boxes are (almost) x0: image 1's slot 0 is the fake box (0.5, 0.5, 1, 1).
+    zero = fops.QSampleDraws(torch.zeros(2, dtype=torch.int64), torch.zeros_like(draws.noise),
+                             draws.placeholder_noise, draws.select_index)
+    out0 = q_sample(padded, [2, 0], zero, whwh)
+    torch.testing.assert_close(out0[1, 0], whwh[1].double() * torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64),
+                               rtol=0, atol=1e-3)
+
+
+def test_q_sample_no_unwritten_outputs():
+    g = torch.Generator().manual_seed(7)
+    _, _, padded, whwh = make_gt(COUNTS, 23, g)
+    draws = fops.draw_q_sample_inputs(COUNTS, 19, g)
+    with deterministic_with_nan_fill():
+        out = q_sample(padded, COUNTS, draws, whwh)
+    assert not torch.isnan(out).any()
+
+
+def test_q_sample_opcheck_and_compile():
+    g = torch.Generator().manual_seed(8)
+    _, _, padded, whwh = make_gt(COUNTS, 23, g)
+    padded = torch.nan_to_num(padded)
+    draws = fops.draw_q_sample_inputs(COUNTS, 19, g)
+    args = (padded, torch.tensor(COUNTS), *draws, SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod,
+            SCALE, whwh)
+    torch.library.opcheck(native.q_sample_boxes, args)
+    eager = fops.q_sample_boxes(*args)
+    compiled = torch.compile(fops.q_sample_boxes, fullgraph=True, backend="aot_eager")(*args)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# ddim_step_boxes
+# ------------------------------------------------------------------------------------------------
+
+def make_step(batch, n, generator, keep_fraction=0.5):
+    whwh = torch.tensor([[80.0 + 9 * b, 50.0 + 4 * b] * 2 for b in range(batch)])
+    x_t = torch.randn(batch, n, 4, generator=generator)
+    pred = bd.box_cxcywh_to_xyxy(torch.rand(batch, n, 4, generator=generator) * 0.6 + 0.2) * whwh[:, None]
+    keep = torch.rand(batch, n, generator=generator) < keep_fraction
+    noise, renew = fops.draw_ddim_noise(batch, n, generator)
+    return x_t, pred, whwh, keep, noise, renew
+
+
+def official_step(x_t, pred, whwh, keep, t, t_next, noise, renew, eta=1.0):
+    """The official step per image; our fixed-shape draws mapped to its shapes."""
+    outs = []
+    for b in range(x_t.shape[0]):
+        kept = int(keep[b].sum())
+        img, _ = bd.official_ddim_step(x_t[b:b + 1], pred[b:b + 1], whwh[b:b + 1], keep[b], t, t_next, SCHEDULE, eta,
+                                       noise[b:b + 1, :kept], renew[b:b + 1, kept:])
+        outs.append(img)
+    return outs
+
+
+@pytest.mark.parametrize("t, t_next", [(999, 749), (749, 499), (249, 0), (999, -1)])
+def test_ddim_matches_official_formulation(t, t_next):
+    g = torch.Generator().manual_seed(200 + t)
+    x_t, pred, whwh, keep, noise, renew = make_step(3, 17, g)
+    keep[1] = False          # nothing kept
+    keep[2] = True           # everything kept
+    x_next, x0, next_boxes, num_kept = fops.ddim_step_boxes(x_t, pred, whwh, keep, t, t_next,
+                                                            SCHEDULE.alphas_cumprod, 1.0, SCALE, noise, renew)
+    assert num_kept.tolist() == keep.sum(1).tolist()
+    assert x_next.dtype == x0.dtype == next_boxes.dtype == torch.float64 and num_kept.dtype == torch.int64
+    official = official_step(x_t, pred, whwh, keep, t, t_next, noise, renew)
+    for b in range(3):
+        kept = int(num_kept[b])
+        if t_next < 0:
+            # The final step returns x̂0; the official code keeps only the renewed rows.
+            torch.testing.assert_close(x_next[b, keep[b]], official[b][0].double(), rtol=1e-6, atol=1e-6)
+        else:
+            torch.testing.assert_close(x_next[b], official[b][0], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(x_next[b, kept:], renew[b, kept:].double(), rtol=0, atol=0)
+    torch.testing.assert_close(next_boxes, bd.signal_to_boxes(x_next, whwh.double()), rtol=0, atol=1e-9)
+    ref = bd.ddim_step_boxes(x_t, pred, whwh, keep, t, t_next, SCHEDULE.alphas_cumprod, 1.0, SCALE, noise, renew)
+    for a, e in zip((x_next, x0, next_boxes, num_kept), ref):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_ddim_renewal_order_and_counts():
+    """Kept proposals move to the front in their original order; each image keeps its own count."""
+    g = torch.Generator().manual_seed(300)
+    x_t, pred, whwh, keep, noise, renew = make_step(4, 11, g)
+    keep = torch.tensor([[i % 2 == 0 for i in range(11)], [i in (3, 10) for i in range(11)],
+                         [False] * 11, [True] * 11])
+    x_next, x0, _, num_kept = fops.ddim_step_boxes(x_t, pred, whwh, keep, 749, 499, SCHEDULE.alphas_cumprod, 0.0, SCALE,
+                                                   noise, renew)
+    assert num_kept.tolist() == [6, 2, 0, 11]
+    # With eta = 0 the update is deterministic per proposal: x_next[p] depends only on the p-th kept one.
+    alpha, alpha_next = SCHEDULE.alphas_cumprod[749], SCHEDULE.alphas_cumprod[499]
+    eps = (torch.sqrt(1 / alpha) * x_t.double() - x0) / torch.sqrt(1 / alpha - 1)
+    expected = x0 * torch.sqrt(alpha_next) + torch.sqrt(1 - alpha_next) * eps
+    for b in range(4):
+        kept = keep[b].nonzero().squeeze(1)
+        torch.testing.assert_close(x_next[b, :len(kept)], expected[b, kept], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(x_next[b, len(kept):], renew[b, len(kept):].double(), rtol=0, atol=0)
+
+
+def test_ddim_batch_equals_per_image():
+    g = torch.Generator().manual_seed(301)
+    args = make_step(3, 13, g)
+    batch = fops.ddim_step_boxes(*args[:4], 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE, *args[4:])
+    for b in range(3):
+        one = [a[b:b + 1] for a in args]
+        single = fops.ddim_step_boxes(*one[:4], 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE, *one[4:])
+        for a, e in zip(single, batch):
+            torch.testing.assert_close(a, e[b:b + 1], rtol=0, atol=0)
+
+
+def test_ddim_matches_golden_fixture(fixture):
+    """Four official DDIM steps with renewal, replayed from the recorded draws: every recorded head
+    input is reproduced from the previous step's recorded predictions."""
+    run = fixture["infer_step4"]
+    draws = [d["value"] for d in run["draws"]]
+    whwh = run["images_whwh"]
+    x_t = draws[0]
+    n = x_t.shape[1]
+    torch.testing.assert_close(bd.signal_to_boxes(x_t.double(), whwh.double()).float(), run["head_calls"][0]["in_boxes"],
+                               rtol=0, atol=1e-4)
+    eta_draws = iter(draws[1:])
+    for k, (t, t_next) in enumerate(run["ddim_time_pairs"]):
+        call = run["head_calls"][k]
+        keep = call["keep_mask"][None]
+        kept = int(keep.sum())
+        noise, renew = torch.zeros(1, n, 4), torch.zeros(1, n, 4)
+        if t_next >= 0:
+            noise[:, :kept] = next(eta_draws).float()
+            renew[:, kept:] = next(eta_draws)
+        x_next, _, next_boxes, num_kept = fops.ddim_step_boxes(x_t, call["boxes"][-1], whwh, keep, t, t_next,
+                                                               SCHEDULE.alphas_cumprod, 1.0, SCALE, noise, renew)
+        assert int(num_kept) == call["num_remain"]
+        if t_next >= 0:
+            torch.testing.assert_close(next_boxes, run["head_calls"][k + 1]["in_boxes"].double(), rtol=1e-6, atol=1e-4)
+        x_t = x_next
+
+
+def test_ddim_no_unwritten_outputs():
+    g = torch.Generator().manual_seed(302)
+    args = make_step(3, 9, g)
+    with deterministic_with_nan_fill():
+        for t_next in (499, -1):
+            outs = fops.ddim_step_boxes(*args[:4], 749, t_next, SCHEDULE.alphas_cumprod, 1.0, SCALE, *args[4:])
+            assert not any(torch.isnan(o.double()).any() for o in outs)
+
+
+def test_ddim_opcheck_and_compile():
+    g = torch.Generator().manual_seed(303)
+    args = make_step(2, 9, g)
+    full = (*args[:4], 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE, *args[4:])
+    torch.library.opcheck(native.ddim_step_boxes, full)
+    eager = fops.ddim_step_boxes(*full)
+    compiled = torch.compile(fops.ddim_step_boxes, fullgraph=True, backend="aot_eager")(*full)
+    for a, e in zip(compiled, eager):
+        torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Draw helpers
+# ------------------------------------------------------------------------------------------------
+
+def test_draw_distributions():
+    g = torch.Generator().manual_seed(400)
+    draws = fops.draw_q_sample_inputs([0, 3, 700], 500, g)
+    assert draws.t.dtype == torch.int64 and draws.select_index.dtype == torch.int64
+    for name in ("noise", "placeholder_noise"):
+        x = getattr(draws, name)
+        assert abs(x.mean().item()) < 0.02 and abs(x.std().item() - 1) < 0.02, name
+    many = fops.draw_q_sample_inputs([1] * 4000, 1, g).t.double()
+    assert 0 <= many.min() and many.max() <= 999
+    assert abs(many.mean().item() - 499.5) < 15 and abs(many.std().item() - 288.7) < 10
+    subset = draws.select_index[2]
+    assert len(set(subset.tolist())) == 500 and subset.max() < 700 and (subset.diff() > 0).all()
+    assert draws.select_index[0].tolist() == [0] + [-1] * 499
+    assert draws.select_index[1, :4].tolist() == [0, 1, 2, -1]
+    # Every GT is equally likely to be kept.
+    hits = torch.zeros(10)
+    for _ in range(400):
+        hits[fops.draw_q_sample_inputs([10], 5, g).select_index[0]] += 1
+    assert (hits / 400 - 0.5).abs().max() < 0.1
+    noise, renew = fops.draw_ddim_noise(2, 300, g)
+    assert abs(noise.std().item() - 1) < 0.05 and abs(renew.mean().item()) < 0.05
+    # Same seed, same draws.
+    a = fops.draw_q_sample_inputs([2, 9], 7, torch.Generator().manual_seed(1))
+    b = fops.draw_q_sample_inputs([2, 9], 7, torch.Generator().manual_seed(1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+def _q_args():
+    g = torch.Generator().manual_seed(500)
+    _, _, padded, whwh = make_gt([2, 1], 3, g)
+    draws = fops.draw_q_sample_inputs([2, 1], 4, g)
+    return [torch.nan_to_num(padded), torch.tensor([2, 1]), *draws, SCHEDULE.sqrt_alphas_cumprod,
+            SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE, whwh]
+
+
+@pytest.mark.parametrize("index, value, error, match", [
+    (0, torch.zeros(2, 3), ValueError, r"gt_boxes must be \[B, G, 4\]"),
+    (1, torch.tensor([2]), ValueError, r"gt_counts must be \[2\]"),
+    (1, torch.tensor([2.0, 1.0]), TypeError, "gt_counts must be torch.int64"),
+    (2, torch.tensor([1, 2, 3]), ValueError, r"t must be \[2\]"),
+    (3, torch.zeros(3, 4, 4), ValueError, "noise has batch size 3"),
+    (4, torch.zeros(2, 5, 4), ValueError, "placeholder_noise has 5 proposals"),
+    (5, torch.zeros(2, 4), ValueError, "select_index must be int64"),
+    (9, torch.zeros(2, 3), ValueError, r"images_whwh must be \[B, 4\]"),
+    (8, 0.0, ValueError, "scale must be a positive"),
+])
+def test_q_sample_bad_arguments(index, value, error, match):
+    args = _q_args()
+    args[index] = value
+    with pytest.raises(error, match=match):
+        fops.q_sample_boxes(*args)
+
+
+@pytest.mark.parametrize("index, value, match", [
+    (1, torch.tensor([4, 1]), r"gt_counts\[0\] must be in \[0, G = 3\]"),
+    (1, torch.tensor([-1, 1]), r"gt_counts\[0\] must be in"),
+    (2, torch.tensor([0, 1000]), r"t\[1\] must be in \[0, 1000\)"),
+    (2, torch.tensor([-1, 5]), r"t\[0\] must be in"),
+    (5, torch.tensor([[0, 1, 2, -1], [0, -1, -1, -1]]), r"select_index\[0, 2\] must be -1 or in \[0, 2\)"),
+    (5, torch.tensor([[0, 1, -1, -1], [0, -2, -1, -1]]), r"select_index\[1, 1\]"),
+    (3, torch.full((2, 4, 4), float("nan")), r"noise\[0, 0\] must be finite"),
+])
+def test_q_sample_bad_values(index, value, match):
+    args = _q_args()
+    args[index] = value
+    with pytest.raises(RuntimeError, match=match):
+        fops.q_sample_boxes(*args)
+
+
+def test_q_sample_non_finite_gt_and_whwh():
+    args = _q_args()
+    args[0] = args[0].clone()
+    args[0][1, 0, 2] = float("inf")
+    with pytest.raises(RuntimeError, match=r"gt_boxes\[1, 0\] must be finite"):
+        fops.q_sample_boxes(*args)
+    args = _q_args()
+    args[9] = args[9].clone()
+    args[9][0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match=r"images_whwh\[0\] must be finite"):
+        fops.q_sample_boxes(*args)
+
+
+def _d_args():
+    g = torch.Generator().manual_seed(501)
+    x_t, pred, whwh, keep, noise, renew = make_step(2, 5, g)
+    return [x_t, pred, whwh, keep, 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE, noise, renew]
+
+
+@pytest.mark.parametrize("index, value, error, match", [
+    (0, torch.zeros(2, 5), ValueError, r"x_t must be \[B, N, 4\]"),
+    (1, torch.zeros(3, 5, 4), ValueError, "pred_boxes has batch size 3"),
+    (3, torch.ones(2, 5), ValueError, "keep must be bool"),
+    (3, torch.ones(2, 4, dtype=torch.bool), ValueError, "keep must be bool"),
+    (4, 1000, ValueError, r"t must be in \[0, 1000\)"),
+    (4, -1, ValueError, r"t must be in \[0, 1000\)"),
+    (5, 999, ValueError, "t_next must be in"),
+    (5, -2, ValueError, "t_next must be in"),
+    (7, -0.5, ValueError, "eta must be"),
+    (9, torch.zeros(2, 4, 4), ValueError, "noise has 4 proposals"),
+    (2, torch.zeros(1, 4), ValueError, r"images_whwh must be \[B, 4\]"),
+])
+def test_ddim_bad_arguments(index, value, error, match):
+    args = _d_args()
+    args[index] = value
+    with pytest.raises(error, match=match):
+        fops.ddim_step_boxes(*args)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2, 9, 10])
+def test_ddim_non_finite_inputs(index):
+    args = _d_args()
+    args[index] = args[index].clone()
+    args[index].view(-1)[1] = float("nan")
+    with pytest.raises(RuntimeError, match="must be finite"):
+        fops.ddim_step_boxes(*args)
+
+
+def test_empty_batches():
+    out = fops.q_sample_boxes(torch.zeros(0, 0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
+                              torch.zeros(0, 5, 4), torch.zeros(0, 5, 4), torch.zeros(0, 5, dtype=torch.int64),
+                              SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE,
+                              torch.zeros(0, 4))
+    assert out.shape == (0, 5, 4)
+    outs = fops.ddim_step_boxes(torch.zeros(2, 0, 4), torch.zeros(2, 0, 4), torch.ones(2, 4),
+                                torch.zeros(2, 0, dtype=torch.bool), 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE,
+                                torch.zeros(2, 0, 4), torch.zeros(2, 0, 4))
+    assert [tuple(o.shape) for o in outs] == [(2, 0, 4)] * 3 + [(2,)] and outs[3].tolist() == [0, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_cuda_matches_cpu(device):
+    g = torch.Generator().manual_seed(600)
+    _, _, padded, whwh = make_gt(COUNTS, 23, g)
+    padded = torch.nan_to_num(padded)
+    draws = fops.draw_q_sample_inputs(COUNTS, 300, g)  # > one CUDA block of proposals
+    cpu = q_sample(padded, COUNTS, draws, whwh)
+    cuda = q_sample(padded.to(device), COUNTS, fops.QSampleDraws(*(d.to(device) for d in draws)), whwh.to(device),
+                    lambda *a: fops.q_sample_boxes(*[x.to(device) if torch.is_tensor(x) else x for x in a]))
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=1e-9)
+    args = make_step(3, 600, g)
+    for t_next in (749, -1):
+        cpu_out = fops.ddim_step_boxes(*args[:4], 999, t_next, SCHEDULE.alphas_cumprod, 1.0, SCALE, *args[4:])
+        moved = [a.to(device) for a in args]
+        cuda_out = fops.ddim_step_boxes(*moved[:4], 999, t_next, SCHEDULE.alphas_cumprod.to(device), 1.0, SCALE,
+                                        *moved[4:])
+        for a, e in zip(cuda_out, cpu_out):
+            torch.testing.assert_close(a.cpu(), e, rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(native.ddim_step_boxes, (*moved[:4], 999, 749, SCHEDULE.alphas_cumprod.to(device), 1.0,
+                                                   SCALE, *moved[4:]))
+
+
+def test_devices_helper_lists_cuda():
+    assert [getattr(d, "values", (d,))[0] for d in devices()] == ["cpu", "cuda"]
