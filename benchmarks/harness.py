@@ -132,7 +132,7 @@ def stamp(device: str) -> dict:
 def fmt_ms(seconds: float) -> str:
     """Milliseconds with 3 significant digits or more (0.0201, 1.23, 123.45)."""
     ms = seconds * 1e3
-    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3g}"
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.4f}"
 
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 
 #include "ops/box_diffusion_host.h"
@@ -17,6 +18,18 @@ namespace {
 
 // Reads a contiguous float32 or float64 tensor as float64 without a converted copy: the inputs
 // are a few thousand numbers, so a copy per input would cost more than the kernel.
+template <typename bits_t, typename value_t>
+bool any_exponent_all_ones(const value_t* values, int64_t n, bits_t exponent_mask) {
+  static_assert(sizeof(bits_t) == sizeof(value_t));
+  bits_t bad = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    bits_t bits;
+    std::memcpy(&bits, values + i, sizeof(bits));
+    bad |= static_cast<bits_t>((bits & exponent_mask) == exponent_mask);
+  }
+  return bad != 0;
+}
+
 class Float64Reader {
  public:
   explicit Float64Reader(const at::Tensor& t) : tensor_(readable(t)) {
@@ -27,6 +40,17 @@ class Float64Reader {
     }
   }
   double operator[](int64_t i) const { return f64_ != nullptr ? f64_[i] : static_cast<double>(f32_[i]); }
+  // Index of the first NaN/Inf element, or -1. The scan tests the exponent bits with integer ORs,
+  // which the compiler vectorises (a floating-point reduction it may not reorder).
+  int64_t first_non_finite() const {
+    const int64_t n = tensor_.numel();
+    const bool bad = f64_ != nullptr ? any_exponent_all_ones<uint64_t>(f64_, n, 0x7ff0000000000000ULL)
+                                     : any_exponent_all_ones<uint32_t>(f32_, n, 0x7f800000U);
+    if (!bad) return -1;
+    for (int64_t i = 0; i < n; ++i)
+      if (!std::isfinite((*this)[i])) return i;
+    return -1;
+  }
   void row4(int64_t row, double* out) const {
     if (f64_ != nullptr) {
       for (int j = 0; j < 4; ++j) out[j] = f64_[4 * row + j];
@@ -52,6 +76,17 @@ inline bool all_finite(const double* v, int n) {
   return poison == 0.0;
 }
 
+// Raises naming `name[b, i]` (rows of 4 numbers, `per_image` rows per image) if `input` holds a NaN/Inf.
+void check_finite(const Float64Reader& input, int64_t per_image, const char* op, const char* name) {
+  const int64_t index = input.first_non_finite();
+  if (index < 0) return;
+  const int64_t row = index / 4;
+  if (per_image > 1) {
+    TORCH_CHECK(false, op, ": ", name, "[", row / per_image, ", ", row % per_image, "] must be finite");
+  }
+  TORCH_CHECK(false, op, ": ", name, "[", row, "] must be finite");
+}
+
 // Problems this small run on the calling thread; waking the pool costs more than the work.
 constexpr int64_t kGrain = 4096;
 
@@ -74,10 +109,11 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
                 "], got ", count_p[b]);
     TORCH_CHECK(t_p[b] >= 0 && t_p[b] < s.timesteps, op, ": t[", b, "] must be in [0, ", s.timesteps, "), got ",
                 t_p[b]);
-    double box[4];
-    whwh.row4(b, box);
-    TORCH_CHECK(all_finite(box, 4), op, ": images_whwh[", b, "] must be finite");
   }
+  // Every draw is checked, used or not: a non-finite draw is a bug upstream.
+  check_finite(whwh, 1, op, "images_whwh");
+  check_finite(eps, s.proposals, op, "noise");
+  check_finite(draws, s.proposals, op, "placeholder_noise");
 
   auto out = at::empty({s.batch, s.proposals, 4}, gt_boxes.options().dtype(at::kDouble));
   double* out_p = out.data_ptr<double>();
@@ -94,10 +130,8 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
         const int64_t k = b * s.proposals + i, sel = sel_p[k];
         TORCH_CHECK(sel >= -1 && sel < available, op, ": select_index[", b, ", ", i, "] must be -1 or in [0, ",
                     available, "), got ", sel);
-        // Every draw is checked, used or not: a non-finite draw is a bug upstream.
-        draws.row4(k, e);
-        TORCH_CHECK(all_finite(e, 4), op, ": placeholder_noise[", b, ", ", i, "] must be finite");
         if (sel < 0) {
+          draws.row4(k, e);
           diffusion::placeholder_box(e, x0);
         } else if (count_p[b] == 0) {
           for (int j = 0; j < 4; ++j) x0[j] = kFakeBox[j];
@@ -106,7 +140,6 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
           TORCH_CHECK(all_finite(x0, 4), op, ": gt_boxes[", b, ", ", sel, "] must be finite");
         }
         eps.row4(k, e);
-        TORCH_CHECK(all_finite(e, 4), op, ": noise[", b, ", ", i, "] must be finite");
         diffusion::q_sample_box(x0, e, sqrt_alpha, sqrt_one_minus_alpha, scale, image_whwh, out_p + 4 * k);
       }
     }
@@ -127,6 +160,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cpu(
   const auto keep_c = keep.contiguous();
   const bool* keep_p = keep_c.data_ptr<bool>();
   const auto k = diffusion::ddim_coefficients(ac[t], t_next >= 0 ? ac[t_next] : 1.0, eta);
+  // Every row is checked, used or not: a non-finite draw is a bug upstream.
+  check_finite(whwh, 1, op, "images_whwh");
+  check_finite(pred, proposals, op, "pred_boxes");
+  check_finite(xt, proposals, op, "x_t");
+  check_finite(z, proposals, op, "noise");
+  check_finite(fresh, proposals, op, "renew_noise");
 
   const auto options = x_t.options().dtype(at::kDouble);
   auto x0 = at::empty({batch, proposals, 4}, options);
@@ -142,19 +181,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cpu(
       const int64_t base = b * proposals;
       double image_whwh[4], row[4];
       whwh.row4(b, image_whwh);
-      TORCH_CHECK(all_finite(image_whwh, 4), op, ": images_whwh[", b, "] must be finite");
       const double inv_whwh[4] = {1.0 / image_whwh[0], 1.0 / image_whwh[1], 1.0 / image_whwh[2], 1.0 / image_whwh[3]};
       int64_t kept = 0;
       for (int64_t i = 0; i < proposals; ++i) {
         pred.row4(base + i, row);
-        TORCH_CHECK(all_finite(row, 4), op, ": pred_boxes[", b, ", ", i, "] must be finite");
         diffusion::box_to_signal(row, inv_whwh, scale, x0_p + 4 * (base + i));
         kept += keep_p[base + i] ? 1 : 0;
-        // Every row is checked, used or not: a non-finite draw is a bug upstream.
-        for (const auto& [input, name] : {std::pair{&xt, "x_t"}, {&z, "noise"}, {&fresh, "renew_noise"}}) {
-          input->row4(base + i, row);
-          TORCH_CHECK(all_finite(row, 4), op, ": ", name, "[", b, ", ", i, "] must be finite");
-        }
       }
       kept_p[b] = kept;
       if (t_next < 0) {
