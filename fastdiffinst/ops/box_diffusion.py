@@ -178,18 +178,18 @@ def _ddim_args_ok(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod,
                   renew_noise) -> bool:
     """Fast path of the argument checks: True when every check of :func:`_check_ddim_args` passes."""
     try:
-        batch, proposals, four = x_t.shape
+        shape = x_t.shape
+        batch, proposals, four = shape
         device = x_t.device
-        return (four == 4 and pred_boxes.shape == x_t.shape and noise.shape == x_t.shape
-                and renew_noise.shape == x_t.shape and keep.shape == (batch, proposals) and keep.dtype == torch.bool
+        return (four == 4 and pred_boxes.shape == shape and noise.shape == shape and renew_noise.shape == shape
+                and keep.shape == (batch, proposals) and keep.dtype == torch.bool
                 and images_whwh.shape == (batch, 4) and alphas_cumprod.dim() == 1
-                and x_t.is_floating_point() and pred_boxes.is_floating_point() and noise.is_floating_point()
-                and renew_noise.is_floating_point() and alphas_cumprod.is_floating_point()
                 and type(t) is int and type(t_next) is int and 0 <= t < alphas_cumprod.shape[0] and -1 <= t_next < t
                 and type(eta) in (int, float) and 0 <= eta < float("inf")
                 and type(scale) in (int, float) and 0 < scale < float("inf")
-                and all(x.device == device for x in (pred_boxes, images_whwh, keep, alphas_cumprod, noise,
-                                                     renew_noise)))
+                and all(x.is_floating_point() and x.device == device
+                        for x in (x_t, pred_boxes, noise, renew_noise, alphas_cumprod, images_whwh))
+                and keep.device == device)
     except (AttributeError, TypeError, ValueError, IndexError):
         return False
 
