@@ -25,7 +25,7 @@
 
 #include "ops/common/cpu_layout.h"
 #include "ops/common/roi_align_math.h"
-#include "ops/roi_align_checks.h"
+#include "ops/roi_align_host.h"
 
 namespace fastdiffinst {
 namespace {
@@ -278,45 +278,10 @@ std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at
   return grads;
 }
 
-at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
-                                 int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
-  return multilevel_forward_cpu({input}, rois, {spatial_scale}, pooled_h, pooled_w, sampling_ratio, aligned,
-                                kDefaultCanonicalBoxSize, kDefaultCanonicalLevel, "roi_align");
-}
-
-at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
-                                  int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
-                                  int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
-  TORCH_CHECK(grad.dim() == 4 && grad.size(2) == pooled_h && grad.size(3) == pooled_w,
-              "roi_align backward: grad must be [K, C, ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
-  return multilevel_backward_cpu(grad, rois, {spatial_scale}, {height}, {width}, batch_size, channels,
-                                 sampling_ratio, aligned, kDefaultCanonicalBoxSize, kDefaultCanonicalLevel,
-                                 "roi_align backward")[0];
-}
-
-at::Tensor multilevel_roi_align_cpu(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
-                                    int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
-                                    int64_t canonical_box_size, int64_t canonical_level) {
-  return multilevel_forward_cpu(features, rois, scales, pooled_h, pooled_w, sampling_ratio, aligned,
-                                canonical_box_size, canonical_level, "multilevel_roi_align");
-}
-
-std::vector<at::Tensor> multilevel_roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
-                                                          at::ArrayRef<double> scales, at::IntArrayRef heights,
-                                                          at::IntArrayRef widths, int64_t batch_size,
-                                                          int64_t channels, int64_t sampling_ratio, bool aligned,
-                                                          int64_t canonical_box_size, int64_t canonical_level) {
-  return multilevel_backward_cpu(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
-                                 canonical_box_size, canonical_level, "multilevel_roi_align backward");
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdiffinst, CPU, m) {
-  m.impl("roi_align", TORCH_FN(roi_align_forward_cpu));
-  m.impl("_roi_align_backward", TORCH_FN(roi_align_backward_cpu));
-  m.impl("multilevel_roi_align", TORCH_FN(multilevel_roi_align_cpu));
-  m.impl("_multilevel_roi_align_backward", TORCH_FN(multilevel_roi_align_backward_cpu));
+  RoIAlignEntryPoints<multilevel_forward_cpu, multilevel_backward_cpu>::register_kernels(m);
 }
 
 }  // namespace fastdiffinst

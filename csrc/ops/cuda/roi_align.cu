@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "ops/common/roi_align_math.h"
-#include "ops/roi_align_checks.h"
+#include "ops/roi_align_host.h"
 
 namespace fastdiffinst {
 namespace {
@@ -56,20 +56,32 @@ LevelTable<T> make_table(const std::vector<at::Tensor>& tensors, at::ArrayRef<do
   return t;
 }
 
-template <typename T>
-__device__ inline int roi_level(const LevelTable<T>& t, const float* box) {
-  if (t.num_levels == 1) return 0;
-  return roi::assign_level(box[0], box[1], box[2], box[3], t.canonical_box_size, t.canonical_level, t.min_level,
-                           t.num_levels);
-}
-
-// Reads rois[k] (coord_t) into floats for the level rule and returns the batch index, or -1 when
-// it is outside [0, batch) or not a number.
+// Output element idx = (k, c, ph, pw) of the [K, C, PH, PW] result: its RoI's image, level and bins.
 template <typename coord_t>
-__device__ inline int64_t roi_batch(const coord_t* roi, int64_t batch) {
-  const coord_t b = roi[0];
-  if (!(b >= coord_t(0) && b < static_cast<coord_t>(batch))) return -1;
-  return static_cast<int64_t>(b);
+struct BinLocation {
+  int64_t batch;  // -1 when rois[k, 0] is outside [0, B) or not a number: the element is skipped
+  int64_t channel;
+  int ph, pw, level;
+  roi::RoIGeometry<coord_t> geometry;
+};
+
+template <typename T, typename coord_t>
+__device__ inline BinLocation<coord_t> locate_bin(const LevelTable<T>& levels, const coord_t* rois, int64_t idx,
+                                                  int64_t batch, int64_t channels, int pooled_h, int pooled_w,
+                                                  int sampling_ratio, bool aligned) {
+  BinLocation<coord_t> loc;
+  loc.pw = static_cast<int>(idx % pooled_w);
+  loc.ph = static_cast<int>((idx / pooled_w) % pooled_h);
+  loc.channel = (idx / (int64_t(pooled_w) * pooled_h)) % channels;
+  const coord_t* roi = rois + 5 * (idx / (int64_t(pooled_w) * pooled_h * channels));
+  loc.batch = roi[0] >= coord_t(0) && roi[0] < static_cast<coord_t>(batch) ? static_cast<int64_t>(roi[0]) : -1;
+  loc.level = levels.num_levels == 1
+      ? 0
+      : roi::assign_level(float(roi[1]), float(roi[2]), float(roi[3]), float(roi[4]), levels.canonical_box_size,
+                          levels.canonical_level, levels.min_level, levels.num_levels);
+  loc.geometry = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], coord_t(levels.scale[loc.level]),
+                                            pooled_h, pooled_w, sampling_ratio, aligned);
+  return loc;
 }
 
 inline unsigned int blocks_for(int64_t n) {
@@ -84,21 +96,14 @@ __global__ void forward_kernel(LevelTable<const scalar_t> levels, const coord_t*
   const int64_t total = num_rois * channels * pooled_h * pooled_w;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(blockDim.x) * gridDim.x) {
-    const int pw = static_cast<int>(idx % pooled_w);
-    const int ph = static_cast<int>((idx / pooled_w) % pooled_h);
-    const int64_t c = (idx / (int64_t(pooled_w) * pooled_h)) % channels;
-    const int64_t k = idx / (int64_t(pooled_w) * pooled_h * channels);
-    const coord_t* roi = rois + 5 * k;
-    const int64_t b = roi_batch(roi, batch);
-    if (b < 0) {
+    const auto bin = locate_bin(levels, rois, idx, batch, channels, pooled_h, pooled_w, sampling_ratio, aligned);
+    if (bin.batch < 0) {
       out[idx] = scalar_t(0);
       continue;
     }
-    const float box[4] = {float(roi[1]), float(roi[2]), float(roi[3]), float(roi[4])};
-    const int l = roi_level(levels, box);
-    const int64_t height = levels.height[l], width = levels.width[l];
-    const auto g = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], coord_t(levels.scale[l]), pooled_h,
-                                              pooled_w, sampling_ratio, aligned);
+    const int ph = bin.ph, pw = bin.pw, l = bin.level;
+    const int64_t height = levels.height[l], width = levels.width[l], c = bin.channel, b = bin.batch;
+    const auto& g = bin.geometry;
     const scalar_t* plane = levels.data[l] + (b * channels + c) * height * width;
     acc_t sum = 0;
     for (int iy = 0; iy < g.grid_h; ++iy) {
@@ -146,18 +151,11 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, LevelTable<ty
   const int64_t total = num_rois * channels * pooled_h * pooled_w;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(blockDim.x) * gridDim.x) {
-    const int pw = static_cast<int>(idx % pooled_w);
-    const int ph = static_cast<int>((idx / pooled_w) % pooled_h);
-    const int64_t c = (idx / (int64_t(pooled_w) * pooled_h)) % channels;
-    const int64_t k = idx / (int64_t(pooled_w) * pooled_h * channels);
-    const coord_t* roi = rois + 5 * k;
-    const int64_t b = roi_batch(roi, batch);
-    if (b < 0) continue;
-    const float box[4] = {float(roi[1]), float(roi[2]), float(roi[3]), float(roi[4])};
-    const int l = roi_level(levels, box);
-    const int64_t height = levels.height[l], width = levels.width[l];
-    const auto g = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], coord_t(levels.scale[l]), pooled_h,
-                                              pooled_w, sampling_ratio, aligned);
+    const auto bin = locate_bin(levels, rois, idx, batch, channels, pooled_h, pooled_w, sampling_ratio, aligned);
+    if (bin.batch < 0) continue;
+    const int ph = bin.ph, pw = bin.pw, l = bin.level;
+    const int64_t height = levels.height[l], width = levels.width[l], c = bin.channel, b = bin.batch;
+    const auto& g = bin.geometry;
     const acc_t g_bin = acc_t(grad[idx]) / acc_t(g.count);
     typename Sink::storage_t* plane = levels.data[l] + (b * channels + c) * height * width;
     for (int iy = 0; iy < g.grid_h; ++iy) {
@@ -258,45 +256,10 @@ std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const a
   return grads;
 }
 
-at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
-                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
-  return multilevel_forward_cuda({input}, rois, {spatial_scale}, pooled_h, pooled_w, sampling_ratio, aligned,
-                                 kDefaultCanonicalBoxSize, kDefaultCanonicalLevel, "roi_align");
-}
-
-at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
-                                   int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
-                                   int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
-  TORCH_CHECK(grad.dim() == 4 && grad.size(2) == pooled_h && grad.size(3) == pooled_w,
-              "roi_align backward: grad must be [K, C, ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
-  return multilevel_backward_cuda(grad, rois, {spatial_scale}, {height}, {width}, batch_size, channels,
-                                  sampling_ratio, aligned, kDefaultCanonicalBoxSize, kDefaultCanonicalLevel,
-                                  "roi_align backward")[0];
-}
-
-at::Tensor multilevel_roi_align_cuda(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
-                                     int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
-                                     int64_t canonical_box_size, int64_t canonical_level) {
-  return multilevel_forward_cuda(features, rois, scales, pooled_h, pooled_w, sampling_ratio, aligned,
-                                 canonical_box_size, canonical_level, "multilevel_roi_align");
-}
-
-std::vector<at::Tensor> multilevel_roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
-                                                           at::ArrayRef<double> scales, at::IntArrayRef heights,
-                                                           at::IntArrayRef widths, int64_t batch_size,
-                                                           int64_t channels, int64_t sampling_ratio, bool aligned,
-                                                           int64_t canonical_box_size, int64_t canonical_level) {
-  return multilevel_backward_cuda(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
-                                  canonical_box_size, canonical_level, "multilevel_roi_align backward");
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdiffinst, CUDA, m) {
-  m.impl("roi_align", TORCH_FN(roi_align_forward_cuda));
-  m.impl("_roi_align_backward", TORCH_FN(roi_align_backward_cuda));
-  m.impl("multilevel_roi_align", TORCH_FN(multilevel_roi_align_cuda));
-  m.impl("_multilevel_roi_align_backward", TORCH_FN(multilevel_roi_align_backward_cuda));
+  RoIAlignEntryPoints<multilevel_forward_cuda, multilevel_backward_cuda>::register_kernels(m);
 }
 
 }  // namespace fastdiffinst

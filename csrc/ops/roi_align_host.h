@@ -1,11 +1,13 @@
-// Host-side argument checks and level-rule set-up shared by the CPU and CUDA RoIAlign kernels.
-// The Python layer checks the same things first with friendlier messages; these keep the native
-// ops memory-safe when called directly through torch.ops.
+// Host-side code shared by the CPU and CUDA RoIAlign kernels: argument checks, the level-rule
+// set-up and the registered entry points. The Python layer checks the same things first with
+// friendlier messages; these keep the native ops memory-safe when called through torch.ops.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
 #include "ops/common/roi_align_math.h"
 
@@ -78,5 +80,48 @@ inline void check_roi_align_backward_inputs(const at::Tensor& grad, const at::Te
   TORCH_CHECK(grad.device() == rois.device(), op, ": grad is on ", grad.device(), " but rois on ", rois.device());
   TORCH_CHECK(batch_size >= 0 && channels >= 0, op, ": batch_size and channels must be non-negative");
 }
+
+// The four registered ops of the RoIAlign family on one device, built from that device's multi-level
+// forward and backward (single-level roi_align is the one-level case).
+template <auto Forward, auto Backward>
+struct RoIAlignEntryPoints {
+  static at::Tensor roi_align(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_h,
+                              int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
+    return Forward({input}, rois, {spatial_scale}, pooled_h, pooled_w, sampling_ratio, aligned,
+                   kDefaultCanonicalBoxSize, kDefaultCanonicalLevel, "roi_align");
+  }
+
+  static at::Tensor roi_align_backward(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
+                                       int64_t pooled_h, int64_t pooled_w, int64_t batch_size, int64_t channels,
+                                       int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
+    TORCH_CHECK(grad.dim() == 4 && grad.size(2) == pooled_h && grad.size(3) == pooled_w,
+                "roi_align backward: grad must be [K, C, ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
+    return Backward(grad, rois, {spatial_scale}, {height}, {width}, batch_size, channels, sampling_ratio, aligned,
+                    kDefaultCanonicalBoxSize, kDefaultCanonicalLevel, "roi_align backward")[0];
+  }
+
+  static at::Tensor multilevel(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
+                               int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
+                               int64_t canonical_box_size, int64_t canonical_level) {
+    return Forward(features, rois, scales, pooled_h, pooled_w, sampling_ratio, aligned, canonical_box_size,
+                   canonical_level, "multilevel_roi_align");
+  }
+
+  static std::vector<at::Tensor> multilevel_backward(const at::Tensor& grad, const at::Tensor& rois,
+                                                     at::ArrayRef<double> scales, at::IntArrayRef heights,
+                                                     at::IntArrayRef widths, int64_t batch_size, int64_t channels,
+                                                     int64_t sampling_ratio, bool aligned, int64_t canonical_box_size,
+                                                     int64_t canonical_level) {
+    return Backward(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
+                    canonical_box_size, canonical_level, "multilevel_roi_align backward");
+  }
+
+  static void register_kernels(torch::Library& m) {
+    m.impl("roi_align", TORCH_FN(roi_align));
+    m.impl("_roi_align_backward", TORCH_FN(roi_align_backward));
+    m.impl("multilevel_roi_align", TORCH_FN(multilevel));
+    m.impl("_multilevel_roi_align_backward", TORCH_FN(multilevel_backward));
+  }
+};
 
 }  // namespace fastdiffinst
