@@ -24,20 +24,22 @@ B, C, IMG_H, IMG_W = 3, 7, 64, 96
 SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
 OUT = (7, 5)
 MIN_LEVEL, MAX_LEVEL = 2, 5
+NO_LEVEL = -1000  # a level no feature map has
 
 
 def fpn_levels_fp32(boxes: Tensor, min_level: int, max_level: int, canonical_box_size: int = 224,
                     canonical_level: int = 4, clamp: bool = True) -> Tensor:
     """detectron2's level rule, written out here in fp32: floor(canonical_level +
-    log2(sqrt(area) / canonical_box_size + 1e-8)); a NaN area (x2 < x1 xor y2 < y1) goes to the
-    finest level. -> level number (min_level .. max_level when clamped), int64."""
+    log2(sqrt(area) / canonical_box_size + 1e-8)). A NaN level (x2 < x1 xor y2 < y1: negative area)
+    matches no level in detectron2 (its int64 cast is garbage), so the box's row stays zero: it gets
+    NO_LEVEL here. -> level number (min_level .. max_level when clamped), int64."""
     b = boxes.to(torch.float32)
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_box_size + 1e-8))
-    level = torch.nan_to_num(level, nan=float(min_level))
+    nan = torch.isnan(level)
     if clamp:
         level = level.clamp(min=min_level, max=max_level)
-    return level.to(torch.int64)
+    return torch.where(nan, NO_LEVEL, level.nan_to_num(0.0).to(torch.int64))
 
 
 def torchvision_pooler(features: list[Tensor], rois: Tensor, output_size, scales: list[float], sampling_ratio: int,
@@ -62,7 +64,7 @@ def level_boxes() -> Tensor:
     return torch.tensor([
         [10.0, 10.0, 12.0, 13.0],        # tiny: raw level -3 -> clamped to P2
         [20.0, 20.0, 20.0, 41.0],        # zero area -> P2
-        [50.0, 10.0, 30.0, 40.0],        # x2 < x1: NaN area -> P2 (finest)
+        [50.0, 10.0, 30.0, 40.0],        # x2 < x1: negative area, NaN level -> no level, zero row
         [50.0, 40.0, 30.0, 10.0],        # both sides reversed: area 600 -> P2
         [-20.0, -10.0, 91.9, 101.9],     # sqrt(area) 111.9 -> P2
         [-8.0, -24.0, 104.0, 88.0],      # sqrt(area) exactly 112 -> P3
@@ -108,15 +110,16 @@ def test_level_boxes_cover_every_level_and_both_clamps():
     boxes = level_boxes()
     raw = fpn_levels_fp32(boxes, MIN_LEVEL, MAX_LEVEL, clamp=False)
     clamped = fpn_levels_fp32(boxes, MIN_LEVEL, MAX_LEVEL)
-    assert set(clamped.tolist()) == {2, 3, 4, 5}
-    assert (raw < MIN_LEVEL).any() and (raw > MAX_LEVEL).any()
-    assert clamped.tolist() == [2, 2, 2, 2, 2, 3, 3, 4, 4, 5, 5, 2]
+    assert set(clamped.tolist()) == {2, 3, 4, 5, NO_LEVEL}
+    assert ((raw < MIN_LEVEL) & (raw != NO_LEVEL)).any() and (raw > MAX_LEVEL).any()
+    assert clamped.tolist() == [2, 2, NO_LEVEL, 2, 2, 3, 3, 4, 4, 5, 5, 2]
     # The fp32 boundary box really depends on the evaluation in fp32.
     b = boxes[8].double()
     fp64 = math.floor(4 + math.log2(math.sqrt((b[2] - b[0]) * (b[3] - b[1])) / 224 + 1e-8))
     assert fp64 == 3 and clamped[8] == 4
     # The package's Python level rule agrees (index from min_level).
-    torch.testing.assert_close(fops.assign_fpn_levels(boxes, MIN_LEVEL, MAX_LEVEL), clamped - MIN_LEVEL)
+    expected = torch.where(clamped == NO_LEVEL, -1, clamped - MIN_LEVEL)
+    torch.testing.assert_close(fops.assign_fpn_levels(boxes, MIN_LEVEL, MAX_LEVEL), expected)
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,7 +135,9 @@ def test_forward_matches_torchvision_pooler(aligned, sampling_ratio):
     assert out.shape == (rois.shape[0], C, *OUT) and out.dtype == torch.float32
     torch.testing.assert_close(out, expected, **tolerance(torch.float32))
     levels = fpn_levels_fp32(rois[:, 1:], MIN_LEVEL, MAX_LEVEL)
-    assert set(levels.tolist()) == {2, 3, 4, 5}
+    assert set(levels.tolist()) == {2, 3, 4, 5, NO_LEVEL}
+    # A box that matches no level has a zero row, as in detectron2.
+    assert (out[levels == NO_LEVEL] == 0).all()
 
 
 def test_forward_float64_matches_torchvision_pooler():
@@ -443,7 +448,8 @@ def _good():
 
 
 def _call(features, boxes, scales, **kwargs):
-    return fops.multilevel_roi_align(features, boxes, kwargs.pop("output_size", 3), scales, 2, True, **kwargs)
+    return fops.multilevel_roi_align(features, boxes, kwargs.pop("output_size", 3), scales,
+                                     kwargs.pop("sampling_ratio", 2), True, **kwargs)
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -500,7 +506,10 @@ def test_non_finite_boxes(value):
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"output_size": 0}, ValueError, "output_size must be positive"),
     ({"output_size": (2, -3)}, ValueError, "output_size must be positive"),
-    ({"canonical_box_size": 0}, ValueError, "canonical_box_size must be positive"),
+    ({"canonical_box_size": 0}, ValueError, r"canonical_box_size must be in \[1, 2\^30\]"),
+    ({"canonical_box_size": 2**32}, ValueError, r"canonical_box_size must be in \[1, 2\^30\]"),
+    ({"canonical_level": 100}, ValueError, r"canonical_level must be in \[-64, 64\]"),
+    ({"sampling_ratio": 2**32 + 1}, ValueError, "sampling_ratio must be at most 1024"),
     ({"canonical_box_size": 224.0}, TypeError, "canonical_box_size must be an int"),
     ({"canonical_level": 4.5}, TypeError, "canonical_level must be an int"),
 ])

@@ -171,3 +171,10 @@ def test_import_ops_is_light():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "BAD=\n" in result.stdout, result.stdout
+
+
+def test_kernels_package_installed_under_fastdiffinst():
+    """kernels/ installs as fastdiffinst.kernels (never as a bare top-level `kernels`)."""
+    import fastdiffinst.kernels
+
+    assert fastdiffinst.kernels.__name__ == "fastdiffinst.kernels"

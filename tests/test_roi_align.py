@@ -541,3 +541,31 @@ class TestCuda:
         torch.library.opcheck(native.roi_align, (x, rois.float().cuda(), 0.5, 3, 2, 2, True))
         grad = torch.randn(rois.shape[0], 3, 3, 2, device="cuda")
         torch.library.opcheck(native._roi_align_backward, (grad, rois.float().cuda(), 0.5, 3, 2, 2, 3, 9, 11, 2, True))
+
+
+def test_low_precision_list_boxes_keep_exact_image_indices():
+    """A list of bf16 boxes for more than 256 images: the image index column must stay exact
+    (bf16 holds integers up to 256 only)."""
+    g = torch.Generator().manual_seed(9100)
+    x = torch.randn(259, 1, 4, 4, generator=g)
+    boxes = [torch.tensor([[0.5, 0.5, 3.0, 3.0]], dtype=torch.bfloat16) for _ in range(259)]
+    out = fops.roi_align(x, boxes, 2, 1.0, 2, True)
+    expected = tv_roi_align(x, torch.cat([torch.arange(259.0)[:, None], torch.cat(boxes).float()], 1), 2, 1.0, 2, True)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_index_truncates_toward_zero_like_torchvision():
+    """torchvision casts the batch index to int: -0.5 and 0.9 both mean image 0."""
+    x, rois = make_case(9200)
+    shifted = rois.clone()
+    shifted[:, 0] = torch.where(rois[:, 0] == 0, -0.5, rois[:, 0] + 0.9)
+    torch.testing.assert_close(fops.roi_align(x, shifted, OUT, 1.0, 2, True), fops.roi_align(x, rois, OUT, 1.0, 2, True),
+                               rtol=0, atol=0)
+
+
+def test_native_op_rejects_narrowing_integers():
+    x, rois = make_case(9300)
+    with pytest.raises(RuntimeError, match="sampling_ratio must be at most 1024"):
+        native.roi_align(x, rois, 1.0, 7, 7, 2**32 + 1, True)
+    with pytest.raises(ValueError, match="sampling_ratio must be at most 1024"):
+        fops.roi_align(x, rois, 7, 1.0, 2**31, True)

@@ -48,7 +48,8 @@ struct AxisPlan {
     for (int p = 0; p < pooled; ++p) {
       const int64_t first = static_cast<int64_t>(taps.size());
       begin.push_back(first);
-      for (int i = 0; i < grid; ++i) {
+      const auto range = roi::sample_range(start, bin_size, p, grid, size);
+      for (int i = range.first; i < range.last; ++i) {
         const auto t = roi::axis_taps(roi::sample_coord(start, bin_size, p, i, grid), size);
         if (!t.valid) continue;
         add(first, t.lo, t.w_lo);
@@ -102,7 +103,8 @@ struct RoIPlan {
   int level;
 };
 
-// Plans RoI k: its level, image and merged taps. `rois` is [K, 5] of coord_t.
+// Plans RoI k: its level, image and merged taps. `rois` is [K, 5] of coord_t. A RoI that matches no
+// level (level -1, see roi::assign_level) gets no taps: a zero output row and no gradient.
 template <typename coord_t, typename T>
 void plan_roi(RoIPlan<coord_t>& plan, const coord_t* roi, const std::vector<Level<T>>& levels,
               const LevelRule& rule, int pooled_h, int pooled_w, int sampling_ratio, bool aligned) {
@@ -112,12 +114,14 @@ void plan_roi(RoIPlan<coord_t>& plan, const coord_t* roi, const std::vector<Leve
       : roi::assign_level(static_cast<float>(roi[1]), static_cast<float>(roi[2]), static_cast<float>(roi[3]),
                           static_cast<float>(roi[4]), rule.canonical_box_size, rule.canonical_level,
                           rule.min_level, static_cast<int>(levels.size()));
-  const auto& lv = levels[plan.level];
+  const auto& lv = levels[plan.level < 0 ? 0 : plan.level];
   const auto g = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], static_cast<coord_t>(lv.scale),
                                             pooled_h, pooled_w, sampling_ratio, aligned);
-  plan.rows.build(g.start_y, g.bin_h, pooled_h, g.grid_h, lv.height);
+  const int grid_h = plan.level < 0 ? 0 : g.grid_h;
+  plan.rows.build(g.start_y, g.bin_h, pooled_h, grid_h, lv.height);
   plan.cols.build(g.start_x, g.bin_w, pooled_w, g.grid_w, lv.width);
   plan.count = g.count;
+  if (plan.level < 0) plan.level = 0;
 }
 
 template <typename scalar_t>
@@ -170,11 +174,13 @@ void backward_kernel(const std::vector<Level<acc_t>>& grad_levels, const at::Ten
   const int64_t bins = int64_t(pooled_h) * pooled_w;
   const coord_t* roi_data = rois.data_ptr<coord_t>();
   const scalar_t* grad_data = grad.data_ptr<scalar_t>();
-  // One channel block per thread, 16-aligned so blocks start on vector boundaries.
+  // Channel blocks of 16 (vector boundaries), split among the threads.
+  constexpr int64_t kBlock = 16;
+  const int64_t blocks = (channels + kBlock - 1) / kBlock;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t block = std::max<int64_t>(16, (channels + threads - 1) / threads + 15) / 16 * 16;
 
-  at::parallel_for(0, channels, block, [&](int64_t c_begin, int64_t c_end) {
+  at::parallel_for(0, blocks, (blocks + threads - 1) / threads, [&](int64_t block_begin, int64_t block_end) {
+    const int64_t c_begin = block_begin * kBlock, c_end = std::min(channels, block_end * kBlock);
     const int64_t width = c_end - c_begin;
     RoIPlan<coord_t> plan;
     std::vector<acc_t> grad_bins(bins * width);  // [bin][channel] of this block, divided by count
@@ -213,9 +219,9 @@ void check_roi_values(const at::Tensor& rois, int64_t batch_size, const char* op
         TORCH_CHECK(std::isfinite(static_cast<double>(roi[j])), op, ": rois must be finite, but rois[", k,
                     "] = (", roi[0], ", ", roi[1], ", ", roi[2], ", ", roi[3], ", ", roi[4], ")");
       }
-      const auto b = static_cast<int64_t>(roi[0]);
-      TORCH_CHECK(b >= 0 && b < batch_size, op, ": rois[", k, ", 0] is the batch index and must be in [0, ",
-                  batch_size, "), got ", roi[0]);
+      // Truncated toward zero like torchvision, so (-1, B) is the valid range.
+      TORCH_CHECK(roi[0] > scalar_t(-1) && roi[0] < static_cast<scalar_t>(batch_size), op, ": rois[", k,
+                  ", 0] is the batch index and must be in [0, ", batch_size, "), got ", roi[0]);
     }
   });
 }
@@ -232,7 +238,7 @@ std::vector<Level<T>> level_views(at::TensorList tensors, at::ArrayRef<double> s
 at::Tensor multilevel_forward_cpu(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
                                   int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                                   int64_t canonical_box_size, int64_t canonical_level, const char* op) {
-  check_roi_align_inputs(features, rois, scales, pooled_h, pooled_w, op);
+  check_roi_align_inputs(features, rois, scales, pooled_h, pooled_w, sampling_ratio, op);
   const auto& first = features[0];
   auto output = at::empty({rois.size(0), first.size(1), pooled_h, pooled_w}, first.options());
   if (output.numel() == 0) return output;
@@ -253,7 +259,7 @@ std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at
                                                 at::IntArrayRef widths, int64_t batch_size, int64_t channels,
                                                 int64_t sampling_ratio, bool aligned, int64_t canonical_box_size,
                                                 int64_t canonical_level, const char* op) {
-  check_roi_align_backward_inputs(grad, rois, scales, heights, widths, batch_size, channels, op);
+  check_roi_align_backward_inputs(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, op);
   const auto acc_dtype = at::toOpMathType(grad.scalar_type());
   // Accumulate channels-last in reused workspaces, then hand back contiguous (NCHW) gradients.
   std::vector<at::Tensor> sums;

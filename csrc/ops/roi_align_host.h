@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "ops/common/roi_align_math.h"
@@ -23,7 +24,10 @@ struct LevelRule {
 };
 
 inline LevelRule make_level_rule(at::ArrayRef<double> scales, int64_t canonical_box_size, int64_t canonical_level) {
-  TORCH_CHECK(canonical_box_size > 0, "canonical_box_size must be positive, got ", canonical_box_size);
+  TORCH_CHECK(canonical_box_size > 0 && canonical_box_size <= (int64_t(1) << 30),
+              "canonical_box_size must be in [1, 2^30], got ", canonical_box_size);
+  TORCH_CHECK(canonical_level >= -64 && canonical_level <= 64, "canonical_level must be in [-64, 64], got ",
+              canonical_level);
   const double min_level = -std::log2(scales[0]);
   const double rounded = std::round(min_level);
   for (size_t l = 0; l < scales.size(); ++l) {
@@ -39,15 +43,24 @@ inline at::Tensor coord_rois(const at::Tensor& rois, at::ScalarType feature_dtyp
   return rois.to(feature_dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }
 
+// The integer arguments the kernels narrow to int.
+inline void check_sampling(int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, const char* op) {
+  constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+  TORCH_CHECK(pooled_h > 0 && pooled_w > 0 && pooled_h <= kMaxInt && pooled_w <= kMaxInt, op,
+              ": output_size must be positive (and fit in int32), got (", pooled_h, ", ", pooled_w, ")");
+  TORCH_CHECK(sampling_ratio <= roi::kMaxAdaptiveGrid && sampling_ratio >= std::numeric_limits<int>::min(), op,
+              ": sampling_ratio must be at most ", roi::kMaxAdaptiveGrid, " (<= 0 for the adaptive grid), got ",
+              sampling_ratio);
+}
+
 inline void check_roi_align_inputs(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
-                                   int64_t pooled_h, int64_t pooled_w, const char* op) {
+                                   int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, const char* op) {
+  check_sampling(pooled_h, pooled_w, sampling_ratio, op);
   TORCH_CHECK(!features.empty(), op, ": features must hold at least one tensor");
   TORCH_CHECK(features.size() <= static_cast<size_t>(roi::kMaxLevels), op, ": at most ", roi::kMaxLevels,
               " feature levels are supported, got ", features.size());
   TORCH_CHECK(scales.size() == features.size(), op, ": len(spatial_scales) must equal len(features) (",
               features.size(), "), got ", scales.size());
-  TORCH_CHECK(pooled_h > 0 && pooled_w > 0, op, ": output_size must be positive, got (", pooled_h, ", ", pooled_w,
-              ")");
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5], got ", rois.sizes());
   TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point, got ", rois.scalar_type());
   const auto& first = features[0];
@@ -69,7 +82,9 @@ inline void check_roi_align_inputs(at::TensorList features, const at::Tensor& ro
 inline void check_roi_align_backward_inputs(const at::Tensor& grad, const at::Tensor& rois,
                                             at::ArrayRef<double> scales, at::IntArrayRef heights,
                                             at::IntArrayRef widths, int64_t batch_size, int64_t channels,
-                                            const char* op) {
+                                            int64_t sampling_ratio, const char* op) {
+  TORCH_CHECK(grad.dim() == 4, op, ": grad must be [K, C, PH, PW], got ", grad.sizes());
+  check_sampling(grad.size(2), grad.size(3), sampling_ratio, op);
   TORCH_CHECK(!heights.empty() && heights.size() <= static_cast<size_t>(roi::kMaxLevels), op,
               ": between 1 and ", roi::kMaxLevels, " levels are supported, got ", heights.size());
   TORCH_CHECK(heights.size() == widths.size() && heights.size() == scales.size(), op,

@@ -62,8 +62,9 @@ def boxes_to_rois(op: str, boxes: Tensor | Sequence[Tensor], device: torch.devic
                 raise ValueError(f"{op}: boxes[{i}] is on {b.device} but the features are on {device}")
         if len(boxes) == 0:
             return torch.zeros((0, 5), device=device)
-        dtype = boxes[0].dtype
-        for b in boxes[1:]:
+        # At least fp32, so the image index column is exact (bf16 holds integers up to 256 only).
+        dtype = torch.float32
+        for b in boxes:
             dtype = torch.promote_types(dtype, b.dtype)
         rois = torch.cat(
             [torch.cat([torch.full_like(b[:, :1], i, dtype=dtype), b.to(dtype)], dim=1) for i, b in enumerate(boxes)]
@@ -84,8 +85,8 @@ def check_roi_values(op: str, rois: Tensor, batch_size: int) -> None:
     if not bool(finite.all()):
         k = int((~finite).nonzero()[0, 0])
         raise RuntimeError(f"{op}: rois must be finite, but rois[{k}] = {tuple(rois[k].tolist())}")
-    index = rois[:, 0].to(torch.int64)
-    bad = (index < 0) | (index >= batch_size)
+    # Truncated toward zero like torchvision, so (-1, B) is the valid range.
+    bad = (rois[:, 0] <= -1) | (rois[:, 0] >= batch_size)
     if bool(bad.any()):
         k = int(bad.nonzero()[0, 0])
         raise RuntimeError(f"{op}: rois[{k}, 0] is the batch index and must be in [0, {batch_size}), "
@@ -102,3 +103,15 @@ def integer(op: str, name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{op}: {name} must be an int, got {value!r}")
     return int(value)
+
+
+MAX_SAMPLING_RATIO = 1024  # csrc/ops/common/roi_align_math.h: kMaxAdaptiveGrid
+
+
+def sampling_ratio(op: str, value: object) -> int:
+    """Samples per bin and axis: at most 1024; <= 0 for the adaptive grid."""
+    value = integer(op, "sampling_ratio", value)
+    if not -(2**31) <= value <= MAX_SAMPLING_RATIO:
+        raise ValueError(f"{op}: sampling_ratio must be at most {MAX_SAMPLING_RATIO} (<= 0 for the adaptive grid), "
+                         f"got {value}")
+    return value

@@ -89,11 +89,13 @@ def multilevel_roi_align(
                          f"got {len(boxes)}")
     rois = _checks.boxes_to_rois(_OP, boxes, features[0].device)
     pooled_h, pooled_w = _checks.pair(_OP, "output_size", output_size)
-    sampling_ratio = _checks.integer(_OP, "sampling_ratio", sampling_ratio)
+    sampling_ratio = _checks.sampling_ratio(_OP, sampling_ratio)
     canonical_box_size = _checks.integer(_OP, "canonical_box_size", canonical_box_size)
     canonical_level = _checks.integer(_OP, "canonical_level", canonical_level)
-    if canonical_box_size <= 0:
-        raise ValueError(f"{_OP}: canonical_box_size must be positive, got {canonical_box_size}")
+    if not 0 < canonical_box_size <= 2**30:
+        raise ValueError(f"{_OP}: canonical_box_size must be in [1, 2^30], got {canonical_box_size}")
+    if not -64 <= canonical_level <= 64:
+        raise ValueError(f"{_OP}: canonical_level must be in [-64, 64], got {canonical_level}")
     scales = [float(s) for s in spatial_scales]
     features = list(features)
     if _dispatch.resolve(_OP, features[0].device.type) == "reference":
@@ -120,7 +122,7 @@ class MultiLevelRoIAlign(nn.Module):
         except ValueError as error:
             raise ValueError(f"{_OP}: {error}") from None
         self.scales = [float(s) for s in scales]
-        self.sampling_ratio = _checks.integer(_OP, "sampling_ratio", sampling_ratio)
+        self.sampling_ratio = _checks.sampling_ratio(_OP, sampling_ratio)
         self.aligned = bool(aligned)
         self.canonical_box_size = canonical_box_size
         self.canonical_level = canonical_level

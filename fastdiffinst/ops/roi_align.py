@@ -2,9 +2,10 @@
 
 Same signature and semantics (boxes as ``Tensor[K, 5]`` or a list of ``Tensor[k, 4]``), stricter
 on bad input, fp32/fp16/bf16 storage with fp32 accumulation (fp64 too on CPU), boxes of any float
-dtype. The schema and device kernels are in ``csrc/``; fake, autograd and autocast are registered
-here. The gradient with respect to ``input`` comes back channels-last (the layout the kernels
-accumulate in); autograd hands leaf tensors their gradient in their own layout.
+dtype. The schema and device kernels are in ``csrc/``; fake and autograd are registered here. It
+needs no autocast kernel: the kernels take the features in any storage dtype and accumulate in fp32,
+which is what torchvision's autocast kernel gets by casting to fp32 (the output keeps the input's
+dtype either way, and boxes are never down-cast). Gradients come back contiguous (NCHW).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def roi_align(
     rois = _checks.boxes_to_rois(_OP, boxes, input.device)
     pooled_h, pooled_w = _checks.pair(_OP, "output_size", output_size)
     spatial_scale = _checks.positive_float(_OP, "spatial_scale", spatial_scale)
-    sampling_ratio = _checks.integer(_OP, "sampling_ratio", sampling_ratio)
+    sampling_ratio = _checks.sampling_ratio(_OP, sampling_ratio)
     if _dispatch.resolve(_OP, input.device.type) == "reference":
         return reference.roi_align(input, rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, bool(aligned))
     if input.device.type != "cpu" and _dispatch.input_checks_enabled():
@@ -69,7 +70,7 @@ class RoIAlign(nn.Module):
         super().__init__()
         self.output_size = _checks.pair(_OP, "output_size", output_size)
         self.spatial_scale = _checks.positive_float(_OP, "spatial_scale", spatial_scale)
-        self.sampling_ratio = _checks.integer(_OP, "sampling_ratio", sampling_ratio)
+        self.sampling_ratio = _checks.sampling_ratio(_OP, sampling_ratio)
         self.aligned = bool(aligned)
 
     def forward(self, input: Tensor, rois: Tensor | Sequence[Tensor]) -> Tensor:

@@ -33,10 +33,12 @@ def assign_fpn_levels(boxes: Tensor, min_level: int, max_level: int, canonical_b
                       canonical_level: int = 4) -> Tensor:
     """Level index (0 = min_level) of each box [K, 4] (x1, y1, x2, y2, image coordinates):
     floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8)) clamped to
-    [min_level, max_level], evaluated in fp32 exactly as detectron2 does. -> Tensor[K] int64."""
+    [min_level, max_level], evaluated in fp32 exactly as detectron2 does. -> Tensor[K] int64.
+
+    A box whose level is NaN (one reversed side gives a negative area) matches no level in
+    detectron2, whose pooler then leaves its row zero: it gets -1 here."""
     b = boxes.float()
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     level = torch.floor(canonical_level + torch.log2(torch.sqrt(area) / canonical_box_size + 1e-8))
-    # NaN areas go to the finest level, as in the native kernels.
-    level = torch.nan_to_num(level, nan=float(min_level))
-    return level.clamp(min=min_level, max=max_level).to(torch.int64) - min_level
+    index = level.clamp(min=min_level, max=max_level).nan_to_num(float(min_level)).to(torch.int64) - min_level
+    return torch.where(torch.isnan(level), -1, index)

@@ -35,8 +35,9 @@ template <typename coord_t>
 C10_HOST_DEVICE inline int adaptive_grid(coord_t roi_extent, int pooled, int sampling_ratio) {
   if (sampling_ratio > 0) return sampling_ratio;
   const coord_t g = ceil(roi_extent / static_cast<coord_t>(pooled));
-  // Written so that NaN takes the clamped branch.
-  if (!(g >= coord_t(1))) return g == g ? 0 : 1;  // ceil(0) = 0 is torchvision's behaviour
+  // ceil(extent) <= 0 samples nothing (torchvision's behaviour); NaN and Inf extents sample nothing
+  // either (their samples would all be empty), so they cost no work.
+  if (!(g >= coord_t(1)) || !(g < coord_t(INFINITY))) return 0;
   if (!(g <= coord_t(kMaxAdaptiveGrid))) return kMaxAdaptiveGrid;
   return static_cast<int>(g);
 }
@@ -70,6 +71,26 @@ template <typename coord_t>
 C10_HOST_DEVICE inline coord_t sample_coord(coord_t start, coord_t bin_size, int bin, int i, int grid) {
   return start + static_cast<coord_t>(bin) * bin_size +
       (static_cast<coord_t>(i) + coord_t(0.5)) * bin_size / static_cast<coord_t>(grid);
+}
+
+// The samples [first, last) of bin `bin` along one axis that can fall inside [-1, size]: the
+// others are empty, so loops skip them (a huge box then costs what its visible part costs). One
+// sample of margin on each side absorbs rounding; axis_taps still tests every sample it is given.
+struct SampleRange {
+  int first, last;
+};
+
+template <typename coord_t>
+C10_HOST_DEVICE inline SampleRange sample_range(coord_t start, coord_t bin_size, int bin, int grid, int64_t size) {
+  SampleRange r{0, grid};
+  const coord_t step = bin_size / static_cast<coord_t>(grid);
+  if (!(step > coord_t(0)) || !(step < coord_t(INFINITY))) return r;
+  const coord_t origin = start + static_cast<coord_t>(bin) * bin_size + coord_t(0.5) * step;  // sample 0
+  const coord_t lo = floor((coord_t(-1) - origin) / step) - coord_t(1);
+  const coord_t hi = ceil((static_cast<coord_t>(size) - origin) / step) + coord_t(2);
+  if (lo > coord_t(r.first)) r.first = lo < static_cast<coord_t>(grid) ? static_cast<int>(lo) : grid;
+  if (hi < coord_t(r.last)) r.last = hi > coord_t(r.first) ? static_cast<int>(hi) : r.first;
+  return r;
 }
 
 // Bilinear interpolation along one axis: the two neighbouring indices and their weights.
@@ -109,7 +130,8 @@ C10_HOST_DEVICE inline AxisTaps<coord_t> axis_taps(coord_t v, int64_t size) {
 // detectron2's ROIPooler level rule, in fp32 exactly as detectron2 evaluates it:
 //   floor(canonical_level + log2(sqrt(area) / canonical_box_size + 1e-8)), clamped to
 //   [min_level, min_level + num_levels - 1]; returns the index into the feature list.
-// NaN/Inf areas take the lowest level.
+// A box with a NaN level (one reversed side: negative area; NaN coordinates) matches no level in
+// detectron2 and its output row stays zero: returned as -1.
 C10_HOST_DEVICE inline int assign_level(
     float x1, float y1, float x2, float y2, int canonical_box_size, int canonical_level,
     int min_level, int num_levels) {
@@ -117,9 +139,10 @@ C10_HOST_DEVICE inline int assign_level(
   const float size = sqrtf(area);
   const float level =
       floorf(static_cast<float>(canonical_level) + log2f(size / static_cast<float>(canonical_box_size) + 1e-8f));
+  if (level != level) return -1;
   const int max_level = min_level + num_levels - 1;
-  if (!(level >= static_cast<float>(min_level))) return 0;
-  if (!(level <= static_cast<float>(max_level))) return num_levels - 1;
+  if (level <= static_cast<float>(min_level)) return 0;
+  if (level >= static_cast<float>(max_level)) return num_levels - 1;
   return static_cast<int>(level) - min_level;
 }
 

@@ -59,7 +59,7 @@ LevelTable<T> make_table(const std::vector<at::Tensor>& tensors, at::ArrayRef<do
 // Output element idx = (k, c, ph, pw) of the [K, C, PH, PW] result: its RoI's image, level and bins.
 template <typename coord_t>
 struct BinLocation {
-  int64_t batch;  // -1 when rois[k, 0] is outside [0, B) or not a number: the element is skipped
+  int64_t batch;  // -1 when the element is skipped: batch index outside [0, B) or NaN, or no level
   int64_t channel;
   int ph, pw, level;
   roi::RoIGeometry<coord_t> geometry;
@@ -74,11 +74,16 @@ __device__ inline BinLocation<coord_t> locate_bin(const LevelTable<T>& levels, c
   loc.ph = static_cast<int>((idx / pooled_w) % pooled_h);
   loc.channel = (idx / (int64_t(pooled_w) * pooled_h)) % channels;
   const coord_t* roi = rois + 5 * (idx / (int64_t(pooled_w) * pooled_h * channels));
-  loc.batch = roi[0] >= coord_t(0) && roi[0] < static_cast<coord_t>(batch) ? static_cast<int64_t>(roi[0]) : -1;
+  // Truncated toward zero like torchvision, so (-1, B) is the valid range; NaN is not.
+  loc.batch = roi[0] > coord_t(-1) && roi[0] < static_cast<coord_t>(batch) ? static_cast<int64_t>(roi[0]) : -1;
   loc.level = levels.num_levels == 1
       ? 0
       : roi::assign_level(float(roi[1]), float(roi[2]), float(roi[3]), float(roi[4]), levels.canonical_box_size,
                           levels.canonical_level, levels.min_level, levels.num_levels);
+  if (loc.level < 0) {  // matches no level (detectron2): a zero row, no gradient
+    loc.batch = -1;
+    loc.level = 0;
+  }
   loc.geometry = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], coord_t(levels.scale[loc.level]),
                                             pooled_h, pooled_w, sampling_ratio, aligned);
   return loc;
@@ -106,10 +111,12 @@ __global__ void forward_kernel(LevelTable<const scalar_t> levels, const coord_t*
     const auto& g = bin.geometry;
     const scalar_t* plane = levels.data[l] + (b * channels + c) * height * width;
     acc_t sum = 0;
-    for (int iy = 0; iy < g.grid_h; ++iy) {
+    const auto rows = roi::sample_range(g.start_y, g.bin_h, ph, g.grid_h, height);
+    const auto cols = roi::sample_range(g.start_x, g.bin_w, pw, g.grid_w, width);
+    for (int iy = rows.first; iy < rows.last; ++iy) {
       const auto ty = roi::axis_taps(roi::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h), height);
       if (!ty.valid) continue;
-      for (int ix = 0; ix < g.grid_w; ++ix) {
+      for (int ix = cols.first; ix < cols.last; ++ix) {
         const auto tx = roi::axis_taps(roi::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w), width);
         if (!tx.valid) continue;
         sum += acc_t(ty.w_lo * tx.w_lo) * acc_t(plane[ty.lo * width + tx.lo]) +
@@ -122,7 +129,7 @@ __global__ void forward_kernel(LevelTable<const scalar_t> levels, const coord_t*
   }
 }
 
-// Adds `value` to a channels-last gradient element: a float/double atomic, or an int64 fixed-point
+// Adds `value` to a gradient element: a float/double atomic, or an int64 fixed-point
 // atomic (value * scale, rounded) whose total is independent of the order of additions.
 template <typename acc_t, bool kFixedPoint>
 struct GradSink;
@@ -158,10 +165,12 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, LevelTable<ty
     const auto& g = bin.geometry;
     const acc_t g_bin = acc_t(grad[idx]) / acc_t(g.count);
     typename Sink::storage_t* plane = levels.data[l] + (b * channels + c) * height * width;
-    for (int iy = 0; iy < g.grid_h; ++iy) {
+    const auto rows = roi::sample_range(g.start_y, g.bin_h, ph, g.grid_h, height);
+    const auto cols = roi::sample_range(g.start_x, g.bin_w, pw, g.grid_w, width);
+    for (int iy = rows.first; iy < rows.last; ++iy) {
       const auto ty = roi::axis_taps(roi::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h), height);
       if (!ty.valid) continue;
-      for (int ix = 0; ix < g.grid_w; ++ix) {
+      for (int ix = cols.first; ix < cols.last; ++ix) {
         const auto tx = roi::axis_taps(roi::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w), width);
         if (!tx.valid) continue;
         Sink::add(plane + ty.lo * width + tx.lo, acc_t(ty.w_lo * tx.w_lo) * g_bin, fixed_point_scale);
@@ -177,7 +186,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, LevelTable<ty
 at::Tensor multilevel_forward_cuda(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
                                    int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                                    int64_t canonical_box_size, int64_t canonical_level, const char* op) {
-  check_roi_align_inputs(features, rois, scales, pooled_h, pooled_w, op);
+  check_roi_align_inputs(features, rois, scales, pooled_h, pooled_w, sampling_ratio, op);
   const auto& first = features[0];
   c10::cuda::CUDAGuard guard(first.device());
   auto output = at::empty({rois.size(0), first.size(1), pooled_h, pooled_w}, first.options());
@@ -203,7 +212,7 @@ std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const a
                                                  at::IntArrayRef widths, int64_t batch_size, int64_t channels,
                                                  int64_t sampling_ratio, bool aligned, int64_t canonical_box_size,
                                                  int64_t canonical_level, const char* op) {
-  check_roi_align_backward_inputs(grad, rois, scales, heights, widths, batch_size, channels, op);
+  check_roi_align_backward_inputs(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, op);
   c10::cuda::CUDAGuard guard(grad.device());
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const auto acc_dtype = at::toOpMathType(grad.scalar_type());
