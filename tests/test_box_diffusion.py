@@ -403,6 +403,19 @@ def test_q_sample_non_finite_gt_and_whwh():
         fops.q_sample_boxes(*args)
 
 
+def test_q_sample_bad_schedule_and_sizes():
+    args = _q_args()
+    args[6] = SCHEDULE.sqrt_alphas_cumprod.clone()
+    args[6][3] = float("nan")
+    with pytest.raises(RuntimeError, match=r"schedule must hold values in \[0, 1\].*sqrt_alphas_cumprod\[3\]"):
+        fops.q_sample_boxes(*args)
+    args = _q_args()
+    args[9] = args[9].clone()
+    args[9][1, 2] = 0.0
+    with pytest.raises(RuntimeError, match=r"images_whwh\[1\] must hold positive sizes"):
+        fops.q_sample_boxes(*args)
+
+
 def _d_args():
     g = torch.Generator().manual_seed(501)
     x_t, pred, whwh, keep, noise, renew = make_step(2, 5, g)
@@ -435,6 +448,22 @@ def test_ddim_non_finite_inputs(index):
     args[index] = args[index].clone()
     args[index].view(-1)[1] = float("nan")
     with pytest.raises(RuntimeError, match="must be finite"):
+        fops.ddim_step_boxes(*args)
+
+
+def test_ddim_bad_schedule_eta_and_sizes():
+    args = _d_args()
+    args[7] = 2.0  # sigma^2 > 1 - alpha_next
+    with pytest.raises(RuntimeError, match="eta = 2(.0)? is too large for the step 999 -> 749"):
+        fops.ddim_step_boxes(*args)
+    for bad in (torch.zeros(1000, dtype=torch.float64), torch.full((1000,), 1.5, dtype=torch.float64)):
+        args = _d_args()
+        args[6] = bad
+        with pytest.raises(RuntimeError, match=r"alphas_cumprod\[t = 999\] must be in \(0, 1\)"):
+            fops.ddim_step_boxes(*args)
+    args = _d_args()
+    args[2] = torch.zeros_like(args[2])
+    with pytest.raises(RuntimeError, match=r"images_whwh\[0\] must hold positive sizes"):
         fops.ddim_step_boxes(*args)
 
 

@@ -305,6 +305,14 @@ def test_gradcheck(aligned, sampling_ratio):
         leaves)
 
 
+def test_gradgradcheck():
+    """Double backward: the backward is linear in the incoming gradient, its adjoint the forward."""
+    features, rois = _tiny_case(6250)
+    leaves = tuple(f.requires_grad_() for f in features)
+    assert torch.autograd.gradgradcheck(
+        lambda *f: fops.multilevel_roi_align(list(f), rois, (2, 3), TINY_SCALES, 2, True, 16, 3), leaves)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck_multilevel_roi_align(requires_grad):
     features, rois = _tiny_case(6300)

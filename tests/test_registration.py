@@ -43,7 +43,8 @@ def test_fake_kernel_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiffinst::{op}", "Meta")
 
 
-@pytest.mark.parametrize("op", ("roi_align", "_roi_align_backward", "multilevel_roi_align"))
+@pytest.mark.parametrize("op", ("roi_align", "_roi_align_backward", "multilevel_roi_align",
+                                "_multilevel_roi_align_backward"))
 def test_autograd_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiffinst::{op}", "Autograd")
 

@@ -40,6 +40,7 @@ class Float64Reader {
     }
   }
   double operator[](int64_t i) const { return f64_ != nullptr ? f64_[i] : static_cast<double>(f32_[i]); }
+  int64_t numel() const { return tensor_.numel(); }
   // Index of the first NaN/Inf element, or -1. The scan tests the exponent bits with integer ORs,
   // which the compiler vectorises (a floating-point reduction it may not reorder).
   int64_t first_non_finite() const {
@@ -76,15 +77,28 @@ inline bool all_finite(const double* v, int n) {
   return poison == 0.0;
 }
 
-// Raises naming `name[b, i]` (rows of 4 numbers, `per_image` rows per image) if `input` holds a NaN/Inf.
+// Raises naming `name[b, i]` (rows of 4 numbers, `per_image` rows per image; -1 for [B, 4] inputs,
+// named `name[b]`) if `input` holds a NaN/Inf.
 void check_finite(const Float64Reader& input, int64_t per_image, const char* op, const char* name) {
   const int64_t index = input.first_non_finite();
   if (index < 0) return;
   const int64_t row = index / 4;
-  if (per_image > 1) {
+  if (per_image > 0) {
     TORCH_CHECK(false, op, ": ", name, "[", row / per_image, ", ", row % per_image, "] must be finite");
   }
   TORCH_CHECK(false, op, ": ", name, "[", row, "] must be finite");
+}
+
+// images_whwh [B, 4]: finite, positive image sizes.
+void check_positive_sizes(const Float64Reader& whwh, const char* op) {
+  check_finite(whwh, -1, op, "images_whwh");
+  for (int64_t b = 0; 4 * b < whwh.numel(); ++b) {
+    double image_whwh[4];
+    whwh.row4(b, image_whwh);
+    TORCH_CHECK(image_whwh[0] > 0 && image_whwh[1] > 0 && image_whwh[2] > 0 && image_whwh[3] > 0, op,
+                ": images_whwh[", b, "] must hold positive sizes, got (", image_whwh[0], ", ", image_whwh[1], ", ",
+                image_whwh[2], ", ", image_whwh[3], ")");
+  }
 }
 
 // Problems this small run on the calling thread; waking the pool costs more than the work.
@@ -97,8 +111,7 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
                               const at::Tensor& images_whwh) {
   constexpr const char* op = "q_sample_boxes";
   const auto s = check_q_sample_inputs(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index,
-                                       sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, images_whwh);
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be positive, got ", scale);
+                                       sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, scale, images_whwh);
   const Float64Reader gt(gt_boxes), eps(noise), draws(placeholder_noise), whwh(images_whwh);
   const Float64Reader sa(sqrt_alphas_cumprod), s1a(sqrt_one_minus_alphas_cumprod);
   const auto counts = gt_counts.contiguous(), steps = t.contiguous(), select = select_index.contiguous();
@@ -110,8 +123,13 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
     TORCH_CHECK(t_p[b] >= 0 && t_p[b] < s.timesteps, op, ": t[", b, "] must be in [0, ", s.timesteps, "), got ",
                 t_p[b]);
   }
+  for (int64_t step = 0; step < s.timesteps; ++step) {
+    TORCH_CHECK(sa[step] >= 0 && sa[step] <= 1 && s1a[step] >= 0 && s1a[step] <= 1, op,
+                ": the schedule must hold values in [0, 1], got sqrt_alphas_cumprod[", step, "] = ", sa[step],
+                " and sqrt_one_minus_alphas_cumprod[", step, "] = ", s1a[step]);
+  }
+  check_positive_sizes(whwh, op);
   // Every draw is checked, used or not: a non-finite draw is a bug upstream.
-  check_finite(whwh, 1, op, "images_whwh");
   check_finite(eps, s.proposals, op, "noise");
   check_finite(draws, s.proposals, op, "placeholder_noise");
 
@@ -152,16 +170,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cpu(
     int64_t t, int64_t t_next, const at::Tensor& alphas_cumprod, double eta, double scale, const at::Tensor& noise,
     const at::Tensor& renew_noise) {
   constexpr const char* op = "ddim_step_boxes";
-  check_ddim_inputs(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, noise, renew_noise);
-  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be positive, got ", scale);
-  TORCH_CHECK(std::isfinite(eta) && eta >= 0, op, ": eta must be >= 0, got ", eta);
+  check_ddim_inputs(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta, scale, noise, renew_noise);
   const int64_t batch = x_t.size(0), proposals = x_t.size(1);
   const Float64Reader xt(x_t), pred(pred_boxes), whwh(images_whwh), z(noise), fresh(renew_noise), ac(alphas_cumprod);
   const auto keep_c = keep.contiguous();
   const bool* keep_p = keep_c.data_ptr<bool>();
-  const auto k = diffusion::ddim_coefficients(ac[t], t_next >= 0 ? ac[t_next] : 1.0, eta);
+  const double alpha = ac[t], alpha_next = t_next >= 0 ? ac[t_next] : 1.0;
+  TORCH_CHECK(alpha > 0 && alpha < 1, op, ": alphas_cumprod[t = ", t, "] must be in (0, 1), got ", alpha);
+  TORCH_CHECK(alpha_next > 0 && alpha_next <= 1, op, ": alphas_cumprod[t_next = ", t_next, "] must be in (0, 1], got ",
+              alpha_next);
+  const auto k = diffusion::ddim_coefficients(alpha, alpha_next, eta);
+  TORCH_CHECK(k.c == k.c, op, ": eta = ", eta, " is too large for the step ", t, " -> ", t_next,
+              " (1 - alphas_cumprod[t_next] - sigma^2 < 0)");
+  check_positive_sizes(whwh, op);
   // Every row is checked, used or not: a non-finite draw is a bug upstream.
-  check_finite(whwh, 1, op, "images_whwh");
   check_finite(pred, proposals, op, "pred_boxes");
   check_finite(xt, proposals, op, "x_t");
   check_finite(z, proposals, op, "noise");

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 namespace fastdiffinst {
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name) {
@@ -26,13 +28,18 @@ struct QSampleSizes {
   int64_t batch, max_gt, proposals, timesteps;
 };
 
+inline void check_scale(double scale, const char* op) {
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be positive and finite, got ", scale);
+}
+
 inline QSampleSizes check_q_sample_inputs(const at::Tensor& gt_boxes, const at::Tensor& gt_counts,
                                           const at::Tensor& t, const at::Tensor& noise,
                                           const at::Tensor& placeholder_noise, const at::Tensor& select_index,
                                           const at::Tensor& sqrt_alphas_cumprod,
-                                          const at::Tensor& sqrt_one_minus_alphas_cumprod,
+                                          const at::Tensor& sqrt_one_minus_alphas_cumprod, double scale,
                                           const at::Tensor& images_whwh) {
   constexpr const char* op = "q_sample_boxes";
+  check_scale(scale, op);
   TORCH_CHECK(gt_boxes.dim() == 3 && gt_boxes.size(2) == 4, op, ": gt_boxes must be [B, G, 4], got ",
               gt_boxes.sizes());
   TORCH_CHECK(noise.dim() == 3 && noise.size(2) == 4, op, ": noise must be [B, N, 4], got ", noise.sizes());
@@ -42,7 +49,8 @@ inline QSampleSizes check_q_sample_inputs(const at::Tensor& gt_boxes, const at::
   check_shape(noise, {s.batch, s.proposals, 4}, op, "noise");
   check_shape(placeholder_noise, {s.batch, s.proposals, 4}, op, "placeholder_noise");
   check_shape(select_index, {s.batch, s.proposals}, op, "select_index");
-  check_shape(sqrt_alphas_cumprod, {s.timesteps}, op, "sqrt_alphas_cumprod");
+  TORCH_CHECK(sqrt_alphas_cumprod.dim() == 1 && s.timesteps > 0, op,
+              ": sqrt_alphas_cumprod must be a non-empty [T] schedule, got ", sqrt_alphas_cumprod.sizes());
   check_shape(sqrt_one_minus_alphas_cumprod, {s.timesteps}, op, "sqrt_one_minus_alphas_cumprod");
   check_shape(images_whwh, {s.batch, 4}, op, "images_whwh");
   TORCH_CHECK(gt_counts.scalar_type() == at::kLong && t.scalar_type() == at::kLong &&
@@ -59,8 +67,10 @@ inline QSampleSizes check_q_sample_inputs(const at::Tensor& gt_boxes, const at::
 
 inline void check_ddim_inputs(const at::Tensor& x_t, const at::Tensor& pred_boxes, const at::Tensor& images_whwh,
                               const at::Tensor& keep, int64_t t, int64_t t_next, const at::Tensor& alphas_cumprod,
-                              const at::Tensor& noise, const at::Tensor& renew_noise) {
+                              double eta, double scale, const at::Tensor& noise, const at::Tensor& renew_noise) {
   constexpr const char* op = "ddim_step_boxes";
+  check_scale(scale, op);
+  TORCH_CHECK(std::isfinite(eta) && eta >= 0, op, ": eta must be finite and >= 0, got ", eta);
   TORCH_CHECK(x_t.dim() == 3 && x_t.size(2) == 4, op, ": x_t must be [B, N, 4], got ", x_t.sizes());
   const int64_t batch = x_t.size(0), proposals = x_t.size(1), timesteps = alphas_cumprod.numel();
   check_shape(pred_boxes, x_t.sizes(), op, "pred_boxes");

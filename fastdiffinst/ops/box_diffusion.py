@@ -152,7 +152,8 @@ def q_sample_boxes(gt_boxes: Tensor, gt_counts: Tensor, t: Tensor, noise: Tensor
                              sqrt_one_minus_alphas_cumprod, scale, images_whwh)
     scale = float(scale)
     if gt_boxes.device.type != "cpu" and _dispatch.input_checks_enabled():
-        _check_q_sample_values(gt_boxes, gt_counts, t, select_index, sqrt_alphas_cumprod.shape[0])
+        _check_q_sample_values(gt_boxes, gt_counts, t, select_index, sqrt_alphas_cumprod.shape[0], noise,
+                               placeholder_noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, images_whwh)
     if _dispatch.resolve(op, gt_boxes.device.type) == "reference":
         return reference.box_diffusion.q_sample_boxes(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index,
                                                       sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, scale,
@@ -162,7 +163,8 @@ def q_sample_boxes(gt_boxes: Tensor, gt_counts: Tensor, t: Tensor, noise: Tensor
                                                  images_whwh)
 
 
-def _check_q_sample_values(gt_boxes, gt_counts, t, select_index, timesteps) -> None:
+def _check_q_sample_values(gt_boxes, gt_counts, t, select_index, timesteps, noise, placeholder_noise,
+                           sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, images_whwh) -> None:
     """Synchronising value checks for CUDA (the CPU kernel makes them itself)."""
     op = "q_sample_boxes"
     if bool(((gt_counts < 0) | (gt_counts > gt_boxes.shape[1])).any()):
@@ -172,6 +174,37 @@ def _check_q_sample_values(gt_boxes, gt_counts, t, select_index, timesteps) -> N
     available = gt_counts.clamp(min=1)[:, None]
     if bool(((select_index < -1) | (select_index >= available)).any()):
         raise RuntimeError(f"{op}: select_index must be -1 or in [0, max(gt_counts[b], 1)) for every image")
+    _check_finite(op, noise=noise, placeholder_noise=placeholder_noise, images_whwh=images_whwh)
+    schedule = torch.stack([sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod])
+    if not bool(((schedule >= 0) & (schedule <= 1)).all()):
+        raise RuntimeError(f"{op}: the schedule must hold values in [0, 1]")
+    _check_sizes(op, images_whwh)
+
+
+def _check_finite(op: str, **tensors: Tensor) -> None:
+    for name, x in tensors.items():
+        if not bool(torch.isfinite(x).all()):
+            raise RuntimeError(f"{op}: {name} must be finite")
+
+
+def _check_sizes(op: str, images_whwh: Tensor) -> None:
+    if not bool((images_whwh > 0).all()):
+        raise RuntimeError(f"{op}: images_whwh must hold positive sizes")
+
+
+def _check_ddim_values(x_t, pred_boxes, images_whwh, t, t_next, alphas_cumprod, eta, noise, renew_noise) -> None:
+    """Synchronising value checks for CUDA (the CPU kernel makes them itself)."""
+    op = "ddim_step_boxes"
+    _check_finite(op, x_t=x_t, pred_boxes=pred_boxes, images_whwh=images_whwh, noise=noise, renew_noise=renew_noise)
+    _check_sizes(op, images_whwh)
+    alpha = float(alphas_cumprod[t])
+    alpha_next = float(alphas_cumprod[t_next]) if t_next >= 0 else 1.0
+    if not 0 < alpha < 1 or not 0 < alpha_next <= 1:
+        raise RuntimeError(f"{op}: alphas_cumprod[t] must be in (0, 1) and alphas_cumprod[t_next] in (0, 1], "
+                           f"got {alpha} and {alpha_next}")
+    sigma = eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)) ** 0.5
+    if 1 - alpha_next - sigma**2 < 0:
+        raise RuntimeError(f"{op}: eta = {eta} is too large for the step {t} -> {t_next}")
 
 
 def _ddim_args_ok(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta, scale, noise,
@@ -257,6 +290,8 @@ def ddim_step_boxes(x_t: Tensor, pred_boxes: Tensor, images_whwh: Tensor, keep: 
         _check_ddim_args(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta, scale, noise,
                          renew_noise)
     scale = float(scale)
+    if x_t.device.type != "cpu" and _dispatch.input_checks_enabled():
+        _check_ddim_values(x_t, pred_boxes, images_whwh, t, t_next, alphas_cumprod, eta, noise, renew_noise)
     if _dispatch.resolve(op, x_t.device.type) == "reference":
         return reference.box_diffusion.ddim_step_boxes(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod,
                                                        float(eta), scale, noise, renew_noise)

@@ -172,6 +172,24 @@ def _register() -> None:
 
     torch.library.register_autograd("fastdiffinst::multilevel_roi_align", backward, setup_context=setup_context)
 
+    # The backward is linear in `grad` with the forward as its adjoint, so double backward is
+    # multilevel_roi_align of the per-level grad-of-grads.
+    def setup_context_backward(ctx, inputs, output):
+        grad, rois, spatial_scales, heights, widths, batch, channels, sampling_ratio, aligned, box_size, level = inputs
+        ctx.save_for_backward(rois)
+        ctx.pooled = (grad.shape[2], grad.shape[3])
+        ctx.args = (spatial_scales, sampling_ratio, aligned, box_size, level)
+
+    def backward_backward(ctx, grad_grads):
+        (rois,) = ctx.saved_tensors
+        spatial_scales, sampling_ratio, aligned, box_size, level = ctx.args
+        grad_grad = ops.multilevel_roi_align(list(grad_grads), rois, spatial_scales, ctx.pooled[0], ctx.pooled[1],
+                                             sampling_ratio, aligned, box_size, level)
+        return (grad_grad,) + (None,) * 10
+
+    torch.library.register_autograd("fastdiffinst::_multilevel_roi_align_backward", backward_backward,
+                                    setup_context=setup_context_backward)
+
     # Under autocast, levels of different storage dtypes are promoted to a common one (boxes are
     # never cast); the kernels accumulate in fp32 whatever the storage dtype.
     library = torch.library.Library("fastdiffinst", "IMPL")

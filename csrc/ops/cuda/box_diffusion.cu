@@ -101,14 +101,14 @@ at::Tensor q_sample_boxes_cuda(const at::Tensor& gt_boxes, const at::Tensor& gt_
                                const at::Tensor& sqrt_one_minus_alphas_cumprod, double scale,
                                const at::Tensor& images_whwh) {
   const auto s = check_q_sample_inputs(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index,
-                                       sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, images_whwh);
+                                       sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, scale, images_whwh);
   c10::cuda::CUDAGuard guard(gt_boxes.device());
   const auto gt = f64(gt_boxes), eps = f64(noise), draws = f64(placeholder_noise), whwh = f64(images_whwh);
   const auto sa = f64(sqrt_alphas_cumprod), s1a = f64(sqrt_one_minus_alphas_cumprod);
   const auto counts = gt_counts.contiguous(), steps = t.contiguous(), select = select_index.contiguous();
   auto out = at::empty({s.batch, s.proposals, 4}, gt.options());
   const int64_t n = s.batch * s.proposals;
-  if (n == 0 || s.timesteps == 0) return out;
+  if (n == 0) return out;
   q_sample_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0,
                     c10::cuda::getCurrentCUDAStream()>>>(
       gt.data_ptr<double>(), counts.data_ptr<int64_t>(), steps.data_ptr<int64_t>(), eps.data_ptr<double>(),
@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cuda(
     const at::Tensor& x_t, const at::Tensor& pred_boxes, const at::Tensor& images_whwh, const at::Tensor& keep,
     int64_t t, int64_t t_next, const at::Tensor& alphas_cumprod, double eta, double scale, const at::Tensor& noise,
     const at::Tensor& renew_noise) {
-  check_ddim_inputs(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, noise, renew_noise);
+  check_ddim_inputs(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta, scale, noise, renew_noise);
   c10::cuda::CUDAGuard guard(x_t.device());
   const int64_t batch = x_t.size(0), proposals = x_t.size(1);
   const auto xt = f64(x_t), pred = f64(pred_boxes), whwh = f64(images_whwh), z = f64(noise), fresh = f64(renew_noise);
