@@ -5,8 +5,6 @@ PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 PIP     := $(VPY) -m pip --disable-pip-version-check -q
-# Compile one CUDA architecture when no GPU can be queried (H100/H200).
-export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
 NATIVE_SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 

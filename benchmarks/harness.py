@@ -58,16 +58,6 @@ def time_fn(fn: Callable[[], object], device: str, repeats: int = 5, warmup: int
     return Timing(statistics.median(times), min(times), max(times), repeats)
 
 
-def peak_cuda_memory(fn: Callable[[], object]) -> int:
-    """Peak bytes allocated by ``fn()`` on the current CUDA device, above what was allocated before."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
 def copy_bandwidth(device: str, mbytes: int = 256) -> float:
     """Measured copy bandwidth in GB/s (bytes read + written) on ``device`` for a large buffer."""
     n = mbytes * (1 << 20) // 4

@@ -6,6 +6,8 @@ multi-level ``ROIPooler`` (per-level loop): the parity oracle and the fallback o
 from __future__ import annotations
 
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -93,7 +95,13 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial
     if k == 0:
         # An empty slice of the input keeps the autograd graph (zero gradients) without any work.
         return input.reshape(-1)[:0].reshape(0, input.shape[1], pooled_h, pooled_w)
-    per_roi = input.shape[1] * pooled_h * pooled_w * max(sampling_ratio, 2) ** 2
+    if sampling_ratio > 0:
+        grid = sampling_ratio
+    else:
+        # The adaptive grid of the largest RoI bounds the gathered samples per RoI.
+        extent = (rois[:, 3:5] - rois[:, 1:3]).abs().max().item() * spatial_scale + 1.0
+        grid = min(_MAX_ADAPTIVE_GRID, max(1, math.ceil(extent / min(pooled_h, pooled_w))))
+    per_roi = input.shape[1] * pooled_h * pooled_w * grid**2
     step = max(1, _CHUNK_ELEMENTS // max(per_roi, 1))
     chunks = [
         _roi_align_chunk(input, rois[i:i + step], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, coord_dtype)
