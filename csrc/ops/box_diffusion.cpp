@@ -122,8 +122,7 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
                 "], got ", count_p[b]);
     TORCH_CHECK(t_p[b] >= 0 && t_p[b] < s.timesteps, op, ": t[", b, "] must be in [0, ", s.timesteps, "), got ",
                 t_p[b]);
-  }
-  for (int64_t step = 0; step < s.timesteps; ++step) {
+    const int64_t step = t_p[b];  // the schedule entries this call reads
     TORCH_CHECK(sa[step] >= 0 && sa[step] <= 1 && s1a[step] >= 0 && s1a[step] <= 1, op,
                 ": the schedule must hold values in [0, 1], got sqrt_alphas_cumprod[", step, "] = ", sa[step],
                 " and sqrt_one_minus_alphas_cumprod[", step, "] = ", s1a[step]);
