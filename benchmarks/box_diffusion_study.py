@@ -103,7 +103,7 @@ def _compare(op, case, fused, official, reference, reference_fn, batched, device
     t_compiled = time_fn(compiled, device, repeats)
     progress.update(1)
     rows = []
-    for baseline, t_base, note in (("official per-image", t_official, f"max |diff| {err:.1e}"),
+    for baseline, t_base, note in (("official per-image", t_official, f"max abs diff {err:.1e}"),
                                    ("batched reference", t_reference, ""),
                                    ("torch.compile(reference)", t_compiled, f"compile {compile_s:.1f} s")):
         rows.append({

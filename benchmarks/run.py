@@ -26,7 +26,7 @@ STUDIES = {"roi_align": roi_align_study, "box_diffusion": box_diffusion_study}
 COLUMNS = [("op", "op"), ("case", "case"), ("direction", "direction"), ("baseline", "baseline"),
            ("ours_ms", "ours ms (median)"), ("ours_range_ms", "ours min-max"), ("baseline_ms", "baseline ms"),
            ("baseline_range_ms", "baseline min-max"), ("speedup", "speed-up"),
-           ("x_traffic_floor", "× traffic floor"), ("max_abs_diff", "max |diff| / notes")]
+           ("x_traffic_floor", "× traffic floor"), ("max_abs_diff", "max abs diff / notes")]
 
 
 class _Progress:
