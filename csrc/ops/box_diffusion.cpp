@@ -12,6 +12,7 @@
 
 #include "ops/box_diffusion_host.h"
 #include "ops/common/box_diffusion_math.h"
+#include "ops/common/cpu_clones.h"
 
 namespace fastdiffinst {
 namespace {
@@ -104,6 +105,40 @@ void check_positive_sizes(const Float64Reader& whwh, const char* op) {
 // Problems this small run on the calling thread; waking the pool costs more than the work.
 constexpr int64_t kGrain = 4096;
 
+// Training corruption of images [begin, end) (see q_sample_boxes_cpu, which has checked every value:
+// exceptions must not cross the multi-versioned function).
+struct QSampleImages {
+  const Float64Reader &gt, &eps, &draws, &whwh, &sa, &s1a;
+  const int64_t *count_p, *t_p, *sel_p;
+  int64_t max_gt, proposals;
+  double scale;
+  double* out_p;
+};
+
+FASTDIFFINST_CPU_CLONES
+void q_sample_images(const QSampleImages& a, int64_t begin, int64_t end) {
+  static constexpr double kFakeBox[4] = {0.5, 0.5, 1.0, 1.0};
+  const auto& [gt, eps, draws, whwh, sa, s1a, count_p, t_p, sel_p, max_gt, proposals, scale, out_p] = a;
+  for (int64_t b = begin; b < end; ++b) {
+    double image_whwh[4], x0[4], e[4];
+    whwh.row4(b, image_whwh);
+    const double sqrt_alpha = sa[t_p[b]], sqrt_one_minus_alpha = s1a[t_p[b]];
+    for (int64_t i = 0; i < proposals; ++i) {
+      const int64_t k = b * proposals + i, sel = sel_p[k];
+      if (sel < 0) {
+        draws.row4(k, e);
+        diffusion::placeholder_box(e, x0);
+      } else if (count_p[b] == 0) {
+        for (int j = 0; j < 4; ++j) x0[j] = kFakeBox[j];
+      } else {
+        gt.row4(b * max_gt + sel, x0);
+      }
+      eps.row4(k, e);
+      diffusion::q_sample_box(x0, e, sqrt_alpha, sqrt_one_minus_alpha, scale, image_whwh, out_p + 4 * k);
+    }
+  }
+}
+
 at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_counts, const at::Tensor& t,
                               const at::Tensor& noise, const at::Tensor& placeholder_noise,
                               const at::Tensor& select_index, const at::Tensor& sqrt_alphas_cumprod,
@@ -122,6 +157,18 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
                 "], got ", count_p[b]);
     TORCH_CHECK(t_p[b] >= 0 && t_p[b] < s.timesteps, op, ": t[", b, "] must be in [0, ", s.timesteps, "), got ",
                 t_p[b]);
+    // An image without GT has one (fake) box, index 0.
+    const int64_t available = count_p[b] > 0 ? count_p[b] : 1;
+    for (int64_t i = 0; i < s.proposals; ++i) {
+      const int64_t sel = sel_p[b * s.proposals + i];
+      TORCH_CHECK(sel >= -1 && sel < available, op, ": select_index[", b, ", ", i, "] must be -1 or in [0, ",
+                  available, "), got ", sel);
+    }
+    for (int64_t g = 0; g < count_p[b]; ++g) {
+      double box[4];
+      gt.row4(b * s.max_gt + g, box);
+      TORCH_CHECK(all_finite(box, 4), op, ": gt_boxes[", b, ", ", g, "] must be finite");
+    }
     const int64_t step = t_p[b];  // the schedule entries this call reads
     TORCH_CHECK(sa[step] >= 0 && sa[step] <= 1 && s1a[step] >= 0 && s1a[step] <= 1, op,
                 ": the schedule must hold values in [0, 1], got sqrt_alphas_cumprod[", step, "] = ", sa[step],
@@ -133,35 +180,60 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
   check_finite(draws, s.proposals, op, "placeholder_noise");
 
   auto out = at::empty({s.batch, s.proposals, 4}, gt_boxes.options().dtype(at::kDouble));
-  double* out_p = out.data_ptr<double>();
-  static constexpr double kFakeBox[4] = {0.5, 0.5, 1.0, 1.0};
-  at::parallel_for(0, s.batch, std::max<int64_t>(1, kGrain / std::max<int64_t>(s.proposals, 1)), [&](int64_t begin,
-                                                                                                      int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      double image_whwh[4], x0[4], e[4];
-      whwh.row4(b, image_whwh);
-      const double sqrt_alpha = sa[t_p[b]], sqrt_one_minus_alpha = s1a[t_p[b]];
-      // An image without GT has one (fake) box, index 0.
-      const int64_t available = count_p[b] > 0 ? count_p[b] : 1;
-      for (int64_t i = 0; i < s.proposals; ++i) {
-        const int64_t k = b * s.proposals + i, sel = sel_p[k];
-        TORCH_CHECK(sel >= -1 && sel < available, op, ": select_index[", b, ", ", i, "] must be -1 or in [0, ",
-                    available, "), got ", sel);
-        if (sel < 0) {
-          draws.row4(k, e);
-          diffusion::placeholder_box(e, x0);
-        } else if (count_p[b] == 0) {
-          for (int j = 0; j < 4; ++j) x0[j] = kFakeBox[j];
-        } else {
-          gt.row4(b * s.max_gt + sel, x0);
-          TORCH_CHECK(all_finite(x0, 4), op, ": gt_boxes[", b, ", ", sel, "] must be finite");
-        }
-        eps.row4(k, e);
-        diffusion::q_sample_box(x0, e, sqrt_alpha, sqrt_one_minus_alpha, scale, image_whwh, out_p + 4 * k);
-      }
-    }
-  });
+  const QSampleImages images{gt, eps, draws, whwh, sa, s1a, count_p, t_p, sel_p, s.max_gt, s.proposals, scale,
+                             out.data_ptr<double>()};
+  at::parallel_for(0, s.batch, std::max<int64_t>(1, kGrain / std::max<int64_t>(s.proposals, 1)),
+                   [&](int64_t begin, int64_t end) { q_sample_images(images, begin, end); });
   return out;
+}
+
+// One DDIM step for images [begin, end) (see ddim_step_boxes_cpu, which has checked every value:
+// exceptions must not cross the multi-versioned function).
+struct DDIMImages {
+  const Float64Reader &xt, &pred, &whwh, &z, &fresh;
+  const bool* keep_p;
+  diffusion::DDIMCoefficients k;
+  int64_t t_next;
+  double scale;
+  int64_t proposals;
+  double *x0_p, *next_p, *boxes_p;
+  int64_t* kept_p;
+};
+
+FASTDIFFINST_CPU_CLONES
+void ddim_images(const DDIMImages& a, int64_t begin, int64_t end) {
+  const auto& [xt, pred, whwh, z, fresh, keep_p, k, t_next, scale, proposals, x0_p, next_p, boxes_p, kept_p] = a;
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t base = b * proposals;
+    double image_whwh[4], row[4];
+    whwh.row4(b, image_whwh);
+    const double inv_whwh[4] = {1.0 / image_whwh[0], 1.0 / image_whwh[1], 1.0 / image_whwh[2], 1.0 / image_whwh[3]};
+    int64_t kept = 0;
+    for (int64_t i = 0; i < proposals; ++i) {
+      pred.row4(base + i, row);
+      diffusion::box_to_signal(row, inv_whwh, scale, x0_p + 4 * (base + i));
+      kept += keep_p[base + i] ? 1 : 0;
+    }
+    kept_p[b] = kept;
+    if (t_next < 0) {
+      // The final step returns x̂0 for every proposal, no renewal.
+      for (int64_t i = 0; i < 4 * proposals; ++i) next_p[4 * base + i] = x0_p[4 * base + i];
+    } else {
+      // Kept proposals move to the front in their order; slot p's eta noise is noise[b, p].
+      int64_t p = 0;
+      double noise_row[4];
+      for (int64_t i = 0; i < proposals; ++i) {
+        if (!keep_p[base + i]) continue;
+        xt.row4(base + i, row);
+        z.row4(base + p, noise_row);
+        diffusion::ddim_update(row, x0_p + 4 * (base + i), noise_row, k, next_p + 4 * (base + p));
+        ++p;
+      }
+      for (; p < proposals; ++p) fresh.row4(base + p, next_p + 4 * (base + p));
+    }
+    for (int64_t i = 0; i < proposals; ++i)
+      diffusion::signal_to_box(next_p + 4 * (base + i), image_whwh, scale, boxes_p + 4 * (base + i));
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cpu(
@@ -196,40 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cpu(
   double *x0_p = x0.data_ptr<double>(), *next_p = x_next.data_ptr<double>(), *boxes_p = next_boxes.data_ptr<double>();
   int64_t* kept_p = num_kept.data_ptr<int64_t>();
 
-  at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / std::max<int64_t>(proposals, 1)), [&](int64_t begin,
-                                                                                                  int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t base = b * proposals;
-      double image_whwh[4], row[4];
-      whwh.row4(b, image_whwh);
-      const double inv_whwh[4] = {1.0 / image_whwh[0], 1.0 / image_whwh[1], 1.0 / image_whwh[2], 1.0 / image_whwh[3]};
-      int64_t kept = 0;
-      for (int64_t i = 0; i < proposals; ++i) {
-        pred.row4(base + i, row);
-        diffusion::box_to_signal(row, inv_whwh, scale, x0_p + 4 * (base + i));
-        kept += keep_p[base + i] ? 1 : 0;
-      }
-      kept_p[b] = kept;
-      if (t_next < 0) {
-        // The final step returns x̂0 for every proposal, no renewal.
-        for (int64_t i = 0; i < 4 * proposals; ++i) next_p[4 * base + i] = x0_p[4 * base + i];
-      } else {
-        // Kept proposals move to the front in their order; slot p's eta noise is noise[b, p].
-        int64_t p = 0;
-        double noise_row[4];
-        for (int64_t i = 0; i < proposals; ++i) {
-          if (!keep_p[base + i]) continue;
-          xt.row4(base + i, row);
-          z.row4(base + p, noise_row);
-          diffusion::ddim_update(row, x0_p + 4 * (base + i), noise_row, k, next_p + 4 * (base + p));
-          ++p;
-        }
-        for (; p < proposals; ++p) fresh.row4(base + p, next_p + 4 * (base + p));
-      }
-      for (int64_t i = 0; i < proposals; ++i)
-        diffusion::signal_to_box(next_p + 4 * (base + i), image_whwh, scale, boxes_p + 4 * (base + i));
-    }
-  });
+  const DDIMImages images{xt, pred, whwh, z, fresh, keep_p, k, t_next, scale, proposals, x0_p, next_p, boxes_p, kept_p};
+  at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / std::max<int64_t>(proposals, 1)),
+                   [&](int64_t begin, int64_t end) { ddim_images(images, begin, end); });
   return {x_next, x0, next_boxes, num_kept};
 }
 

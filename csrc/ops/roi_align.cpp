@@ -23,6 +23,7 @@
 #include <cmath>
 #include <vector>
 
+#include "ops/common/cpu_clones.h"
 #include "ops/common/cpu_layout.h"
 #include "ops/common/roi_align_math.h"
 #include "ops/roi_align_host.h"
@@ -88,9 +89,7 @@ inline void axpy(acc_t* __restrict dst, const scalar_t* __restrict src, acc_t w,
 }
 
 // The fp32 loop is the hot one: compiled for AVX2+FMA as well as the baseline, picked at load time.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-#endif
+FASTDIFFINST_CPU_CLONES
 void axpy(float* __restrict dst, const float* __restrict src, float w, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] += w * src[i];
 }
