@@ -507,3 +507,32 @@ def test_cuda_matches_cpu(device):
 
 def test_devices_helper_lists_cuda():
     assert [getattr(d, "values", (d,))[0] for d in devices()] == ["cpu", "cuda"]
+
+
+def test_synchronising_value_checks_of_the_cuda_path():
+    """The checks set_input_checks(True) adds on CUDA are device-agnostic: run them on CPU tensors."""
+    from fastdiffinst.ops.box_diffusion import _check_ddim_values, _check_q_sample_values
+
+    args = _q_args()
+    gt, counts, t, noise, placeholder, select, sa, s1a, _, whwh = args
+    _check_q_sample_values(gt, counts, t, select, 1000, noise, placeholder, sa, s1a, whwh)  # valid: no error
+    for bad, match in [
+        (dict(counts=torch.tensor([4, 1])), r"gt_counts must be in \[0, G = 3\]"),
+        (dict(t=torch.tensor([0, 1000])), r"t must be in \[0, 1000\)"),
+        (dict(select=torch.tensor([[0, 2, -1, -1], [0, -1, -1, -1]])), "select_index must be -1 or in"),
+        (dict(noise=torch.full_like(noise, float("inf"))), "noise must be finite"),
+        (dict(whwh=torch.zeros_like(whwh)), "images_whwh must hold positive sizes"),
+        (dict(sa=sa * 2), r"schedule must hold values in \[0, 1\]"),
+    ]:
+        values = dict(counts=counts, t=t, select=select, noise=noise, whwh=whwh, sa=sa) | bad
+        with pytest.raises(RuntimeError, match=match):
+            _check_q_sample_values(gt, values["counts"], values["t"], values["select"], 1000, values["noise"],
+                                   placeholder, values["sa"], s1a, values["whwh"])
+    x_t, pred, whwh, _, t, t_next, ac, eta, _, noise, renew = _d_args()
+    _check_ddim_values(x_t, pred, whwh, t, t_next, ac, eta, noise, renew)  # valid: no error
+    with pytest.raises(RuntimeError, match="renew_noise must be finite"):
+        _check_ddim_values(x_t, pred, whwh, t, t_next, ac, eta, noise, renew * float("nan"))
+    with pytest.raises(RuntimeError, match="eta = 2.0 is too large"):
+        _check_ddim_values(x_t, pred, whwh, t, t_next, ac, 2.0, noise, renew)
+    with pytest.raises(RuntimeError, match=r"alphas_cumprod\[t\] must be in \(0, 1\)"):
+        _check_ddim_values(x_t, pred, whwh, t, t_next, torch.ones_like(ac), eta, noise, renew)

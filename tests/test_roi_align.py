@@ -569,3 +569,17 @@ def test_native_op_rejects_narrowing_integers():
         native.roi_align(x, rois, 1.0, 7, 7, 2**32 + 1, True)
     with pytest.raises(ValueError, match="sampling_ratio must be at most 1024"):
         fops.roi_align(x, rois, 7, 1.0, 2**31, True)
+
+
+def test_synchronising_value_checks_of_the_cuda_path():
+    """The checks set_input_checks(True) adds on CUDA are device-agnostic: run them on CPU tensors."""
+    from fastdiffinst.ops._checks import check_roi_values
+
+    rois = torch.tensor([[0.0, 1.0, 1.0, 5.0, 5.0], [1.9, 0.0, 0.0, 3.0, 3.0], [-0.5, 2.0, 2.0, 4.0, 4.0]])
+    check_roi_values("roi_align", rois, 2)  # valid, including indices truncated toward zero
+    with pytest.raises(RuntimeError, match=r"rois\[1, 0\] is the batch index and must be in \[0, 1\)"):
+        check_roi_values("roi_align", rois, 1)
+    bad = rois.clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(RuntimeError, match=r"rois must be finite, but rois\[2\]"):
+        check_roi_values("roi_align", bad, 2)
