@@ -179,3 +179,27 @@ def test_kernels_package_installed_under_fastdiffinst():
     import fastdiffinst.kernels
 
     assert fastdiffinst.kernels.__name__ == "fastdiffinst.kernels"
+
+
+def test_missing_kernel_falls_back_with_one_warning_or_fails_when_required(monkeypatch):
+    """DESIGN §3: without a native kernel an op runs its reference with one clear warning, and with
+    FASTDIFFINST_REQUIRE_EXT=1 the fallback is an error (so parity tests never compare a reference
+    with itself)."""
+    monkeypatch.setitem(_dispatch._NATIVE, ("roi_align", "cpu"), False)
+    monkeypatch.setattr(_extension, "_warned", set())
+    x = torch.randn(1, 2, 6, 7)
+    rois = torch.tensor([[0.0, 0.5, 0.5, 5.0, 4.0]])
+    monkeypatch.setenv("FASTDIFFINST_REQUIRE_EXT", "1")
+    with pytest.raises(RuntimeError, match="native kernel required"):
+        fops.roi_align(x, rois, 2, 1.0, 2, True)
+    monkeypatch.setenv("FASTDIFFINST_REQUIRE_EXT", "0")
+    with pytest.warns(UserWarning, match="using the slow PyTorch reference on cpu"):
+        out = fops.roi_align(x, rois, 2, 1.0, 2, True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only one warning per op and device
+        again = fops.roi_align(x, rois, 2, 1.0, 2, True)
+    torch.testing.assert_close(out, again)
+    torch.testing.assert_close(out, torch.ops.fastdiffinst.roi_align(x, rois, 1.0, 2, 2, 2, True))
+    assert fops.backend_info()["roi_align"]["cpu"].startswith("reference:")
