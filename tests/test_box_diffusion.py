@@ -536,3 +536,26 @@ def test_synchronising_value_checks_of_the_cuda_path():
         _check_ddim_values(x_t, pred, whwh, t, t_next, ac, 2.0, noise, renew)
     with pytest.raises(RuntimeError, match=r"alphas_cumprod\[t\] must be in \(0, 1\)"):
         _check_ddim_values(x_t, pred, whwh, t, t_next, torch.ones_like(ac), eta, noise, renew)
+
+
+def test_inductor_compiles_both_ops_in_one_graph():
+    """One inductor run (DESIGN §6): a training-step-like function around both ops, fullgraph."""
+    g = torch.Generator().manual_seed(700)
+    _, _, padded, whwh = make_gt(COUNTS, 23, g)
+    padded = torch.nan_to_num(padded)
+    draws = fops.draw_q_sample_inputs(COUNTS, 19, g)
+    counts = torch.tensor(COUNTS)
+    noise, renew = fops.draw_ddim_noise(len(COUNTS), 19, g)
+
+    def step(padded, whwh):
+        boxes = fops.q_sample_boxes(padded, counts, *draws, SCHEDULE.sqrt_alphas_cumprod,
+                                    SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE, whwh)
+        x_t = bd.boxes_to_signal(boxes, whwh.double())
+        keep = boxes[..., 2] > boxes[..., 0] + 5.0
+        return fops.ddim_step_boxes(x_t, boxes * 0.99, whwh, keep, 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE,
+                                    noise, renew)
+
+    eager = step(padded, whwh)
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")(padded, whwh)
+    for a, e in zip(compiled, eager):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-9)
