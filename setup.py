@@ -6,7 +6,8 @@ needed: CI compiles the ``.cu`` files without one); CPU-only otherwise. Environm
 * ``FORCE_CUDA=1`` / ``FORCE_CUDA=0``: build the CUDA kernels / never build them.
 * ``TORCH_CUDA_ARCH_LIST``: defaults to ``9.0`` (H100/H200) when no GPU is visible, because
   torch cannot detect an architecture without a device.
-* ``CUDA_HOME``: found at ``/usr/local/cuda`` when unset and ``nvcc`` lives there.
+* ``CUDA_HOME``: ``/usr/local/cuda`` when unset and ``nvcc`` lives there, else the toolkit of the
+  ``nvcc`` on ``PATH``.
 * ``DEBUG=1``: ``-O0 -g``.
 
 Build with ``pip install -e . --no-build-isolation`` (torch must already be installed).
@@ -14,6 +15,7 @@ Build with ``pip install -e . --no-build-isolation`` (torch must already be inst
 
 import glob
 import os
+import shutil
 
 from setuptools import find_packages, setup
 
@@ -21,13 +23,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _cuda_home():
+    """CUDA_HOME (or CUDA_PATH), else /usr/local/cuda, else the toolkit of the nvcc on PATH."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home:
         return home
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        os.environ["CUDA_HOME"] = "/usr/local/cuda"
-        return "/usr/local/cuda"
-    return None
+    nvcc = "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    return os.environ["CUDA_HOME"]
 
 
 def _want_cuda(torch):

@@ -68,6 +68,9 @@ def copy_bandwidth(device: str, mbytes: int = 256) -> float:
 
 
 def git_commit() -> str:
+    """The checkout's commit (FASTDIFFINST_COMMIT when the tree travels without .git)."""
+    if os.environ.get("FASTDIFFINST_COMMIT"):
+        return os.environ["FASTDIFFINST_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, timeout=10)
