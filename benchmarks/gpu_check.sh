@@ -6,8 +6,8 @@
 # Stages (each writes its files into OUT_DIR as it finishes, so a run cut short still reports):
 #   0. versions.json   python/torch/triton/CUDA/GPU, printed first
 #   1. build.log       the extension built in place with the CUDA kernels (FORCE_CUDA=1)
-#   2. cuda_tests.*    the test suite, CUDA-marked tests included (parity with CPU, determinism, opcheck)
-#   3. bench/          python benchmarks/run.py --device cuda (JSON + markdown)
+#   2. cuda_tests.*    the tests ($GPU_CHECK_TESTS, default: the whole suite, CUDA-marked tests included)
+#   3. bench/          python benchmarks/run.py --device cuda $GPU_CHECK_BENCH_ARGS (JSON + markdown)
 #   4. summary.md      the summary table, printed last
 # Fits in ~5 minutes on an H100/H200 (the visible GPU's architecture only).
 set -uo pipefail
@@ -50,7 +50,9 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # With pytest-xdist a crashing test is reported and the run goes on (seen on the lent H200 image:
   # any C++ exception from an extension, even a trivial load_inline one, segfaults there).
   parallel=""; "$PY" -c "import xdist" 2>/dev/null && parallel="-n 8"
-  FASTDIFFINST_REQUIRE_EXT=1 timeout 150 "$PY" -m pytest tests -q -p no:cacheprovider -rfE $parallel \
+  # GPU_CHECK_TESTS narrows the selection when device time is short, e.g. "tests -m cuda".
+  FASTDIFFINST_REQUIRE_EXT=1 timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} -q \
+    -p no:cacheprovider -rfE $parallel \
     --junitxml="$OUT/cuda_tests.xml" >"$OUT/cuda_tests.log" 2>&1 || tests_rc=$?
   tail -5 "$OUT/cuda_tests.log"
 else
@@ -59,7 +61,10 @@ fi
 
 status "stage 3: benchmarks"
 bench_rc=0
-timeout 200 "$PY" benchmarks/run.py --device cuda --out "$OUT/bench" >"$OUT/bench.log" 2>&1 || bench_rc=$?
+# GPU_CHECK_BENCH_ARGS selects studies/profile, e.g. "--studies mask_head --profile full".
+timeout "${GPU_CHECK_BENCH_TIMEOUT:-200}" "$PY" benchmarks/run.py --device cuda ${GPU_CHECK_BENCH_ARGS:-} \
+  --out "$OUT/bench" >"$OUT/bench.log" 2>&1 || bench_rc=$?
+tail -3 "$OUT/bench.log"
 
 status "stage 4: summary"
 {

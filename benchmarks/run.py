@@ -20,12 +20,12 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks import box_diffusion_study, harness, roi_align_study  # noqa: E402
+from benchmarks import box_diffusion_study, harness, mask_head_study, roi_align_study  # noqa: E402
 
-STUDIES = {"roi_align": roi_align_study, "box_diffusion": box_diffusion_study}
+STUDIES = {"mask_head": mask_head_study, "roi_align": roi_align_study, "box_diffusion": box_diffusion_study}
 COLUMNS = [("op", "op"), ("case", "case"), ("direction", "direction"), ("baseline", "baseline"),
            ("ours_ms", "ours ms (median)"), ("ours_range_ms", "ours min-max"), ("baseline_ms", "baseline ms"),
-           ("baseline_range_ms", "baseline min-max"), ("speedup", "speed-up"),
+           ("baseline_range_ms", "baseline min-max"), ("speedup", "speed-up"), ("ours_rate", "ours throughput"),
            ("x_traffic_floor", "× traffic floor"), ("max_abs_diff", "max abs diff / notes")]
 
 

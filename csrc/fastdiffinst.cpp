@@ -46,4 +46,18 @@ TORCH_LIBRARY(fastdiffinst, m) {
       "ddim_step_boxes(Tensor x_t, Tensor pred_boxes, Tensor images_whwh, Tensor keep, int t, int t_next, "
       "Tensor alphas_cumprod, float eta, float scale, Tensor noise, Tensor renew_noise) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "dynamic_mask_head(Tensor mask_feats, Tensor params, Tensor image_index, Tensor? inst_xy, Tensor? inst_soi, "
+      "int mask_stride, int channels, int num_layers, bool sigmoid) -> Tensor");
+  m.def(
+      "_dynamic_mask_head_backward(Tensor grad, Tensor mask_feats, Tensor params, Tensor image_index, "
+      "Tensor? inst_xy, Tensor? inst_soi, int mask_stride, int channels, int num_layers, bool sigmoid) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "dynamic_mask_dice_sums(Tensor mask_feats, Tensor params, Tensor image_index, Tensor gt_masks, "
+      "Tensor gt_index, Tensor? inst_xy, Tensor? inst_soi, int mask_stride, int channels, int num_layers) -> Tensor");
+  m.def(
+      "_dynamic_mask_dice_sums_backward(Tensor grad_sums, Tensor mask_feats, Tensor params, Tensor image_index, "
+      "Tensor gt_masks, Tensor gt_index, Tensor? inst_xy, Tensor? inst_soi, int mask_stride, int channels, "
+      "int num_layers) -> (Tensor, Tensor)");
 }

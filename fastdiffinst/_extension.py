@@ -57,9 +57,9 @@ def missing_reason(op: str, device_type: str) -> str:
 _warned: set[tuple[str, str]] = set()
 
 
-def fallback(op: str, device_type: str) -> None:
+def fallback(op: str, device_type: str, reason: str | None = None) -> None:
     """Reports a fall-back to the reference: an error under FASTDIFFINST_REQUIRE_EXT, else one warning."""
-    reason = missing_reason(op, device_type)
+    reason = reason or missing_reason(op, device_type)
     if require_extension():
         raise RuntimeError(f"{op}: native kernel required (FASTDIFFINST_REQUIRE_EXT=1) but {reason}")
     if (op, device_type) not in _warned:

@@ -13,14 +13,26 @@ import fastdiffinst.ops as fops
 from fastdiffinst import _extension
 from fastdiffinst.ops import _dispatch
 
-# Every op of the fastdiffinst namespace, discovered, so that a new op is covered without editing this file.
-NATIVE_OPS = tuple(sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
-                          if name.startswith("fastdiffinst::")))
+# Every op of the fastdiffinst namespace, discovered, so that a new op is covered without editing this file:
+# the C++ ops of fastdiffinst._C, and the Triton custom ops (registered for every device).
+ALL_OPS = tuple(sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                       if name.startswith("fastdiffinst::")))
+TRITON_OPS = tuple(op for op in ALL_OPS if "_triton" in op)
+NATIVE_OPS = tuple(op for op in ALL_OPS if op not in TRITON_OPS)
 PUBLIC_OPS = ("roi_align", "multilevel_roi_align", "q_sample_boxes", "ddim_step_boxes")
 
 
 def test_native_ops_discovered():
-    assert set(PUBLIC_OPS) | {"_roi_align_backward", "_multilevel_roi_align_backward"} <= set(NATIVE_OPS)
+    assert set(PUBLIC_OPS) | {"_roi_align_backward", "_multilevel_roi_align_backward", "dynamic_mask_head",
+                              "dynamic_mask_dice_sums"} <= set(NATIVE_OPS)
+    assert {"dynamic_mask_head_triton", "_dynamic_mask_head_triton_backward", "dynamic_mask_dice_sums_triton",
+            "_dynamic_mask_dice_sums_triton_backward"} == set(TRITON_OPS)
+
+
+@pytest.mark.parametrize("op", TRITON_OPS)
+def test_triton_ops_run_on_every_device(op):
+    # custom ops without device_types: one kernel for every device (CUDA; CPU through the interpreter)
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiffinst::{op}", "CompositeExplicitAutograd")
 
 
 @pytest.mark.parametrize("op", NATIVE_OPS)
@@ -30,21 +42,27 @@ def test_cpu_kernel_registered(op):
     assert _extension.has_kernel(op, "cpu")
 
 
+# C++ ops whose CUDA implementation is Triton (the *_triton ops), so fastdiffinst._C has CPU kernels only.
+CPU_ONLY_OPS = ("dynamic_mask_head", "_dynamic_mask_head_backward", "dynamic_mask_dice_sums",
+                "_dynamic_mask_dice_sums_backward")
+
+
 @pytest.mark.parametrize("op", NATIVE_OPS)
 def test_cuda_kernel_registered_iff_built_with_cuda(op):
     has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiffinst::{op}", "CUDA")
-    assert has_cuda_kernel == _extension.built_with_cuda()
+    assert has_cuda_kernel == (_extension.built_with_cuda() and op not in CPU_ONLY_OPS)
     assert _extension.has_kernel(op, "cuda") == has_cuda_kernel
 
 
-@pytest.mark.parametrize("op", NATIVE_OPS)
+@pytest.mark.parametrize("op", ALL_OPS)
 def test_fake_kernel_registered(op):
     # A fake (meta) kernel is what torch.compile and opcheck trace through.
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiffinst::{op}", "Meta")
 
 
 @pytest.mark.parametrize("op", ("roi_align", "_roi_align_backward", "multilevel_roi_align",
-                                "_multilevel_roi_align_backward"))
+                                "_multilevel_roi_align_backward", "dynamic_mask_head", "dynamic_mask_dice_sums",
+                                "dynamic_mask_head_triton", "dynamic_mask_dice_sums_triton"))
 def test_autograd_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiffinst::{op}", "Autograd")
 
@@ -185,7 +203,7 @@ def test_missing_kernel_falls_back_with_one_warning_or_fails_when_required(monke
     """DESIGN §3: without a native kernel an op runs its reference with one clear warning, and with
     FASTDIFFINST_REQUIRE_EXT=1 the fallback is an error (so parity tests never compare a reference
     with itself)."""
-    monkeypatch.setitem(_dispatch._NATIVE, ("roi_align", "cpu"), False)
+    monkeypatch.setitem(_dispatch._MISSING, ("roi_align", "cpp", "cpu"), "fastdiffinst._C has no cpu kernel")
     monkeypatch.setattr(_extension, "_warned", set())
     x = torch.randn(1, 2, 6, 7)
     rois = torch.tensor([[0.0, 0.5, 0.5, 5.0, 4.0]])

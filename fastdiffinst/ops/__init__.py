@@ -5,6 +5,9 @@
 * :func:`q_sample_boxes`, :func:`ddim_step_boxes` — DiffusionDet box diffusion (training corruption,
   DDIM step with renewal) for any batch size; :func:`draw_q_sample_inputs`, :func:`draw_ddim_noise`
   draw their random inputs; :func:`cosine_schedule` and the box conversions are re-exported.
+* :func:`dynamic_mask_head`, :class:`DynamicMaskHead`, :func:`dynamic_mask_dice_sums` — the
+  CondInst/DiffusionInst dynamic mask head fused into one kernel (Triton on CUDA, C++ on CPU), with
+  the dice sums of training fused in; :func:`dynamic_mask_head_num_params` gives the filter length.
 * :func:`backend_info`, :func:`use_backend`, :func:`set_input_checks` — dispatch control.
 """
 
@@ -16,6 +19,8 @@ from fastdiffinst.ops.box_diffusion import (
     draw_q_sample_inputs,
     q_sample_boxes,
 )
+from fastdiffinst.ops.dynamic_mask_head import DynamicMaskHead, dynamic_mask_dice_sums, dynamic_mask_head
+from fastdiffinst.ops.dynamic_mask_head import num_params as dynamic_mask_head_num_params
 from fastdiffinst.ops.multilevel_roi_align import MultiLevelRoIAlign, multilevel_roi_align
 from fastdiffinst.ops.roi_align import RoIAlign, roi_align
 from fastdiffinst.reference.box_diffusion import (
@@ -29,6 +34,7 @@ from fastdiffinst.reference.levels import assign_fpn_levels
 
 __all__ = [
     "DiffusionSchedule",
+    "DynamicMaskHead",
     "MultiLevelRoIAlign",
     "QSampleDraws",
     "RoIAlign",
@@ -41,6 +47,9 @@ __all__ = [
     "ddim_time_pairs",
     "draw_ddim_noise",
     "draw_q_sample_inputs",
+    "dynamic_mask_dice_sums",
+    "dynamic_mask_head",
+    "dynamic_mask_head_num_params",
     "multilevel_roi_align",
     "q_sample_boxes",
     "roi_align",

@@ -7,39 +7,70 @@ Each op has a default implementation per device and may be forced to another wit
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+
+import torch
 
 from fastdiffinst import _extension
 
-# op name -> backends it offers (first = preferred native backend), and a description of each.
+# op name -> backends it offers and a description of each.
 _BACKENDS: dict[str, dict[str, str]] = {}
-# (op, device type) -> whether fastdiffinst._C has a kernel; read once so that `resolve` is plain
-# Python that torch.compile traces without a graph break.
-_NATIVE: dict[tuple[str, str], bool] = {}
+# (op, device type) -> the native backend serving it by default.
+_DEFAULT: dict[tuple[str, str], str] = {}
+# (op, backend, device type) -> None when available, else why not. Read once, so that `resolve`
+# is plain Python that torch.compile traces without a graph break.
+_MISSING: dict[tuple[str, str, str], str | None] = {}
 _forced: dict[str, str] = {}
 _input_checks = False
 
 
-def register_op(op: str, backends: dict[str, str]) -> None:
+def _triton_missing(device_type: str) -> str | None:
+    """Why the Triton kernels cannot run on ``device_type`` (None when they can)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return "Triton runs on CPU tensors only through its interpreter (set TRITON_INTERPRET=1 before importing)"
+    if device_type == "cuda" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return "no CUDA device is available"
+    return None
+
+
+def register_op(op: str, backends: dict[str, str], defaults: dict[str, str] | None = None) -> None:
     """Declares ``op`` and its backends, e.g. ``{"cpp": "...", "reference": "..."}``.
 
-    Every backend but ``"reference"`` is a native one served by ``fastdiffinst._C``.
+    ``"cpp"`` is served by ``fastdiffinst._C``, ``"triton"`` by ``fastdiffinst.kernels``, and
+    ``"reference"`` by ``fastdiffinst.reference``. ``defaults`` maps a device type to the backend it
+    uses unless told otherwise (the first backend on every device when not given).
     """
     _BACKENDS[op] = dict(backends)
+    first = next(iter(backends))
     for device in ("cpu", "cuda"):
-        _NATIVE[(op, device)] = _extension.has_kernel(op, device)
+        _DEFAULT[(op, device)] = (defaults or {}).get(device, first)
+        for name in backends:
+            if name == "cpp":
+                missing = None if _extension.has_kernel(op, device) else _extension.missing_reason(op, device)
+            elif name == "triton":
+                missing = _triton_missing(device)
+            else:
+                missing = None
+            _MISSING[(op, name, device)] = missing
 
 
 def resolve(op: str, device_type: str) -> str:
     """The backend ``op`` runs on for tensors on ``device_type``."""
     forced = _forced.get(op)
-    if forced == "reference":
-        return "reference"
-    if _NATIVE.get((op, device_type), False):
-        return forced or next(iter(_BACKENDS[op]))
     if forced is not None:
-        raise RuntimeError(f"{op}: backend {forced!r} was selected but {_extension.missing_reason(op, device_type)}")
-    _extension.fallback(op, device_type)
+        missing = _MISSING.get((op, forced, device_type), f"it does not run on {device_type}")
+        if missing is not None:
+            raise RuntimeError(f"{op}: backend {forced!r} was selected but {missing}")
+        return forced
+    default = _DEFAULT.get((op, device_type))
+    if default is not None and _MISSING[(op, default, device_type)] is None:
+        return default
+    _extension.fallback(op, device_type, _MISSING.get((op, default, device_type)))
     return "reference"
 
 
@@ -68,13 +99,13 @@ def backend_info() -> dict[str, dict[str, str]]:
         info[op] = {}
         for device in ("cpu", "cuda"):
             forced = _forced.get(op)
+            default = _DEFAULT[(op, device)]
             if forced is not None:
                 info[op][device] = f"{forced}: selected with use_backend ({backends[forced]})"
-            elif _NATIVE[(op, device)]:
-                name = next(iter(backends))
-                info[op][device] = f"{name}: {backends[name]}"
+            elif _MISSING[(op, default, device)] is None:
+                info[op][device] = f"{default}: {backends[default]}"
             else:
-                info[op][device] = f"reference: {_extension.missing_reason(op, device)}"
+                info[op][device] = f"reference: {_MISSING[(op, default, device)]}"
     return info
 
 

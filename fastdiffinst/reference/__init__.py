@@ -5,7 +5,7 @@ Also the one home of shared math: the FPN level rule (``levels``), the diffusion
 conversions (``box_diffusion``). Imports nothing else of fastdiffinst.
 """
 
-from fastdiffinst.reference import box_diffusion
+from fastdiffinst.reference import box_diffusion, dynamic_mask_head
 from fastdiffinst.reference.box_diffusion import (
     DiffusionSchedule,
     box_cxcywh_to_xyxy,
@@ -22,6 +22,7 @@ __all__ = [
     "box_cxcywh_to_xyxy",
     "box_diffusion",
     "box_xyxy_to_cxcywh",
+    "dynamic_mask_head",
     "cosine_schedule",
     "ddim_time_pairs",
     "level_range",

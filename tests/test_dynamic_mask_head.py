@@ -1,0 +1,577 @@
+"""``dynamic_mask_head`` and ``dynamic_mask_dice_sums``, once per backend (the C++ kernels, and the
+Triton kernels through the interpreter on CPU / compiled on CUDA): parity with the official
+grouped-convolution formulation and a float64 einsum, gradients against autograd through the
+reference, gradcheck, dice sums against the unfused dice, opcheck, torch.compile, fp16/bf16,
+unwritten outputs, determinism, empty inputs and bad input (DESIGN §2.1, §6)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdiffinst.ops as fops
+from fastdiffinst.reference import dynamic_mask_head as ref
+from tests.utils import assert_close_to_f64, deterministic_with_nan_fill, nan_count, tolerance
+
+# On a GPU machine the Triton kernels are tested compiled, on CUDA tensors (the cuda-marked tests);
+# on CPU tensors they run through the interpreter, which conftest turns on only without a GPU.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+BACKENDS = ("cpp", pytest.param("triton", marks=pytest.mark.skipif(
+    not _INTERPRETING, reason="Triton on CPU tensors needs the interpreter (TRITON_INTERPRET=1)")))
+# (in_channels, channels, num_layers, rel_coords): DiffusionInst, CondInst, and generic heads.
+HEADS = [(8, 8, 3, False), (8, 8, 3, True), (5, 4, 1, False), (3, 6, 2, True), (7, 5, 4, False)]
+HEAD_IDS = ["diffusioninst", "condinst", "L1", "L2-coords", "L4"]
+
+
+def _case(in_channels=8, channels=8, num_layers=3, coords=False, batch=2, n=7, height=13, width=17,
+          dtype=torch.float32, device="cpu", seed=0):
+    """Random inputs: features, filters scaled so that the ReLUs are half active, image indices
+    (image 1 of 3 without instances when batch > 2), CondInst coordinates."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(batch, in_channels, height, width, generator=g, dtype=torch.float64)
+    p = fops.dynamic_mask_head_num_params(in_channels, channels, num_layers, coords)
+    params = torch.randn(n, p, generator=g, dtype=torch.float64) * 0.6
+    images = [b for b in range(batch) if not (batch > 2 and b == 1)]
+    image_index = torch.tensor(images, dtype=torch.int64)[torch.randint(0, len(images), (n,), generator=g)]
+    rel = None
+    if coords:
+        stride = 8
+        xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * torch.tensor([width * stride, height * stride])
+        soi = torch.tensor([64.0, 128.0, 256.0, 512.0, 1024.0], dtype=torch.float64)[
+            torch.randint(0, 5, (n,), generator=g)]
+        rel = (xy.to(device), soi.to(device), stride)
+    return feats.to(device, dtype), params.to(device, dtype), image_index.to(device), rel
+
+
+def _einsum_f64(feats, params, image_index, channels, num_layers, rel):
+    """An independent float64 evaluation: per-pixel MLP through einsum."""
+    feats, params = feats.double(), params.double()
+    b, c, h, w = feats.shape
+    x = feats[image_index]
+    if rel is not None:
+        xs = torch.arange(w, dtype=torch.float64, device=feats.device) * rel[2] + rel[2] // 2
+        ys = torch.arange(h, dtype=torch.float64, device=feats.device) * rel[2] + rel[2] // 2
+        xy, soi = rel[0].double(), rel[1].double()
+        rx = ((xy[:, 0, None, None] - xs[None, None, :]) / soi[:, None, None]).expand(-1, h, w)
+        ry = ((xy[:, 1, None, None] - ys[None, :, None]) / soi[:, None, None]).expand(-1, h, w)
+        x = torch.cat([rx[:, None], ry[:, None], x], dim=1)
+    inputs = x.shape[1]
+    offset, weights = 0, []
+    for l in range(num_layers):
+        fan_in = inputs if l == 0 else channels
+        fan_out = 1 if l == num_layers - 1 else channels
+        weights.append(params[:, offset:offset + fan_in * fan_out].reshape(-1, fan_out, fan_in))
+        offset += fan_in * fan_out
+    for l in range(num_layers):
+        fan_out = 1 if l == num_layers - 1 else channels
+        bias = params[:, offset:offset + fan_out]
+        offset += fan_out
+        x = torch.einsum("noi,nihw->nohw", weights[l], x) + bias[:, :, None, None]
+        if l < num_layers - 1:
+            x = x.clamp(min=0)
+    return x[:, 0]
+
+
+def _run(backend, fn, *args, **kwargs):
+    with fops.use_backend("dynamic_mask_head", backend):
+        return fn(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward parity
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
+def test_forward_matches_grouped_conv_and_einsum(backend, head):
+    in_channels, channels, num_layers, coords = head
+    feats, params, image_index, rel = _case(in_channels, channels, num_layers, coords, batch=3, dtype=torch.float64)
+    out = _run(backend, fops.dynamic_mask_head, feats, params, image_index, channels=channels, num_layers=num_layers,
+               rel_coords=rel)
+    grouped = ref.dynamic_mask_head(feats, params, image_index, channels=channels, num_layers=num_layers,
+                                    rel_coords=rel)
+    torch.testing.assert_close(out, grouped, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, _einsum_f64(feats, params, image_index, channels, num_layers, rel),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("coords", [False, True])
+def test_forward_fp32_and_sigmoid(backend, coords):
+    feats, params, image_index, rel = _case(coords=coords, n=9, height=11, width=23)
+    expected = _einsum_f64(feats, params, image_index, 8, 3, rel)
+    logits = _run(backend, fops.dynamic_mask_head, feats, params, image_index, rel_coords=rel)
+    probs = _run(backend, fops.dynamic_mask_head, feats, params, image_index, rel_coords=rel, sigmoid=True)
+    assert logits.dtype == probs.dtype == torch.float32 and logits.shape == (9, 11, 23)
+    assert_close_to_f64(logits, expected, reduce_len=8)
+    assert_close_to_f64(probs, expected.sigmoid(), reduce_len=8)
+
+
+def test_official_formulation_equals_bmm_formulation():
+    """The two baselines agree (the bmm one is the strong baseline of the benchmark)."""
+    for coords in (False, True):
+        feats, params, image_index, rel = _case(coords=coords, dtype=torch.float64)
+        torch.testing.assert_close(ref.dynamic_mask_head_bmm(feats, params, image_index, rel_coords=rel),
+                                   ref.dynamic_mask_head(feats, params, image_index, rel_coords=rel))
+
+
+def test_reference_runs_like_the_official_grouped_conv():
+    """Our reference is the official evaluation: features tiled per instance and three grouped
+    convolutions (spelled out here the way DiffusionInst's ``mask_heads_forward`` runs them)."""
+    feats, params, _, _ = _case(batch=1, n=5, dtype=torch.float64)
+    n = params.shape[0]
+    w0, w1, w2, b0, b1, b2 = torch.split(params, [64, 64, 8, 8, 8, 1], dim=1)
+    x = feats.repeat(1, n, 1, 1)
+    x = F.relu(F.conv2d(x, w0.reshape(n * 8, 8, 1, 1), b0.reshape(-1), groups=n))
+    x = F.relu(F.conv2d(x, w1.reshape(n * 8, 8, 1, 1), b1.reshape(-1), groups=n))
+    x = F.conv2d(x, w2.reshape(n, 8, 1, 1), b2.reshape(-1), groups=n)
+    got = ref.dynamic_mask_head(feats, params, torch.zeros(n, dtype=torch.int64))
+    torch.testing.assert_close(got, x[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    feats, params, image_index, rel = _case(coords=True)
+    expected = _run(backend, fops.dynamic_mask_head, feats, params, image_index, rel_coords=rel)
+    feats_cl = feats.to(memory_format=torch.channels_last)
+    params_t = params.t().contiguous().t()
+    assert not feats_cl.is_contiguous() and not params_t.is_contiguous()
+    xy = torch.stack([rel[0][:, 0], rel[0][:, 1]], dim=0).t()  # [N, 2], transposed storage
+    got = _run(backend, fops.dynamic_mask_head, feats_cl, params_t, image_index, rel_coords=(xy, rel[1], rel[2]))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_storage(backend, dtype):
+    feats, params, image_index, rel = _case(coords=True, dtype=dtype)
+    out = _run(backend, fops.dynamic_mask_head, feats, params, image_index, rel_coords=rel)
+    assert out.dtype == dtype
+    expected = _einsum_f64(feats, params, image_index, 8, 3, rel)  # on the rounded inputs
+    torch.testing.assert_close(out.double(), expected, **tolerance(dtype, 8))
+    feats.requires_grad_(True)
+    params.requires_grad_(True)
+    out = _run(backend, fops.dynamic_mask_head, feats, params, image_index, rel_coords=rel)
+    upstream = torch.randn(out.shape).to(dtype)
+    out.backward(upstream)
+    assert feats.grad.dtype == dtype and params.grad.dtype == dtype
+    f64, p64 = feats.detach().double().requires_grad_(), params.detach().double().requires_grad_()
+    _einsum_f64(f64, p64, image_index, 8, 3, rel).backward(upstream.double())
+    torch.testing.assert_close(feats.grad.double(), f64.grad, **tolerance(dtype, 64))
+    scale = p64.grad.abs().max()
+    torch.testing.assert_close(params.grad.double() / scale, p64.grad / scale, **tolerance(dtype, 64))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_in_low_precision(backend):
+    feats, params, image_index, _ = _case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _run(backend, fops.dynamic_mask_head, feats, params.double(), image_index)
+    assert out.dtype == torch.bfloat16
+    expected = _einsum_f64(feats.bfloat16(), params.bfloat16(), image_index, 8, 3, None)
+    torch.testing.assert_close(out.double(), expected, **tolerance(torch.bfloat16, 8))
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_backward_matches_autograd_reference(backend, head, sigmoid):
+    in_channels, channels, num_layers, coords = head
+    feats, params, image_index, rel = _case(in_channels, channels, num_layers, coords, batch=3)
+    grad = torch.randn(params.shape[0], feats.shape[2], feats.shape[3])
+    f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
+    _run(backend, fops.dynamic_mask_head, f, p, image_index, channels=channels, num_layers=num_layers,
+         rel_coords=rel, sigmoid=sigmoid).backward(grad)
+    f64, p64 = feats.double().requires_grad_(), params.double().requires_grad_()
+    out64 = ref.dynamic_mask_head(f64, p64, image_index, channels=channels, num_layers=num_layers, rel_coords=rel,
+                                  sigmoid=sigmoid)
+    out64.backward(grad.double())
+    hw = feats.shape[2] * feats.shape[3]
+    assert_close_to_f64(f.grad, f64.grad, reduce_len=params.shape[0] * channels, msg="grad mask_feats")
+    assert_close_to_f64(p.grad, p64.grad, reduce_len=hw, msg="grad params")
+    assert f.grad[1].abs().sum() == 0  # image 1 has no instances
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("coords", [False, True])
+def test_gradcheck(backend, coords):
+    feats, params, image_index, rel = _case(4, 3, 3, coords, batch=2, n=3, height=5, width=7, dtype=torch.float64)
+    feats.requires_grad_(True)
+    params.requires_grad_(True)
+
+    def fn(f, p):
+        return _run(backend, fops.dynamic_mask_head, f, p, image_index, channels=3, rel_coords=rel, sigmoid=True)
+
+    assert torch.autograd.gradcheck(fn, (feats, params), fast_mode=backend == "triton")
+
+
+# --------------------------------------------------------------------------------------------
+# Dice sums
+
+def _targets(n, height, width, count=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    gt = (torch.rand(count, height, width, generator=g) > 0.6).to(torch.uint8)
+    gt[0] *= 3  # any nonzero value is foreground
+    gt_index = torch.randint(-1, count, (n,), generator=g)
+    gt_index[0] = -1
+    return gt, gt_index
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("coords", [False, True])
+def test_dice_sums_match_unfused_dice(backend, coords):
+    feats, params, image_index, rel = _case(coords=coords, batch=3, n=9)
+    gt, gt_index = _targets(9, feats.shape[2], feats.shape[3])
+    f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
+    sums = _run(backend, fops.dynamic_mask_dice_sums, f, p, image_index, gt, gt_index, rel_coords=rel)
+    assert sums.shape == (9, 3) and sums.dtype == torch.float32
+    f64, p64 = feats.double().requires_grad_(), params.double().requires_grad_()
+    sums64 = ref.dice_sums(_einsum_f64(f64, p64, image_index, 8, 3, rel).sigmoid(), gt, gt_index)
+    hw = feats.shape[2] * feats.shape[3]
+    assert_close_to_f64(sums, sums64.detach(), reduce_len=hw)
+    assert sums[0, 0] == 0 and sums[0, 2] == 0  # no target
+    # The dice loss of training, through the fused sums and through the unfused probabilities.
+    weights = torch.rand(9, dtype=torch.float64)
+    (ref.dice_loss_from_sums(sums.double()) * weights).sum().backward()
+    (ref.dice_loss_from_sums(sums64) * weights).sum().backward()
+    assert_close_to_f64(f.grad, f64.grad, reduce_len=72)
+    assert_close_to_f64(p.grad, p64.grad, reduce_len=hw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dice_sums_gradcheck(backend):
+    feats, params, image_index, _ = _case(3, 4, 2, False, n=4, height=5, width=6, dtype=torch.float64)
+    gt, gt_index = _targets(4, 5, 6)
+    feats.requires_grad_(True)
+    params.requires_grad_(True)
+
+    def fn(f, p):
+        return _run(backend, fops.dynamic_mask_dice_sums, f, p, image_index, gt, gt_index, channels=4, num_layers=2)
+
+    assert torch.autograd.gradcheck(fn, (feats, params), fast_mode=backend == "triton")
+
+
+# --------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile
+
+def _native_args(coords, backend, dice=False):
+    feats, params, image_index, rel = _case(coords=coords, n=5, height=7, width=9)
+    xy, soi, stride = rel if rel is not None else (None, None, 4)
+    suffix = "_triton" if backend == "triton" else ""
+    if dice:
+        gt, gt_index = _targets(5, 7, 9)
+        op = getattr(torch.ops.fastdiffinst, "dynamic_mask_dice_sums" + suffix)
+        return op, (feats, params, image_index, gt, gt_index, xy, soi, stride, 8, 3)
+    op = getattr(torch.ops.fastdiffinst, "dynamic_mask_head" + suffix)
+    return op, (feats, params, image_index, xy, soi, stride, 8, 3, True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dice", [False, True])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(backend, dice, requires_grad):
+    op, args = _native_args(coords=dice, backend=backend, dice=dice)
+    args[0].requires_grad_(requires_grad)
+    args[1].requires_grad_(requires_grad)
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_backward_ops(backend):
+    feats, params, image_index, rel = _case(coords=True, n=5, height=7, width=9)
+    suffix = "_triton" if backend == "triton" else ""
+    ops = torch.ops.fastdiffinst
+    grad = torch.randn(5, 7, 9)
+    torch.library.opcheck(getattr(ops, f"_dynamic_mask_head{suffix}_backward"),
+                          (grad, feats, params, image_index, rel[0], rel[1], rel[2], 8, 3, False))
+    gt, gt_index = _targets(5, 7, 9)
+    torch.library.opcheck(getattr(ops, f"_dynamic_mask_dice_sums{suffix}_backward"),
+                          (torch.randn(5, 3), feats, params, image_index, gt, gt_index, rel[0], rel[1], rel[2], 8, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_aot_eager_fullgraph(backend):
+    feats, params, image_index, rel = _case(coords=True)
+    gt, gt_index = _targets(params.shape[0], feats.shape[2], feats.shape[3])
+
+    def fn(f, p):
+        with fops.use_backend("dynamic_mask_head", backend):
+            logits = fops.dynamic_mask_head(f * 1.5, p, image_index, rel_coords=rel)
+            sums = fops.dynamic_mask_dice_sums(f, p, image_index, gt, gt_index, rel_coords=rel)
+        return logits.sigmoid().mean() + ref.dice_loss_from_sums(sums).sum()
+
+    results = []
+    for compiled in (False, True):
+        f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
+        run = torch.compile(fn, fullgraph=True, backend="aot_eager") if compiled else fn
+        loss = run(f, p)
+        loss.backward()
+        results.append((loss.detach(), f.grad, p.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+
+
+def test_compile_inductor_matches_eager():
+    """The one inductor run of the mask-head tests (C++ backend, forward and backward)."""
+    feats, params, image_index, _ = _case()
+
+    def fn(f, p):
+        return (fops.dynamic_mask_head(f + 0.5, p, image_index, sigmoid=True) * 2).sum()
+
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
+        run = torch.compile(fn, fullgraph=True, backend="inductor") if compiled else fn
+        loss = run(f, p)
+        loss.backward()
+        results.append((loss.detach(), f.grad, p.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+
+
+# --------------------------------------------------------------------------------------------
+# Unwritten outputs, determinism, empty inputs
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_outputs_fully_written_and_deterministic(backend):
+    feats, params, image_index, rel = _case(coords=True, batch=3, height=19, width=23)  # 437 px: a partial tile
+    gt, gt_index = _targets(params.shape[0], 19, 23)
+    runs = []
+    with deterministic_with_nan_fill():
+        for _ in range(2):
+            f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
+            out = _run(backend, fops.dynamic_mask_head, f, p, image_index, rel_coords=rel)
+            sums = _run(backend, fops.dynamic_mask_dice_sums, f, p, image_index, gt, gt_index, rel_coords=rel)
+            (out.square().mean() + sums.sum()).backward()
+            assert nan_count(out, sums, f.grad, p.grad) == 0
+            runs.append((out, sums, f.grad, p.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not _INTERPRETING, reason="Triton on CPU tensors needs the interpreter")
+def test_triton_atomic_and_deterministic_feature_gradients_agree():
+    feats, params, image_index, rel = _case(coords=True, batch=3)
+    grads = []
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
+        _run("triton", fops.dynamic_mask_head, f, p, image_index, rel_coords=rel).sum().backward()
+        grads.append((f.grad, p.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ("reference",))
+def test_no_instances(backend):
+    feats = torch.randn(2, 8, 5, 6, requires_grad=True)
+    params = torch.randn(0, 153, requires_grad=True)
+    index = torch.zeros(0, dtype=torch.int64)
+    out = _run(backend, fops.dynamic_mask_head, feats, params, index)
+    assert out.shape == (0, 5, 6)
+    gt = torch.zeros(1, 5, 6, dtype=torch.uint8)
+    sums = _run(backend, fops.dynamic_mask_dice_sums, feats, params, index, gt, index)
+    assert sums.shape == (0, 3)
+    (out.sum() + sums.sum()).backward()
+    assert torch.equal(feats.grad, torch.zeros_like(feats)) and params.grad.shape == (0, 153)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_mask_map(backend):
+    feats = torch.randn(1, 8, 0, 6, requires_grad=True)
+    params = torch.randn(3, 153, requires_grad=True)
+    out = _run(backend, fops.dynamic_mask_head, feats, params, torch.zeros(3, dtype=torch.int64))
+    assert out.shape == (3, 0, 6)
+    out.sum().backward()
+    assert torch.equal(params.grad, torch.zeros_like(params))
+
+
+@pytest.mark.skipif(not _INTERPRETING, reason="Triton on CPU tensors needs the interpreter")
+def test_triton_out_of_range_image_without_checks_writes_zeros():
+    """Without the synchronising checks the Triton kernels stay memory-safe: zeros, no garbage."""
+    feats, params, _, _ = _case()
+    index = torch.tensor([0, 1, 5, -3, 1, 0, 0])
+    fops.set_input_checks(False)
+    try:
+        out = _run("triton", fops.dynamic_mask_head, feats, params, index)
+    finally:
+        fops.set_input_checks(True)
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.equal(out[3], torch.zeros_like(out[3]))
+    good = _run("triton", fops.dynamic_mask_head, feats, params[[0, 1]], index[[0, 1]])
+    torch.testing.assert_close(out[[0, 1]], good)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+def _bad_calls():
+    feats, params, index, rel = _case(coords=False)
+    n = params.shape[0]
+    gt, gt_index = _targets(n, 13, 17)
+    head = fops.dynamic_mask_head
+    dice = fops.dynamic_mask_dice_sums
+    xy, soi = torch.rand(n, 2), torch.full((n,), 64.0)
+    return [
+        ("P", ValueError, "params must have P = 153", lambda: head(feats, params[:, :150], index)),
+        ("P coords", ValueError, "P = 169", lambda: head(feats, params, index, rel_coords=(xy, soi, 8))),
+        ("layers", ValueError, "num_layers must be in", lambda: head(feats, params, index, num_layers=5)),
+        ("channels", ValueError, "channels must be in", lambda: head(feats, params, index, channels=17)),
+        ("channels type", TypeError, "channels must be an int", lambda: head(feats, params, index, channels=8.0)),
+        ("4D", ValueError, r"mask_feats must be \[B, C, H, W\]", lambda: head(feats[0], params, index)),
+        ("feature channels", ValueError, "params must have P = ", lambda: head(feats[:, :6], params, index)),
+        ("too many channels", ValueError, "1 to 64 channels",
+         lambda: head(torch.randn(1, 65, 2, 2), params, index)),
+        ("int feats", TypeError, "mask_feats must be a floating-point", lambda: head(feats.long(), params, index)),
+        ("dtype mismatch", TypeError, "params must have the dtype of mask_feats",
+         lambda: head(feats, params.double(), index)),
+        ("index dtype", TypeError, "image_index must be an int64", lambda: head(feats, params, index.int())),
+        ("index length", ValueError, r"image_index must be \[N\]", lambda: head(feats, params, index[:3])),
+        ("index range", RuntimeError, r"image_index\[2\] = 2 is out of range \[0, 2\)",
+         lambda: head(feats, params, torch.tensor([0, 1, 2, 0, 0, 0, 0]))),
+        ("index negative", RuntimeError, r"image_index\[0\] = -1 is out of range",
+         lambda: head(feats, params, torch.tensor([-1, 1, 1, 0, 0, 0, 0]))),
+        ("rel_coords type", TypeError, "rel_coords must be a tuple", lambda: head(feats, params, index, rel_coords=xy)),
+        ("rel_coords xy", ValueError, r"inst_xy\) must be \[N, 2\]",
+         lambda: head(feats, params, index, rel_coords=(xy[:, :1], soi, 8))),
+        ("rel_coords soi", ValueError, r"soi\) must be \[N\]",
+         lambda: head(feats, params, index, rel_coords=(xy, soi[:2], 8))),
+        ("rel_coords stride", ValueError, "mask_stride\\) must be positive",
+         lambda: head(feats, params, index, rel_coords=(xy, soi, 0))),
+        ("gt dtype", ValueError, "gt_masks must be a uint8 tensor",
+         lambda: dice(feats, params, index, gt.float(), gt_index)),
+        ("gt shape", ValueError, r"gt_masks must be a uint8 tensor \[G, 13, 17\]",
+         lambda: dice(feats, params, index, gt[:, :5], gt_index)),
+        ("gt_index length", ValueError, "gt_index must be an int64 tensor",
+         lambda: dice(feats, params, index, gt, gt_index[:2])),
+        ("gt_index range", RuntimeError, r"gt_index\[1\] = 4 is out of range \[-1, 4\)",
+         lambda: dice(feats, params, index, gt, torch.tensor([0, 4, 0, 0, 0, 0, 0]))),
+        ("not a tensor", TypeError, "params must be a torch.Tensor", lambda: head(feats, params.tolist(), index)),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+def test_bad_input_raises_clear_error(backend, case):
+    _, error, message, call = _bad_calls()[case]
+    with fops.use_backend("dynamic_mask_head", backend), pytest.raises(error, match=message):
+        call()
+
+
+def test_cpp_kernel_checks_values_itself():
+    """The C++ op checks values even when called directly (no Python checks in front)."""
+    feats, params, _, _ = _case()
+    with pytest.raises(RuntimeError, match=r"image_index\[1\] = 9 is out of range"):
+        torch.ops.fastdiffinst.dynamic_mask_head(feats, params, torch.tensor([0, 9, 0, 0, 0, 0, 0]), None, None, 4, 8,
+                                                 3, False)
+
+
+# --------------------------------------------------------------------------------------------
+# Module, backends, GPU compilation
+
+def test_module_diffusioninst_and_condinst():
+    head = fops.DynamicMaskHead()
+    assert head.num_params == 153 and "num_params=153" in repr(head)
+    cond = fops.DynamicMaskHead(rel_coords=True, mask_stride=8)
+    assert cond.num_params == 169
+    feats, params, index, rel = _case(coords=True)
+    torch.testing.assert_close(cond(feats, params, index, rel[0], rel[1]),
+                               fops.dynamic_mask_head(feats, params, index, rel_coords=rel))
+    gt, gt_index = _targets(params.shape[0], 13, 17)
+    torch.testing.assert_close(cond.dice_sums(feats, params, index, gt, gt_index, rel[0], rel[1]),
+                               fops.dynamic_mask_dice_sums(feats, params, index, gt, gt_index, rel_coords=rel))
+    with pytest.raises(ValueError, match="rel_coords=True; pass inst_xy and soi both"):
+        cond(feats, params, index)
+
+
+def test_backend_selection():
+    info = fops.backend_info()["dynamic_mask_head"]
+    assert info["cpu"].startswith("cpp:") and info["cuda"].startswith("triton:")
+    with pytest.raises(ValueError, match="no backend 'cuda'"), fops.use_backend("dynamic_mask_head", "cuda"):
+        pass
+    with fops.use_backend("dynamic_mask_head", "triton"):
+        assert fops.backend_info()["dynamic_mask_head"]["cpu"].startswith("triton: selected")
+
+
+_AOT_SCRIPT = """
+import importlib.util, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+spec = importlib.util.spec_from_file_location("mask_head_kernels", sys.argv[1])
+kernels = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kernels)
+coords = sys.argv[2] == "1"
+geometry = dict(STRIDE=8, C=8, COORDS=coords, IN=10 if coords else 8, CH=8, L=3, CP_IN=16 if coords else 8, CP=8,
+                ACC=tl.float32)
+tensors = dict(feats_ptr="*fp32", params_ptr="*fp32", image_ptr="*i64", xy_ptr="*fp32", soi_ptr="*fp32",
+               gt_ptr="*u8", gt_index_ptr="*i64")
+sizes = dict(B="i32", W="i32", HW="i32", P="i32")
+launches = [
+    (kernels.mask_head_forward_kernel, dict(tensors, out_ptr="*fp32", **sizes, CHUNKS="i32"),
+     dict(EPILOGUE=kernels.DICE, BLOCK=128, TILES=16)),
+    (kernels.mask_head_forward_kernel, dict(tensors, out_ptr="*fp16", **sizes, CHUNKS="i32"),
+     dict(EPILOGUE=kernels.PROBS, BLOCK=256, TILES=8)),
+    (kernels.mask_head_backward_kernel,
+     dict(tensors, up_ptr="*fp32", gparams_ptr="*fp32", gfeats_ptr="*fp32", **sizes, CHUNKS="i32"),
+     dict(UP=kernels.DICE, ATOMIC_GX=True, PREC=kernels.DOT_PRECISION, BLOCK=128, TILES=16)),
+    (kernels.mask_head_feature_grad_kernel,
+     dict(tensors, up_ptr="*fp32", order_ptr="*i64", offsets_ptr="*i64", gfeats_ptr="*fp32", **sizes),
+     dict(UP=kernels.PROBS, BLOCK=128)),
+]
+for fn, signature, constants in launches:
+    constants = dict(geometry, **constants)
+    signature = dict(signature, **{name: "constexpr" for name in constants})
+    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4})
+    assert compiled.asm["ptx"], fn.__name__
+    print("compiled", fn.__name__)
+"""
+
+
+@pytest.mark.parametrize("coords", [False, True])
+def test_triton_kernels_compile_for_hopper(coords):
+    """The interpreter accepts what the GPU compiler rejects (tl.dot with K < 16, non-constexpr
+    globals, ...), so the kernels are also compiled ahead of time for sm_90 (no GPU needed), in a
+    fresh process with the interpreter off."""
+    path = Path(__file__).resolve().parents[1] / "kernels" / "dynamic_mask_head.py"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(path), "1" if coords else "0"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compiled") == 4, result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA (benchmarks/gpu_check.sh): the Triton kernels compiled, against the float64 einsum
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
+def test_cuda_forward_backward_and_dice(head):
+    in_channels, channels, num_layers, coords = head
+    feats, params, image_index, rel = _case(in_channels, channels, num_layers, coords, batch=3, n=23, height=37,
+                                            width=45, device="cuda")
+    gt, gt_index = _targets(23, 37, 45)
+    gt, gt_index = gt.cuda(), gt_index.cuda()
+    f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
+    out = fops.dynamic_mask_head(f, p, image_index, channels=channels, num_layers=num_layers, rel_coords=rel,
+                                 sigmoid=True)
+    sums = fops.dynamic_mask_dice_sums(f, p, image_index, gt, gt_index, channels=channels, num_layers=num_layers,
+                                       rel_coords=rel)
+    grad = torch.randn_like(out)
+    ((out * grad).sum() + sums.sum()).backward()
+    f64, p64 = feats.double().requires_grad_(), params.double().requires_grad_()
+    logits64 = _einsum_f64(f64, p64, image_index, channels, num_layers, rel)
+    sums64 = ref.dice_sums(logits64.sigmoid(), gt, gt_index)
+    ((logits64.sigmoid() * grad.double()).sum() + sums64.sum()).backward()
+    assert_close_to_f64(out, logits64.sigmoid().detach(), reduce_len=8)
+    assert_close_to_f64(sums, sums64.detach(), reduce_len=37 * 45)
+    assert_close_to_f64(f.grad, f64.grad, reduce_len=23 * 8)
+    assert_close_to_f64(p.grad, p64.grad, reduce_len=37 * 45 * 4)
