@@ -9,7 +9,8 @@ on GPU a Triton FMA loop (non-tensor-core FP32 peak).
 
 Peak memory of a training-style pass (logits -> sigmoid -> dice against stride-4 targets ->
 backward; the official code tiles the features per instance): on CPU each variant runs in a
-fresh subprocess and reports ru_maxrss minus the RSS once its inputs are built; on GPU
+fresh subprocess and reports its peak RSS (VmHWM, the ru_maxrss of that process image) minus the
+RSS once its inputs are built; on GPU
 ``torch.cuda.max_memory_allocated`` above the inputs.
 """
 
@@ -138,6 +139,17 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _peak_rss_bytes() -> int:
+    """Peak RSS of this process image (VmHWM). ``ru_maxrss`` would do, but Linux carries it over
+    from the parent through fork/exec, so a child started by a big benchmark process reports the
+    parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _measure_in_this_process(variant: str, n: int, device: str) -> dict:
     feats, params, image_index, _, gt, gt_index = _inputs(n, device)
     if device.startswith("cuda"):
@@ -149,7 +161,7 @@ def _measure_in_this_process(variant: str, n: int, device: str) -> dict:
         return {"peak_bytes": torch.cuda.max_memory_allocated() - base}
     base = _rss_bytes()
     _training_pass(variant, feats, params, image_index, gt, gt_index)
-    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base}
+    return {"peak_bytes": _peak_rss_bytes() - base}
 
 
 def memory_rows(device: str, n: int) -> list[dict]:

@@ -500,7 +500,9 @@ def test_cuda_matches_cpu(device):
         cuda_out = fops.ddim_step_boxes(*moved[:4], 999, t_next, SCHEDULE.alphas_cumprod.to(device), 1.0, SCALE,
                                         *moved[4:])
         for a, e in zip(cuda_out, cpu_out):
-            torch.testing.assert_close(a.cpu(), e, rtol=1e-12, atol=1e-12)
+            # nvcc contracts multiply-adds into FMAs, which round once instead of twice: the fp64
+            # results differ from the CPU's in the last bits (up to 1.3e-11 on the lent H200).
+            torch.testing.assert_close(a.cpu(), e, rtol=1e-9, atol=1e-10)
     torch.library.opcheck(native.ddim_step_boxes, (*moved[:4], 999, 749, SCHEDULE.alphas_cumprod.to(device), 1.0,
                                                    SCALE, *moved[4:]))
 

@@ -120,4 +120,6 @@ def set_input_checks(enabled: bool) -> None:
 
 
 def input_checks_enabled() -> bool:
-    return _input_checks
+    """Whether to run the synchronising value checks now: never while torch.compile traces (they
+    are data-dependent and would break the graph; the compiled kernels stay memory-safe)."""
+    return _input_checks and not torch.compiler.is_compiling()

@@ -164,7 +164,7 @@ def dynamic_mask_head(mask_feats: Tensor, params: Tensor, image_index: Tensor, *
     if backend == "reference":
         return reference.dynamic_mask_head(mask_feats, params, image_index, channels=channels, num_layers=num_layers,
                                            rel_coords=rel_coords, sigmoid=bool(sigmoid))
-    if backend == "triton" and _dispatch.input_checks_enabled() and not torch.compiler.is_compiling():
+    if backend == "triton" and _dispatch.input_checks_enabled():
         _check_index_values(_OP, image_index, mask_feats.shape[0])
     op = torch.ops.fastdiffinst.dynamic_mask_head_triton if backend == "triton" else torch.ops.fastdiffinst.dynamic_mask_head
     return op(mask_feats, params, image_index, xy, soi, stride, channels, num_layers, bool(sigmoid))
@@ -194,7 +194,7 @@ def dynamic_mask_dice_sums(mask_feats: Tensor, params: Tensor, image_index: Tens
     if backend == "reference":
         return reference.dynamic_mask_dice_sums(mask_feats, params, image_index, gt_masks, gt_index, channels=channels,
                                                 num_layers=num_layers, rel_coords=rel_coords)
-    if backend == "triton" and _dispatch.input_checks_enabled() and not torch.compiler.is_compiling():
+    if backend == "triton" and _dispatch.input_checks_enabled():
         _check_index_values(_DICE, image_index, mask_feats.shape[0])
         _check_target_values(_DICE, gt_index, gt_masks.shape[0])
     op = (torch.ops.fastdiffinst.dynamic_mask_dice_sums_triton if backend == "triton"
