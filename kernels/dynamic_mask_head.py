@@ -107,15 +107,35 @@ def _store_layer_grad(g_ptr, gw, gb, l: tl.constexpr, IN: tl.constexpr, CH: tl.c
 
 
 @triton.jit
+def _chain_sum(prod, AXIS: tl.constexpr, acc):
+    """``acc + prod.sum(AXIS)`` for a 3-D block whose AXIS lives in one thread, one term after the
+    other. A plain ``tl.sum`` compiles to a tree (4 mul + 4 fma + 3 add per 8 multiply-adds); here
+    each term is picked with a select against -0.0 (constant per register, and x + -0.0 == x
+    exactly, so both fold away), which leaves a chain the compiler fuses into one FMA per term."""
+    # -0.0 from its bits: a -0.0 literal becomes +0.0 in the IR, and x + 0.0 does not fold.
+    if prod.dtype == tl.float64:
+        neg_zero = tl.full(prod.shape, -9223372036854775808, tl.int64).to(tl.float64, bitcast=True)
+    else:
+        neg_zero = tl.full(prod.shape, -2147483648, tl.int32).to(tl.float32, bitcast=True)
+    if AXIS == 0:
+        k = tl.arange(0, prod.shape[0])[:, None, None]
+    else:
+        k = tl.arange(0, prod.shape[1])[None, :, None]
+    for i in tl.static_range(prod.shape[AXIS]):
+        acc += tl.sum(tl.where(k == i, prod, neg_zero), axis=AXIS)
+    return acc
+
+
+@triton.jit
 def _dense(a, w, b):
     """``w [CPO, CPI] · a [CPI, BLOCK] + b`` -> ``[CPO, BLOCK]`` (the sum stays in-thread)."""
-    return tl.sum(w[:, :, None] * a[None, :, :], axis=1) + b[:, None]
+    return _chain_sum(w[:, :, None] * a[None, :, :], 1, tl.broadcast_to(b[:, None], [w.shape[0], a.shape[1]]))
 
 
 @triton.jit
 def _back(w, delta):
     """``wᵀ [CPI, CPO] · delta [CPO, BLOCK]`` -> ``[CPI, BLOCK]``."""
-    return tl.sum(w[:, :, None] * delta[:, None, :], axis=0)
+    return _chain_sum(w[:, :, None] * delta[:, None, :], 0, tl.zeros([w.shape[1], delta.shape[1]], delta.dtype))
 
 
 @triton.jit
