@@ -112,6 +112,18 @@ def test_forward_fp32_and_sigmoid(backend, coords):
     assert_close_to_f64(probs, expected.sigmoid(), reduce_len=8)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigmoid_over_the_whole_fp32_range(backend):
+    """The fused sigmoid (a vectorised exp on CPU) against float64, logits from -120 to 120: a
+    one-layer head with weight 1 and bias 0 passes the feature through."""
+    x = torch.linspace(-120.0, 120.0, 89 * 97).reshape(1, 1, 89, 97)
+    params = torch.tensor([[1.0, 0.0]])
+    probs = _run(backend, fops.dynamic_mask_head, x, params, torch.zeros(1, dtype=torch.int64), channels=1,
+                 num_layers=1, sigmoid=True)
+    torch.testing.assert_close(probs[0].double(), x[0, 0].double().sigmoid(), rtol=2e-7, atol=1e-30)
+
+
 def test_official_formulation_equals_bmm_formulation():
     """The two baselines agree (the bmm one is the strong baseline of the benchmark)."""
     for coords in (False, True):

@@ -13,7 +13,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <bit>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -201,6 +203,52 @@ inline void backward_tile(const Layout& l, const double* p, const double* a, con
   backward_tile_f64(l, p, a, d, g, gx, s, f);
 }
 
+// exp(x) in fp32 with plain arithmetic, so that the sigmoid of a tile vectorises (std::exp does
+// not): exp(x) = 2^n · exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, with the Cephes polynomial for
+// exp(r) on that range (about 1 ulp). Arguments are clamped to the finite range of fp32.
+FASTDIFFINST_FORCE_INLINE float exp_fp32(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  // Round to nearest by adding and removing 1.5 * 2^23 (exact for |x / ln 2| < 2^22).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  // r = x - n ln 2, with ln 2 split in two so that n · ln2_hi is exact.
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  // 2^n from its exponent bits (n is in [-126, 127] after the clamp).
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return y * std::bit_cast<float>(bits);
+}
+
+FASTDIFFINST_CPU_CLONES_AVX512
+void sigmoid_tile_f32(const float* __restrict x, float* __restrict y) {
+  for (int t = 0; t < kTile; ++t) y[t] = 1.0f / (1.0f + exp_fp32(-x[t]));
+}
+void sigmoid_tile_f64(const double* __restrict x, double* __restrict y) {
+  for (int t = 0; t < kTile; ++t) y[t] = mask_head::sigmoid(x[t]);
+}
+inline void sigmoid_tile(const float* x, float* y) { sigmoid_tile_f32(x, y); }
+inline void sigmoid_tile(const double* x, double* y) { sigmoid_tile_f64(x, y); }
+
+// Zeroes the lanes of a tile past `count` (padding).
+template <typename acc_t>
+inline void zero_padding(int count, acc_t* v) {
+  for (int t = count; t < kTile; ++t) v[t] = acc_t(0);
+}
+
+// Sum of a tile's lanes by halving (vector adds, no long dependency chain); overwrites v.
+template <typename acc_t>
+FASTDIFFINST_FORCE_INLINE acc_t tile_sum(acc_t* v) {
+  for (int width = kTile / 2; width > 0; width /= 2) {
+    for (int t = 0; t < width; ++t) v[t] += v[t + width];
+  }
+  return v[0];
+}
+
 // ---------------------------------------------------------------------------------------------
 // Inputs of the kernels, checked and in the layout they read.
 
@@ -368,7 +416,9 @@ at::Tensor dynamic_mask_head_cpu(const at::Tensor& feats, const at::Tensor& para
     for_each_logit_tile<scalar_t, acc_t>(p, [&](int64_t n, int64_t, int64_t p0, int count, const acc_t* logit) {
       scalar_t* dst = y + n * p.pixels + p0;
       if (sigmoid) {
-        for (int t = 0; t < count; ++t) dst[t] = static_cast<scalar_t>(mask_head::sigmoid(logit[t]));
+        alignas(64) acc_t prob[kTile];
+        sigmoid_tile(logit, prob);
+        for (int t = 0; t < count; ++t) dst[t] = static_cast<scalar_t>(prob[t]);
       } else {
         for (int t = 0; t < count; ++t) dst[t] = static_cast<scalar_t>(logit[t]);
       }
@@ -409,7 +459,11 @@ inline void load_target(const DiceTargets& d, int64_t pixels, int64_t n, int64_t
     return;
   }
   const uint8_t* m = d.masks.data_ptr<uint8_t>() + k * pixels + p0;
-  for (int t = 0; t < kTile; ++t) g[t] = t < count && m[t] != 0 ? acc_t(1) : acc_t(0);
+  if (count == kTile) {
+    for (int t = 0; t < kTile; ++t) g[t] = static_cast<acc_t>(m[t] != 0);
+  } else {
+    for (int t = 0; t < kTile; ++t) g[t] = t < count && m[t] != 0 ? acc_t(1) : acc_t(0);
+  }
 }
 
 at::Tensor dynamic_mask_dice_sums_cpu(const at::Tensor& feats, const at::Tensor& params,
@@ -429,19 +483,18 @@ at::Tensor dynamic_mask_dice_sums_cpu(const at::Tensor& feats, const at::Tensor&
       double* sums = partial.data_ptr<double>();
       for_each_logit_tile<scalar_t, acc_t>(p, [&](int64_t n, int64_t chunk, int64_t p0, int count,
                                                   const acc_t* logit) {
-        acc_t g[kTile];
+        alignas(64) acc_t g[kTile], prob[kTile], pg[kTile], pp[kTile];
         load_target(d, p.pixels, n, p0, count, g);
-        acc_t pg = 0, pp = 0, gg = 0;
-        for (int t = 0; t < count; ++t) {
-          const acc_t prob = mask_head::sigmoid(logit[t]);
-          pg += prob * g[t];
-          pp += prob * prob;
-          gg += g[t];
+        sigmoid_tile(logit, prob);
+        zero_padding(count, prob);
+        for (int t = 0; t < kTile; ++t) {
+          pg[t] = prob[t] * g[t];
+          pp[t] = prob[t] * prob[t];
         }
         double* s = sums + (n * p.chunks() + chunk) * 3;
-        s[0] += pg;
-        s[1] += pp;
-        s[2] += gg;
+        s[0] += tile_sum(pg);
+        s[1] += tile_sum(pp);
+        s[2] += tile_sum(g);
       });
     });
   }
@@ -512,11 +565,6 @@ std::tuple<at::Tensor, at::Tensor> backward_impl(const Problem& p, const Upstrea
   return {grad_feats, grad_params};
 }
 
-template <typename acc_t>
-inline void zero_padding(int count, acc_t* dlogit) {
-  for (int t = count; t < kTile; ++t) dlogit[t] = acc_t(0);
-}
-
 std::tuple<at::Tensor, at::Tensor> dynamic_mask_head_backward_cpu(
     const at::Tensor& grad, const at::Tensor& feats, const at::Tensor& params, const at::Tensor& image_index,
     const std::optional<at::Tensor>& inst_xy, const std::optional<at::Tensor>& inst_soi, int64_t mask_stride,
@@ -536,16 +584,13 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_head_backward_cpu(
     result = backward_impl<scalar_t, acc_t>(p, [&](int64_t n, int64_t p0, int count, const acc_t* logit,
                                                    acc_t* dlogit) {
       const scalar_t* src = gy + n * p.pixels + p0;
-      for (int t = 0; t < count; ++t) {
-        const acc_t up = static_cast<acc_t>(src[t]);
-        if (sigmoid) {
-          const acc_t prob = mask_head::sigmoid(logit[t]);
-          dlogit[t] = up * prob * (acc_t(1) - prob);
-        } else {
-          dlogit[t] = up;
-        }
-      }
+      for (int t = 0; t < count; ++t) dlogit[t] = static_cast<acc_t>(src[t]);
       zero_padding(count, dlogit);
+      if (sigmoid) {
+        alignas(64) acc_t prob[kTile];
+        sigmoid_tile(logit, prob);
+        for (int t = 0; t < kTile; ++t) dlogit[t] *= prob[t] * (acc_t(1) - prob[t]);
+      }
     });
   });
   return result;
@@ -569,11 +614,11 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_sums_backward_cpu(
                                                    acc_t* dlogit) {
       // d/dp of (gA Σ p g + gB Σ p²) = gA g + 2 gB p; Σ g² does not depend on the logits.
       const acc_t ga = gsum[3 * n], gb = gsum[3 * n + 1];
-      acc_t target[kTile];
+      alignas(64) acc_t target[kTile], prob[kTile];
       load_target(d, p.pixels, n, p0, count, target);
-      for (int t = 0; t < count; ++t) {
-        const acc_t prob = mask_head::sigmoid(logit[t]);
-        dlogit[t] = (ga * target[t] + acc_t(2) * gb * prob) * prob * (acc_t(1) - prob);
+      sigmoid_tile(logit, prob);
+      for (int t = 0; t < kTile; ++t) {
+        dlogit[t] = (ga * target[t] + acc_t(2) * gb * prob[t]) * prob[t] * (acc_t(1) - prob[t]);
       }
       zero_padding(count, dlogit);
     });
