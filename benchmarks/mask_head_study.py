@@ -118,7 +118,8 @@ def run(device: str, profile: str, progress) -> list[dict]:
                 rows.append({
                     "study": "mask_head", "op": "dynamic_mask_head", "case": f"N={n} 200x304 fp32",
                     "direction": direction, "baseline": name,
-                    "ours_ms": fmt_ms(t_fused.median_s), "ours_range_ms": f"{fmt_ms(t_fused.min_s)}-{fmt_ms(t_fused.max_s)}",
+                    "ours_ms": fmt_ms(t_fused.median_s),
+                    "ours_range_ms": f"{fmt_ms(t_fused.min_s)}-{fmt_ms(t_fused.max_s)}",
                     "baseline_ms": fmt_ms(t_base.median_s),
                     "baseline_range_ms": f"{fmt_ms(t_base.min_s)}-{fmt_ms(t_base.max_s)}",
                     "speedup": f"{t_base.median_s / t_fused.median_s:.2f}x",

@@ -557,7 +557,8 @@ def backward(upstream, up_kind: int, feats, params, image_index, gt_masks, gt_in
     grad_feats = torch.zeros(feats.shape, dtype=acc, device=feats.device)
     mask_head_backward_kernel[(chunks, n)](
         feats, params, image_index, xy, soi, gt_masks, gt_index, upstream, partial, grad_feats, batch, w, hw, p,
-        chunks, UP=up_kind, ATOMIC_GX=not deterministic, PREC=DOT_PRECISION if acc == torch.float32 else "ieee", BLOCK=_BLOCK, TILES=tiles, num_warps=_NUM_WARPS,
+        chunks, UP=up_kind, ATOMIC_GX=not deterministic, PREC=DOT_PRECISION if acc == torch.float32 else "ieee",
+        BLOCK=_BLOCK, TILES=tiles, num_warps=_NUM_WARPS,
         **geometry)
     if deterministic:
         # Instances grouped by image, in index order within an image.

@@ -66,8 +66,9 @@ struct Dims {
 };
 
 template <typename acc_t>
-FASTDIFFINST_FORCE_INLINE void dense_tile(const acc_t* __restrict w, const acc_t* __restrict b, const acc_t* __restrict in, int fan_in,
-                       int fan_out, acc_t* __restrict out, bool relu) {
+FASTDIFFINST_FORCE_INLINE void dense_tile(const acc_t* __restrict w, const acc_t* __restrict b,
+                                          const acc_t* __restrict in, int fan_in, int fan_out, acc_t* __restrict out,
+                                          bool relu) {
   for (int o = 0; o < fan_out; ++o) {
     acc_t acc[kTile];
     for (int t = 0; t < kTile; ++t) acc[t] = b[o];
@@ -100,8 +101,9 @@ FASTDIFFINST_FORCE_INLINE void mlp_forward_tile(const Layout& layout, const acc_
 // ([num_params][kTile]) and, when gx is given, the feature gradients (input rows from
 // `first_feature` on) to gx[(i - first_feature) * gx_stride + t].
 template <typename acc_t, int IN, int CH, int L>
-FASTDIFFINST_FORCE_INLINE void mlp_backward_tile(const Layout& layout, const acc_t* params, const acc_t* act, const acc_t* dlogit,
-                              acc_t* __restrict gacc, acc_t* gx, int64_t gx_stride, int first_feature) {
+FASTDIFFINST_FORCE_INLINE void mlp_backward_tile(const Layout& layout, const acc_t* params, const acc_t* act,
+                                                 const acc_t* dlogit, acc_t* __restrict gacc, acc_t* gx,
+                                                 int64_t gx_stride, int first_feature) {
   const Dims<IN, CH, L> dims{layout};
   alignas(64) acc_t delta_a[kMaxHidden * kTile];
   alignas(64) acc_t delta_b[kMaxHidden * kTile];

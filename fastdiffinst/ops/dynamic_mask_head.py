@@ -90,7 +90,8 @@ def _check(op: str, mask_feats: Tensor, params: Tensor, image_index: Tensor, cha
         _checks.require_floating(op, "rel_coords[0] (inst_xy)", inst_xy)
         _checks.require_floating(op, "rel_coords[1] (soi)", inst_soi)
         if inst_xy.shape != (n, 2):
-            raise ValueError(f"{op}: rel_coords[0] (inst_xy) must be [N, 2] with N = {n}, got shape {tuple(inst_xy.shape)}")
+            raise ValueError(f"{op}: rel_coords[0] (inst_xy) must be [N, 2] with N = {n}, "
+                             f"got shape {tuple(inst_xy.shape)}")
         if inst_soi.shape != (n,):
             raise ValueError(f"{op}: rel_coords[1] (soi) must be [N] with N = {n}, got shape {tuple(inst_soi.shape)}")
         _checks.require_same_device(op, "rel_coords[0] (inst_xy)", inst_xy, "mask_feats", mask_feats)
@@ -166,7 +167,8 @@ def dynamic_mask_head(mask_feats: Tensor, params: Tensor, image_index: Tensor, *
                                            rel_coords=rel_coords, sigmoid=bool(sigmoid))
     if backend == "triton" and _dispatch.input_checks_enabled():
         _check_index_values(_OP, image_index, mask_feats.shape[0])
-    op = torch.ops.fastdiffinst.dynamic_mask_head_triton if backend == "triton" else torch.ops.fastdiffinst.dynamic_mask_head
+    op = (torch.ops.fastdiffinst.dynamic_mask_head_triton if backend == "triton"
+          else torch.ops.fastdiffinst.dynamic_mask_head)
     return op(mask_feats, params, image_index, xy, soi, stride, channels, num_layers, bool(sigmoid))
 
 

@@ -42,7 +42,8 @@ def split_params(params: Tensor, inputs: int, channels: int, num_layers: int) ->
     return weights, list(chunks[num_layers:])
 
 
-def pixel_centres(height: int, width: int, stride: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+def pixel_centres(height: int, width: int, stride: int, dtype: torch.dtype,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
     """Mask-pixel centres in image coordinates, ``stride * i + stride // 2`` (AdelaiDet
     ``compute_locations``): x ``[W]`` and y ``[H]``."""
     xs = torch.arange(width, device=device, dtype=torch.int64) * stride + stride // 2
