@@ -113,7 +113,7 @@ def run(device: str, profile: str, progress) -> list[dict]:
                 note = f"max abs diff {err:.1e}" if name == "official grouped conv" else ""
                 if name.startswith("torch.compile"):
                     note = f"compile {compile_fwd_s:.1f} s (forward)"
-                t_base = time_fn(timed(fn), device, repeats, warmup=1 if "grouped" in name else 2)
+                t_base = time_fn(timed(fn), device, repeats)
                 progress.update(1)
                 rows.append({
                     "study": "mask_head", "op": "dynamic_mask_head", "case": f"N={n} 200x304 fp32",

@@ -5,8 +5,8 @@ Every program handles one instance and a chunk of ``TILES`` pixel tiles of ``BLO
 Activations are channel-major ``[channels, BLOCK]`` blocks with the pixels spread over the threads,
 so every channel of a pixel lives in one thread: a layer is a broadcast-multiply and a sum over the
 input-channel axis that stays inside the thread (the channel counts are below ``tl.dot``'s K >= 16,
-DESIGN §8). The parameter gradients, sums over pixels (K = BLOCK), are ``tl.dot`` products in
-IEEE fp32. Sizes are compile-time constants: ``IN`` inputs of layer 0 (features, plus 2 relative
+DESIGN §8), written as a chain of FMAs. The parameter gradients, sums over pixels (K = BLOCK), are
+``tl.dot`` products (``DOT_PRECISION``). Sizes are compile-time constants: ``IN`` inputs of layer 0 (features, plus 2 relative
 coordinates first when ``COORDS``), ``CH`` hidden channels, ``L`` layers, padded to powers of two
 ``CP_IN``/``CP``; ``ACC`` is the accumulation type (fp32, or fp64 for fp64 inputs).
 
@@ -186,7 +186,9 @@ def _instance(n, image_ptr, xy_ptr, soi_ptr, B, COORDS: tl.constexpr, ACC: tl.co
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    """1 / (1 + exp(-x)), as exp(x) / (1 + exp(x)) for x < 0 so that tiny probabilities survive."""
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
@@ -204,21 +206,21 @@ def _target(gt_base, has_gt, pix, pmask, ACC: tl.constexpr):
 @triton.jit
 def mask_head_forward_kernel(
     feats_ptr, params_ptr, image_ptr, xy_ptr, soi_ptr, gt_ptr, gt_index_ptr, out_ptr,
-    B, W, HW, P, CHUNKS,
+    B, G, W, HW, P, CHUNKS,
     STRIDE: tl.constexpr, C: tl.constexpr, COORDS: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr,
     L: tl.constexpr, CP_IN: tl.constexpr, CP: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr, TILES: tl.constexpr,
 ):
-    """Grid (CHUNKS, N). EPILOGUE LOGITS/PROBS: out ``[N, H, W]``; DICE: out ``[N, CHUNKS, 3]``
+    """Grid (N, CHUNKS). EPILOGUE LOGITS/PROBS: out ``[N, H, W]``; DICE: out ``[N, CHUNKS, 3]``
     partial sums (Σ p·g, Σ p², Σ g²) of the chunk."""
-    chunk = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     image, valid, inst_x, inst_y, soi = _instance(n, image_ptr, xy_ptr, soi_ptr, B, COORDS, ACC)
     p_ptr = params_ptr + n * P
     w0, b0, w1, b1, w2, b2, w3, b3 = _load_all(p_ptr, IN, CH, L, CP_IN, CP, ACC)
     if EPILOGUE == _DICE:
         k = tl.load(gt_index_ptr + n)
-        has_gt = k >= 0
+        has_gt = (k >= 0) & (k < G)  # out of range (unchecked on CUDA): no target, never read
         gt_base = gt_ptr + tl.where(has_gt, k, 0) * HW
         s_pg = tl.zeros([BLOCK], ACC)
         s_pp = tl.zeros([BLOCK], ACC)
@@ -241,8 +243,8 @@ def mask_head_forward_kernel(
         elif EPILOGUE == _PROBS:
             tl.store(out_ptr + n * HW + pix, _sigmoid(logit).to(out_ptr.dtype.element_ty), mask=pmask)
         else:
-            prob = tl.where(pmask, _sigmoid(logit), 0.0)
-            g = _target(gt_base, has_gt, pix, pmask, ACC)
+            prob = tl.where(pmask & valid, _sigmoid(logit), 0.0)
+            g = _target(gt_base, has_gt & valid, pix, pmask, ACC)
             s_pg += prob * g
             s_pp += prob * prob
             s_gg += g
@@ -324,14 +326,14 @@ def _zero_grads(IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.c
 
 
 @triton.jit
-def _upstream(n, up_ptr, gt_ptr, gt_index_ptr, HW, UP: tl.constexpr, ACC: tl.constexpr):
+def _upstream(n, up_ptr, gt_ptr, gt_index_ptr, G, HW, UP: tl.constexpr, ACC: tl.constexpr):
     """Per-instance upstream terms: the gradient row (LOGITS/PROBS) or, for DICE, the gradients of
     Σ p·g and Σ p² and the target mask."""
     if UP == _DICE:
         ga = tl.load(up_ptr + 3 * n).to(ACC)
         gb = tl.load(up_ptr + 3 * n + 1).to(ACC)
         k = tl.load(gt_index_ptr + n)
-        has_gt = k >= 0
+        has_gt = (k >= 0) & (k < G)  # out of range (unchecked on CUDA): no target, never read
         gt_base = gt_ptr + tl.where(has_gt, k, 0) * HW
     else:
         ga = 0.0
@@ -345,21 +347,21 @@ def _upstream(n, up_ptr, gt_ptr, gt_index_ptr, HW, UP: tl.constexpr, ACC: tl.con
 def mask_head_backward_kernel(
     feats_ptr, params_ptr, image_ptr, xy_ptr, soi_ptr, gt_ptr, gt_index_ptr, up_ptr,
     gparams_ptr, gfeats_ptr,
-    B, W, HW, P, CHUNKS,
+    B, G, W, HW, P, CHUNKS,
     STRIDE: tl.constexpr, C: tl.constexpr, COORDS: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr,
     L: tl.constexpr, CP_IN: tl.constexpr, CP: tl.constexpr, UP: tl.constexpr, ACC: tl.constexpr,
     ATOMIC_GX: tl.constexpr, PREC: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr,
 ):
-    """Grid (CHUNKS, N): parameter-gradient partials ``gparams [N, CHUNKS, P]`` of the chunk and,
+    """Grid (N, CHUNKS): parameter-gradient partials ``gparams [N, CHUNKS, P]`` of the chunk and,
     with ATOMIC_GX, the feature gradient added atomically to ``gfeats [B, C, H, W]`` (fp32/fp64).
 
     The upstream gradient: UP LOGITS/PROBS: ``up [N, H, W]`` w.r.t. the logits / probabilities;
     DICE: ``up [N, 3]`` w.r.t. the dice sums, with targets ``gt``/``gt_index``."""
-    chunk = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
     image, valid, inst_x, inst_y, soi = _instance(n, image_ptr, xy_ptr, soi_ptr, B, COORDS, ACC)
     p_ptr = params_ptr + n * P
-    dl_src, ga, gb, has_gt, gt_base = _upstream(n, up_ptr, gt_ptr, gt_index_ptr, HW, UP, ACC)
+    dl_src, ga, gb, has_gt, gt_base = _upstream(n, up_ptr, gt_ptr, gt_index_ptr, G, HW, UP, ACC)
     w0, b0, w1, b1, w2, b2, w3, b3 = _load_all(p_ptr, IN, CH, L, CP_IN, CP, ACC)
     gw0, gb0, gw1, gb1, gw2, gb2, gw3, gb3 = _zero_grads(IN, CH, L, CP_IN, CP, ACC, BLOCK)
     NC: tl.constexpr = 2 if COORDS else 0
@@ -390,7 +392,7 @@ def mask_head_backward_kernel(
 def mask_head_feature_grad_kernel(
     feats_ptr, params_ptr, image_ptr, xy_ptr, soi_ptr, gt_ptr, gt_index_ptr, up_ptr,
     order_ptr, offsets_ptr, gfeats_ptr,
-    B, W, HW, P,
+    B, G, W, HW, P,
     STRIDE: tl.constexpr, C: tl.constexpr, COORDS: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr,
     L: tl.constexpr, CP_IN: tl.constexpr, CP: tl.constexpr, UP: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -411,7 +413,7 @@ def mask_head_feature_grad_kernel(
     for j in range(start, stop):
         n = tl.load(order_ptr + j)
         image, valid, inst_x, inst_y, soi = _instance(n, image_ptr, xy_ptr, soi_ptr, B, COORDS, ACC)
-        dl_src, ga, gb, has_gt, gt_base = _upstream(n, up_ptr, gt_ptr, gt_index_ptr, HW, UP, ACC)
+        dl_src, ga, gb, has_gt, gt_base = _upstream(n, up_ptr, gt_ptr, gt_index_ptr, G, HW, UP, ACC)
         x = _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi, STRIDE, C, COORDS, CP_IN,
                          ACC)
         w0, b0, w1, b1, w2, b2, w3, b3 = _load_all(params_ptr + n * P, IN, CH, L, CP_IN, CP, ACC)
@@ -499,7 +501,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def forward(feats, params, image_index, coords, channels: int, num_layers: int, sigmoid: bool) -> torch.Tensor:
     """Logits (or probabilities) ``[N, H, W]`` in ``feats``' dtype."""
-    feats, params = feats.contiguous(), params.contiguous()
+    feats, params, image_index = feats.contiguous(), params.contiguous(), image_index.contiguous()
     batch, _, h, w = feats.shape
     n = params.shape[0]
     out = torch.empty((n, h, w), dtype=feats.dtype, device=feats.device)
@@ -508,11 +510,12 @@ def forward(feats, params, image_index, coords, channels: int, num_layers: int, 
     xy, soi = _coords_args(feats, params, coords)
     hw = h * w
 
+    # Instances on the first grid axis, which has no 65535 limit.
     def grid(meta):
-        return (triton.cdiv(hw, meta["BLOCK"] * meta["TILES"]), n)
+        return (n, triton.cdiv(hw, meta["BLOCK"] * meta["TILES"]))
 
     _forward_tuned[grid](
-        feats, params, image_index, xy, soi, params, image_index, out, batch, w, hw, params.shape[1], 0,
+        feats, params, image_index, xy, soi, params, image_index, out, batch, 0, w, hw, params.shape[1], 0,
         EPILOGUE=PROBS if sigmoid else LOGITS,
         **_geometry(feats, params, coords, channels, num_layers))
     return out
@@ -520,7 +523,8 @@ def forward(feats, params, image_index, coords, channels: int, num_layers: int, 
 
 def dice_sums(feats, params, image_index, gt_masks, gt_index, coords, channels: int, num_layers: int) -> torch.Tensor:
     """``[N, 3]`` (Σ p·g, Σ p², Σ g²), fp32 (fp64 for fp64 features)."""
-    feats, params = feats.contiguous(), params.contiguous()
+    feats, params, image_index = feats.contiguous(), params.contiguous(), image_index.contiguous()
+    gt_masks, gt_index = gt_masks.contiguous(), gt_index.contiguous()
     batch, _, h, w = feats.shape
     n, hw = params.shape[0], h * w
     tiles = _chunk_tiles(hw)
@@ -528,8 +532,8 @@ def dice_sums(feats, params, image_index, gt_masks, gt_index, coords, channels: 
     partial = torch.empty((n, chunks, 3), dtype=_acc_dtype(feats.dtype), device=feats.device)
     if n > 0 and hw > 0:
         xy, soi = _coords_args(feats, params, coords)
-        mask_head_forward_kernel[(chunks, n)](
-            feats, params, image_index, xy, soi, gt_masks.contiguous(), gt_index, partial, batch, w, hw,
+        mask_head_forward_kernel[(n, chunks)](
+            feats, params, image_index, xy, soi, gt_masks, gt_index, partial, batch, gt_masks.shape[0], w, hw,
             params.shape[1], chunks, EPILOGUE=DICE, BLOCK=_BLOCK, TILES=tiles, num_warps=_NUM_WARPS,
             **_geometry(feats, params, coords, channels, num_layers))
     return partial.sum(1)
@@ -540,6 +544,7 @@ def backward(upstream, up_kind: int, feats, params, image_index, gt_masks, gt_in
     """Gradients ``(grad_feats [B, C, H, W], grad_params [N, P])`` in the input dtypes for the
     upstream gradient ``upstream`` (``[N, H, W]`` for LOGITS/PROBS, ``[N, 3]`` for DICE)."""
     feats, params, upstream = feats.contiguous(), params.contiguous(), upstream.contiguous()
+    image_index = image_index.contiguous()
     batch, c, h, w = feats.shape
     n, p, hw = params.shape[0], params.shape[1], h * w
     geometry = _geometry(feats, params, coords, channels, num_layers)
@@ -550,15 +555,18 @@ def backward(upstream, up_kind: int, feats, params, image_index, gt_masks, gt_in
     if gt_masks is None:
         gt_masks, gt_index = image_index, image_index  # unused by LOGITS/PROBS
     else:
-        gt_masks = gt_masks.contiguous()
+        gt_masks, gt_index = gt_masks.contiguous(), gt_index.contiguous()
+    targets = gt_masks.shape[0]
     tiles = _chunk_tiles(hw)
     chunks = triton.cdiv(hw, _BLOCK * tiles)
     partial = torch.empty((n, chunks, p), dtype=acc, device=feats.device)
-    grad_feats = torch.zeros(feats.shape, dtype=acc, device=feats.device)
-    mask_head_backward_kernel[(chunks, n)](
-        feats, params, image_index, xy, soi, gt_masks, gt_index, upstream, partial, grad_feats, batch, w, hw, p,
-        chunks, UP=up_kind, ATOMIC_GX=not deterministic, PREC=DOT_PRECISION if acc == torch.float32 else "ieee",
-        BLOCK=_BLOCK, TILES=tiles, num_warps=_NUM_WARPS,
+    # The atomic feature gradient accumulates in a zeroed fp32/fp64 buffer; the deterministic one is
+    # written by its own kernel below.
+    grad_feats = feats if deterministic else torch.zeros(feats.shape, dtype=acc, device=feats.device)
+    mask_head_backward_kernel[(n, chunks)](
+        feats, params, image_index, xy, soi, gt_masks, gt_index, upstream, partial, grad_feats, batch, targets, w, hw,
+        p, chunks, UP=up_kind, ATOMIC_GX=not deterministic,
+        PREC=DOT_PRECISION if acc == torch.float32 else "ieee", BLOCK=_BLOCK, TILES=tiles, num_warps=_NUM_WARPS,
         **geometry)
     if deterministic:
         # Instances grouped by image, in index order within an image.
@@ -568,5 +576,5 @@ def backward(upstream, up_kind: int, feats, params, image_index, gt_masks, gt_in
         grad_feats = torch.empty_like(feats)
         mask_head_feature_grad_kernel[(triton.cdiv(hw, _BLOCK), batch)](
             feats, params, image_index, xy, soi, gt_masks, gt_index, upstream, order, offsets, grad_feats,
-            batch, w, hw, p, UP=up_kind, BLOCK=_BLOCK, num_warps=_NUM_WARPS, **geometry)
+            batch, targets, w, hw, p, UP=up_kind, BLOCK=_BLOCK, num_warps=_NUM_WARPS, **geometry)
     return grad_feats.to(feats.dtype), partial.sum(1).to(params.dtype)

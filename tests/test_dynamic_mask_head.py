@@ -115,13 +115,17 @@ def test_forward_fp32_and_sigmoid(backend, coords):
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigmoid_over_the_whole_fp32_range(backend):
-    """The fused sigmoid (a vectorised exp on CPU) against float64, logits from -120 to 120: a
-    one-layer head with weight 1 and bias 0 passes the feature through."""
+    """The fused sigmoid (a vectorised exp on CPU) against float64 rounded to fp32, logits from -120
+    to 120, subnormal probabilities included: a one-layer head with weight 1 and bias 0 passes the
+    feature through."""
     x = torch.linspace(-120.0, 120.0, 89 * 97).reshape(1, 1, 89, 97)
     params = torch.tensor([[1.0, 0.0]])
     probs = _run(backend, fops.dynamic_mask_head, x, params, torch.zeros(1, dtype=torch.int64), channels=1,
                  num_layers=1, sigmoid=True)
-    torch.testing.assert_close(probs[0].double(), x[0, 0].double().sigmoid(), rtol=2e-7, atol=1e-30)
+    expected = x[0, 0].double().sigmoid().float()
+    assert (expected.flatten()[:5] == 0).all() and (expected > 0).any() and (expected < 1e-38).sum() > 100
+    # atol: 2 steps of the smallest subnormal, where the relative precision of fp32 runs out.
+    torch.testing.assert_close(probs[0], expected, rtol=3e-7, atol=3e-45)
 
 
 def test_official_formulation_equals_bmm_formulation():
@@ -154,8 +158,21 @@ def test_non_contiguous_inputs(backend):
     params_t = params.t().contiguous().t()
     assert not feats_cl.is_contiguous() and not params_t.is_contiguous()
     xy = torch.stack([rel[0][:, 0], rel[0][:, 1]], dim=0).t()  # [N, 2], transposed storage
-    got = _run(backend, fops.dynamic_mask_head, feats_cl, params_t, image_index, rel_coords=(xy, rel[1], rel[2]))
+    index_strided = torch.stack([image_index, image_index + 7], dim=1)[:, 0]
+    assert not index_strided.is_contiguous()
+    got = _run(backend, fops.dynamic_mask_head, feats_cl, params_t, index_strided, rel_coords=(xy, rel[1], rel[2]))
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    gt, gt_index = _targets(params.shape[0], feats.shape[2], feats.shape[3])
+    gt_index_strided = torch.stack([gt_index, gt_index], dim=1)[:, 1]
+    expected = _run(backend, fops.dynamic_mask_dice_sums, feats, params, image_index, gt, gt_index, rel_coords=rel)
+    got = _run(backend, fops.dynamic_mask_dice_sums, feats_cl, params_t, index_strided, gt[:, :, :], gt_index_strided,
+               rel_coords=(xy, rel[1], rel[2]))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # One image for every instance, as an expanded (stride-0) index.
+    shared = torch.zeros((), dtype=torch.int64).expand(params.shape[0])
+    torch.testing.assert_close(_run(backend, fops.dynamic_mask_head, feats, params, shared, rel_coords=rel),
+                               _run(backend, fops.dynamic_mask_head, feats, params, shared.contiguous(),
+                                    rel_coords=rel), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -183,10 +200,12 @@ def test_half_precision_storage(backend, dtype):
 def test_autocast_runs_in_low_precision(backend):
     feats, params, image_index, _ = _case()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = _run(backend, fops.dynamic_mask_head, feats, params.double(), image_index)
-    assert out.dtype == torch.bfloat16
-    expected = _einsum_f64(feats.bfloat16(), params.bfloat16(), image_index, 8, 3, None)
+        out = _run(backend, fops.dynamic_mask_head, feats, params.half(), image_index)
+        out64 = _run(backend, fops.dynamic_mask_head, feats, params.double(), image_index)
+    assert out.dtype == torch.bfloat16 and out64.dtype == torch.float64  # fp64 is never cast down
+    expected = _einsum_f64(feats.bfloat16(), params.half().bfloat16(), image_index, 8, 3, None)
     torch.testing.assert_close(out.double(), expected, **tolerance(torch.bfloat16, 8))
+    torch.testing.assert_close(out64, _einsum_f64(feats, params.double(), image_index, 8, 3, None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,6 +229,44 @@ def test_backward_matches_autograd_reference(backend, head, sigmoid):
     assert_close_to_f64(f.grad, f64.grad, reduce_len=params.shape[0] * channels, msg="grad mask_feats")
     assert_close_to_f64(p.grad, p64.grad, reduce_len=hw, msg="grad params")
     assert f.grad[1].abs().sum() == 0  # image 1 has no instances
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_spanning_several_chunks(backend, deterministic, monkeypatch):
+    """Maps of several chunks (the reductions' units of work): per-chunk partial sums and chunk
+    offsets of the feature gradient. 23×97 = 2231 pixels are 2 chunks of the C++ kernels (2048
+    pixels) and, with 4-tile chunks, 5 of the Triton kernels."""
+    from fastdiffinst.kernels import dynamic_mask_head as kernels
+
+    monkeypatch.setattr(kernels, "_CHUNK_TILES", 4)
+    feats, params, image_index, rel = _case(coords=True, batch=2, n=3, height=23, width=97)
+    gt, gt_index = _targets(3, 23, 97)
+    torch.use_deterministic_algorithms(deterministic)
+    f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
+    out = _run(backend, fops.dynamic_mask_head, f, p, image_index, rel_coords=rel)
+    sums = _run(backend, fops.dynamic_mask_dice_sums, f, p, image_index, gt, gt_index, rel_coords=rel)
+    grad = torch.randn_like(out)
+    ((out * grad).sum() + sums.sum()).backward()
+    f64, p64 = feats.double().requires_grad_(), params.double().requires_grad_()
+    logits64 = _einsum_f64(f64, p64, image_index, 8, 3, rel)
+    sums64 = ref.dice_sums(logits64.sigmoid(), gt, gt_index)
+    ((logits64 * grad.double()).sum() + sums64.sum()).backward()
+    assert_close_to_f64(out, logits64.detach(), reduce_len=8)
+    assert_close_to_f64(sums, sums64.detach(), reduce_len=23 * 97)
+    assert_close_to_f64(f.grad, f64.grad, reduce_len=3 * 8)
+    assert_close_to_f64(p.grad, p64.grad, reduce_len=23 * 97)
+
+
+def test_reference_rejects_out_of_range_indices():
+    feats, params, _, _ = _case()
+    with fops.use_backend("dynamic_mask_head", "reference"):
+        with pytest.raises(RuntimeError, match=r"image_index\[1\] = 2 is out of range \[0, 2\)"):
+            fops.dynamic_mask_head(feats, params, torch.tensor([0, 2, 0, 0, 0, 0, 0]))
+        gt, _ = _targets(7, 13, 17)
+        with pytest.raises(RuntimeError, match=r"gt_index\[0\] = 4 is out of range \[-1, 4\)"):
+            fops.dynamic_mask_dice_sums(feats, params, torch.zeros(7, dtype=torch.int64), gt,
+                                        torch.tensor([4, 0, 0, 0, 0, 0, 0]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -419,6 +476,17 @@ def test_triton_out_of_range_image_without_checks_writes_zeros():
     assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.equal(out[3], torch.zeros_like(out[3]))
     good = _run("triton", fops.dynamic_mask_head, feats, params[[0, 1]], index[[0, 1]])
     torch.testing.assert_close(out[[0, 1]], good)
+    gt, _ = _targets(7, 13, 17)
+    gt_index = torch.tensor([0, 9, 1, 1, -7, 2, 3])  # 9 and -7 are out of [-1, 4): no target
+    fops.set_input_checks(False)
+    try:
+        sums = _run("triton", fops.dynamic_mask_dice_sums, feats, params, index, gt, gt_index)
+    finally:
+        fops.set_input_checks(True)
+    assert torch.equal(sums[2], torch.zeros(3)) and torch.equal(sums[3], torch.zeros(3))  # bad image
+    no_target = _run("triton", fops.dynamic_mask_dice_sums, feats, params[[1, 4]], index[[1, 4]], gt,
+                     torch.tensor([-1, -1]))
+    torch.testing.assert_close(sums[[1, 4]], no_target)
 
 
 # --------------------------------------------------------------------------------------------
@@ -457,11 +525,13 @@ def _bad_calls():
          lambda: head(feats, params, index, rel_coords=(xy, soi[:2], 8))),
         ("rel_coords stride", ValueError, "mask_stride\\) must be positive",
          lambda: head(feats, params, index, rel_coords=(xy, soi, 0))),
-        ("gt dtype", ValueError, "gt_masks must be a uint8 tensor",
+        ("gt dtype", TypeError, "gt_masks must be a uint8 tensor",
          lambda: dice(feats, params, index, gt.float(), gt_index)),
-        ("gt shape", ValueError, r"gt_masks must be a uint8 tensor \[G, 13, 17\]",
+        ("gt shape", ValueError, r"gt_masks must be \[G, 13, 17\]",
          lambda: dice(feats, params, index, gt[:, :5], gt_index)),
-        ("gt_index length", ValueError, "gt_index must be an int64 tensor",
+        ("gt_index dtype", TypeError, "gt_index must be an int64 tensor",
+         lambda: dice(feats, params, index, gt, gt_index.int())),
+        ("gt_index length", ValueError, r"gt_index must be \[N\]",
          lambda: dice(feats, params, index, gt, gt_index[:2])),
         ("gt_index range", RuntimeError, r"gt_index\[1\] = 4 is out of range \[-1, 4\)",
          lambda: dice(feats, params, index, gt, torch.tensor([0, 4, 0, 0, 0, 0, 0]))),
@@ -501,6 +571,8 @@ def test_module_diffusioninst_and_condinst():
                                fops.dynamic_mask_dice_sums(feats, params, index, gt, gt_index, rel_coords=rel))
     with pytest.raises(ValueError, match="rel_coords=True; pass inst_xy and soi both"):
         cond(feats, params, index)
+    with pytest.raises(ValueError, match="rel_coords=False; pass inst_xy and soi neither"):
+        head(feats, params[:, :153], index, rel[0])
 
 
 def test_backend_selection():
@@ -525,7 +597,7 @@ geometry = dict(STRIDE=8, C=8, COORDS=coords, IN=10 if coords else 8, CH=8, L=3,
                 ACC=tl.float32)
 tensors = dict(feats_ptr="*fp32", params_ptr="*fp32", image_ptr="*i64", xy_ptr="*fp32", soi_ptr="*fp32",
                gt_ptr="*u8", gt_index_ptr="*i64")
-sizes = dict(B="i32", W="i32", HW="i32", P="i32")
+sizes = dict(B="i32", G="i32", W="i32", HW="i32", P="i32")
 launches = [
     (kernels.mask_head_forward_kernel, dict(tensors, out_ptr="*fp32", **sizes, CHUNKS="i32"),
      dict(EPILOGUE=kernels.DICE, BLOCK=128, TILES=16)),
@@ -565,12 +637,15 @@ def test_triton_kernels_compile_for_hopper(coords):
 # CUDA (benchmarks/gpu_check.sh): the Triton kernels compiled, against the float64 einsum
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("head", HEADS, ids=HEAD_IDS)
-def test_cuda_forward_backward_and_dice(head):
+def test_cuda_forward_backward_and_dice(head, deterministic):
     in_channels, channels, num_layers, coords = head
+    torch.use_deterministic_algorithms(deterministic)
+    # 37×61 = 2257 pixels: two chunks of the reductions.
     feats, params, image_index, rel = _case(in_channels, channels, num_layers, coords, batch=3, n=23, height=37,
-                                            width=45, device="cuda")
-    gt, gt_index = _targets(23, 37, 45)
+                                            width=61, device="cuda")
+    gt, gt_index = _targets(23, 37, 61)
     gt, gt_index = gt.cuda(), gt_index.cuda()
     f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
     out = fops.dynamic_mask_head(f, p, image_index, channels=channels, num_layers=num_layers, rel_coords=rel,
@@ -584,6 +659,6 @@ def test_cuda_forward_backward_and_dice(head):
     sums64 = ref.dice_sums(logits64.sigmoid(), gt, gt_index)
     ((logits64.sigmoid() * grad.double()).sum() + sums64.sum()).backward()
     assert_close_to_f64(out, logits64.sigmoid().detach(), reduce_len=8)
-    assert_close_to_f64(sums, sums64.detach(), reduce_len=37 * 45)
+    assert_close_to_f64(sums, sums64.detach(), reduce_len=37 * 61)
     assert_close_to_f64(f.grad, f64.grad, reduce_len=23 * 8)
-    assert_close_to_f64(p.grad, p64.grad, reduce_len=37 * 45 * 4)
+    assert_close_to_f64(p.grad, p64.grad, reduce_len=37 * 61 * 4)

@@ -51,18 +51,10 @@ struct Dims {
   int inputs() const { return IN ? IN : layout.inputs; }
   int channels() const { return CH ? CH : layout.channels; }
   int layers() const { return L ? L : layout.layers; }
-  int fan_in(int l) const { return l == 0 ? inputs() : channels(); }
-  int fan_out(int l) const { return l == layers() - 1 ? 1 : channels(); }
-  int weight_offset(int l) const {
-    int offset = 0;
-    for (int k = 0; k < l; ++k) offset += fan_in(k) * fan_out(k);
-    return offset;
-  }
-  int bias_offset(int l) const {
-    int offset = weight_offset(layers());
-    for (int k = 0; k < l; ++k) offset += fan_out(k);
-    return offset;
-  }
+  int fan_in(int l) const { return mask_head::fan_in(l, inputs(), channels()); }
+  int fan_out(int l) const { return mask_head::fan_out(l, channels(), layers()); }
+  int weight_offset(int l) const { return mask_head::weight_offset(l, inputs(), channels(), layers()); }
+  int bias_offset(int l) const { return mask_head::bias_offset(l, inputs(), channels(), layers()); }
 };
 
 template <typename acc_t>
@@ -205,11 +197,12 @@ inline void backward_tile(const Layout& l, const double* p, const double* a, con
   backward_tile_f64(l, p, a, d, g, gx, s, f);
 }
 
-// exp(x) in fp32 with plain arithmetic, so that the sigmoid of a tile vectorises (std::exp does
-// not): exp(x) = 2^n · exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, with the Cephes polynomial for
-// exp(r) on that range (about 1 ulp). Arguments are clamped to the finite range of fp32.
-FASTDIFFINST_FORCE_INLINE float exp_fp32(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
+// exp(x) for x <= 0 in fp32 with plain arithmetic, so that the sigmoid of a tile vectorises
+// (std::exp does not): exp(x) = 2^n · exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, with the
+// Cephes polynomial for exp(r) on that range (about 1 ulp). Down to the smallest subnormal: x is
+// clamped at -104, where exp(x) rounds to 0.
+FASTDIFFINST_FORCE_INLINE float exp_fp32_nonpositive(float x) {
+  x = std::min(std::max(x, -104.0f), 0.0f);
   // Round to nearest by adding and removing 1.5 * 2^23 (exact for |x / ln 2| < 2^22).
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   // r = x - n ln 2, with ln 2 split in two so that n · ln2_hi is exact.
@@ -221,14 +214,19 @@ FASTDIFFINST_FORCE_INLINE float exp_fp32(float x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * (r * r) + r + 1.0f;
-  // 2^n from its exponent bits (n is in [-126, 127] after the clamp).
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return y * std::bit_cast<float>(bits);
+  // 2^n as 2^h · 2^(n-h), h = n / 2, each a normal number built from its exponent bits (n is in
+  // [-150, 0]); the last product rounds into the subnormals when it must.
+  const int32_t k = static_cast<int32_t>(n), h = k / 2;
+  return y * std::bit_cast<float>((h + 127) << 23) * std::bit_cast<float>((k - h + 127) << 23);
 }
 
 FASTDIFFINST_CPU_CLONES_AVX512
 void sigmoid_tile_f32(const float* __restrict x, float* __restrict y) {
-  for (int t = 0; t < kTile; ++t) y[t] = 1.0f / (1.0f + exp_fp32(-x[t]));
+  // mask_head::sigmoid's stable form: exp of -|x| only.
+  for (int t = 0; t < kTile; ++t) {
+    const float e = exp_fp32_nonpositive(-std::abs(x[t]));
+    y[t] = x[t] >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+  }
 }
 void sigmoid_tile_f64(const double* __restrict x, double* __restrict y) {
   for (int t = 0; t < kTile; ++t) y[t] = mask_head::sigmoid(x[t]);

@@ -123,12 +123,15 @@ def _check_targets(op: str, gt_masks: Tensor, gt_index: Tensor, mask_feats: Tens
     _checks.require_tensor(op, "gt_masks", gt_masks)
     _checks.require_tensor(op, "gt_index", gt_index)
     h, w = mask_feats.shape[2:]
-    if gt_masks.dtype != torch.uint8 or gt_masks.dim() != 3 or tuple(gt_masks.shape[1:]) != (h, w):
-        raise ValueError(f"{op}: gt_masks must be a uint8 tensor [G, {h}, {w}] (the mask-feature size), "
-                         f"got dtype {gt_masks.dtype} and shape {tuple(gt_masks.shape)}")
-    if gt_index.dtype != torch.int64 or gt_index.shape != (n,):
-        raise ValueError(f"{op}: gt_index must be an int64 tensor [N] with N = {n}, "
-                         f"got dtype {gt_index.dtype} and shape {tuple(gt_index.shape)}")
+    if gt_masks.dtype != torch.uint8:
+        raise TypeError(f"{op}: gt_masks must be a uint8 tensor (nonzero = foreground), got dtype {gt_masks.dtype}")
+    if gt_masks.dim() != 3 or tuple(gt_masks.shape[1:]) != (h, w):
+        raise ValueError(f"{op}: gt_masks must be [G, {h}, {w}] (the mask-feature size), "
+                         f"got shape {tuple(gt_masks.shape)}")
+    if gt_index.dtype != torch.int64:
+        raise TypeError(f"{op}: gt_index must be an int64 tensor, got dtype {gt_index.dtype}")
+    if gt_index.shape != (n,):
+        raise ValueError(f"{op}: gt_index must be [N] with N = {n}, got shape {tuple(gt_index.shape)}")
     _checks.require_same_device(op, "gt_masks", gt_masks, "mask_feats", mask_feats)
     _checks.require_same_device(op, "gt_index", gt_index, "mask_feats", mask_feats)
 
@@ -223,7 +226,8 @@ class DynamicMaskHead(nn.Module):
         self.num_params = num_params(self.in_channels, self.channels, self.num_layers, self.rel_coords)
 
     def _coords(self, inst_xy: Optional[Tensor], soi: Optional[Tensor]) -> RelCoords:
-        if self.rel_coords != (inst_xy is not None and soi is not None):
+        given = (inst_xy is not None, soi is not None)
+        if given != (self.rel_coords, self.rel_coords):
             raise ValueError(f"{_OP}: this head was built with rel_coords={self.rel_coords}; pass inst_xy and soi "
                              f"{'both' if self.rel_coords else 'neither'}")
         return (inst_xy, soi, self.mask_stride) if self.rel_coords else None
@@ -267,6 +271,14 @@ def _dice_backward_fake(grad_sums, mask_feats, params, *args):
     return torch.empty_like(mask_feats), torch.empty_like(params)
 
 
+def _autocast_inputs(device: str, mask_feats: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    """Features and filters in the autocast dtype; with an fp64 one (never cast down) both in fp64."""
+    if torch.float64 in (mask_feats.dtype, params.dtype):
+        return mask_feats.double(), params.double()
+    dtype = torch.get_autocast_dtype(device)
+    return mask_feats.to(dtype), params.to(dtype)
+
+
 def _register_family(head: str, head_backward: str, dice: str, dice_backward: str) -> None:
     ops = torch.ops.fastdiffinst
     torch.library.register_fake(f"fastdiffinst::{head}", _head_fake)
@@ -300,21 +312,22 @@ def _register_family(head: str, head_backward: str, dice: str, dice_backward: st
 
     torch.library.register_autograd(f"fastdiffinst::{dice}", dice_grad, setup_context=dice_setup)
 
-    # Under autocast, features and filters run in the autocast dtype (like F.conv2d, which the
-    # official head uses); the coordinates are never cast (the kernels read them in fp32).
+    # Under autocast, fp32/fp16/bf16 features and filters run in the autocast dtype (like F.conv2d,
+    # which the official head uses); fp64 is left alone, as autocast does, and the coordinates are
+    # never cast (the kernels read them in fp32).
     library = torch.library.Library("fastdiffinst", "IMPL")
     for key, device in (("AutocastCPU", "cpu"), ("AutocastCUDA", "cuda")):
         excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
         def head_autocast(mask_feats, params, *args, _excluded=excluded, _device=device):
-            dtype = torch.get_autocast_dtype(_device)
+            mask_feats, params = _autocast_inputs(_device, mask_feats, params)
             with torch._C._ExcludeDispatchKeyGuard(_excluded):
-                return getattr(ops, head)(mask_feats.to(dtype), params.to(dtype), *args)
+                return getattr(ops, head)(mask_feats, params, *args)
 
         def dice_autocast(mask_feats, params, *args, _excluded=excluded, _device=device):
-            dtype = torch.get_autocast_dtype(_device)
+            mask_feats, params = _autocast_inputs(_device, mask_feats, params)
             with torch._C._ExcludeDispatchKeyGuard(_excluded):
-                return getattr(ops, dice)(mask_feats.to(dtype), params.to(dtype), *args)
+                return getattr(ops, dice)(mask_feats, params, *args)
 
         library.impl(head, head_autocast, key)
         library.impl(dice, dice_autocast, key)

@@ -1,6 +1,6 @@
 """Plain-PyTorch dynamic mask head (CondInst / DiffusionInst), the way the official code runs it:
-per image, the mask features are tiled once per instance and three grouped 1×1 convolutions run
-with ReLU between them (``groups = N``). The parity oracle, the fallback of
+per image, the mask features are tiled once per instance and one grouped 1×1 convolution per layer
+runs (``groups = N``), with ReLU between them. The parity oracle, the fallback of
 ``fastdiffinst.ops.dynamic_mask_head`` and the "official formulation" baseline; differentiable
 through autograd. :func:`dynamic_mask_head_bmm` is the batched-matmul formulation (a strong
 baseline, not the official one).
@@ -62,6 +62,17 @@ def relative_coords(inst_xy: Tensor, soi: Tensor, height: int, width: int, strid
     return torch.stack([rx.expand(-1, height, width), ry.expand(-1, height, width)], dim=1)
 
 
+def _check_index(index: Tensor, count: int, name: str, low: int) -> None:
+    """Raises for an index outside [low, count), as the C++ kernels do (synchronises on CUDA; skipped
+    while torch.compile traces, where it would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
+    bad = (index < low) | (index >= count)
+    if index.numel() and bool(bad.any()):
+        k = int(bad.nonzero()[0, 0])
+        raise RuntimeError(f"{name}[{k}] = {int(index[k])} is out of range [{low}, {count})")
+
+
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -77,6 +88,7 @@ def dynamic_mask_head(mask_feats: Tensor, params: Tensor, image_index: Tensor, *
         inputs are computed in fp32 and rounded once at the end, like the fused kernels.
     """
     batch, feature_channels, height, width = mask_feats.shape
+    _check_index(image_index, batch, "image_index", 0)
     dtype = mask_feats.dtype
     acc = _accumulation_dtype(dtype)
     inputs = feature_channels + (COORD_CHANNELS if rel_coords is not None else 0)
@@ -118,6 +130,7 @@ def dynamic_mask_head_bmm(mask_feats: Tensor, params: Tensor, image_index: Tenso
     """Batched-matmul formulation: gathers every instance's input ``[N, C', H·W]`` and runs
     ``baddbmm`` per layer. Returns logits ``[N, H, W]`` (in ``mask_feats``' dtype)."""
     batch, feature_channels, height, width = mask_feats.shape
+    _check_index(image_index, batch, "image_index", 0)
     acc = _accumulation_dtype(mask_feats.dtype)
     inputs = feature_channels + (COORD_CHANNELS if rel_coords is not None else 0)
     weights, biases = split_params(params.to(acc), inputs, channels, num_layers)
@@ -135,6 +148,7 @@ def dynamic_mask_head_bmm(mask_feats: Tensor, params: Tensor, image_index: Tenso
 def dice_sums(probs: Tensor, gt_masks: Tensor, gt_index: Tensor) -> Tensor:
     """``[N, 3]`` = (Σ p·g, Σ p², Σ g²) per instance, with ``g = gt_masks[gt_index] != 0`` as 0/1
     and ``g = 0`` where ``gt_index == -1``; fp32 (fp64 for fp64 ``probs``)."""
+    _check_index(gt_index, gt_masks.shape[0], "gt_index", -1)
     acc = _accumulation_dtype(probs.dtype)
     p = probs.to(acc).flatten(1)
     g = (gt_masks[gt_index.clamp(min=0)] != 0).to(acc).flatten(1) * (gt_index >= 0).to(acc)[:, None]

@@ -15,25 +15,27 @@ constexpr int kCoordChannels = 2;        // CondInst's relative coordinates (x, 
 constexpr int kMaxInputs = kMaxFeatureChannels + kCoordChannels;
 
 // Flat parameters of one instance, AdelaiDet order: all weights, then all biases,
-// [W0 | W1 | ... | W_last | b0 | b1 | ... | b_last], each weight row-major [out, in].
+// [W0 | W1 | ... | W_last | b0 | b1 | ... | b_last], each weight row-major [out, in]; layer 0 takes
+// `inputs` values, the hidden layers `channels`, and the last layer has one output.
+constexpr int fan_in(int l, int inputs, int channels) { return l == 0 ? inputs : channels; }
+constexpr int fan_out(int l, int channels, int layers) { return l == layers - 1 ? 1 : channels; }
+constexpr int weight_offset(int l, int inputs, int channels, int layers) {
+  int offset = 0;
+  for (int k = 0; k < l; ++k) offset += fan_in(k, inputs, channels) * fan_out(k, channels, layers);
+  return offset;
+}
+constexpr int bias_offset(int l, int inputs, int channels, int layers) {
+  int offset = weight_offset(layers, inputs, channels, layers);
+  for (int k = 0; k < l; ++k) offset += fan_out(k, channels, layers);
+  return offset;
+}
+
 struct Layout {
   int inputs;    // width of layer 0's input: the feature channels (+ 2 coordinate channels)
   int channels;  // hidden width
   int layers;
 
-  int fan_in(int l) const { return l == 0 ? inputs : channels; }
-  int fan_out(int l) const { return l == layers - 1 ? 1 : channels; }
-  int weight_offset(int l) const {
-    int offset = 0;
-    for (int k = 0; k < l; ++k) offset += fan_in(k) * fan_out(k);
-    return offset;
-  }
-  int bias_offset(int l) const {
-    int offset = weight_offset(layers);
-    for (int k = 0; k < l; ++k) offset += fan_out(k);
-    return offset;
-  }
-  int num_params() const { return bias_offset(layers); }
+  int num_params() const { return bias_offset(layers, inputs, channels, layers); }
 };
 
 // Centre of mask pixel `index` along one axis, in image coordinates (AdelaiDet compute_locations).
@@ -49,9 +51,11 @@ inline T relative_coord(T instance, T centre, T size_of_interest) {
   return (instance - centre) / size_of_interest;
 }
 
+// 1 / (1 + exp(-x)), as exp(x) / (1 + exp(x)) for x < 0 so that tiny probabilities survive.
 template <typename T>
 inline T sigmoid(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+  const T e = std::exp(-std::abs(x));
+  return x >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
 }
 
 }  // namespace mask_head
