@@ -54,19 +54,29 @@ def _bias_offset(l: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.cons
 
 
 @triton.jit
-def _load_layer(p_ptr, l: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr,
-                CP: tl.constexpr, ACC: tl.constexpr):
-    """Layer l's weights ``[CPO, CPI]`` and bias ``[CPO]``, zero-padded: CPI is CP_IN for layer 0
-    and CP after it; CPO is CP, or 2 for the last layer (its single output is row 0)."""
+def _layer_block(l: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr,
+                 CP: tl.constexpr):
+    """Where layer l lives in an instance's parameter vector, as zero-padded blocks: offsets and masks
+    of its weights ``[CPO, CPI]`` and bias ``[CPO]``. CPI is CP_IN for layer 0 and CP after it; CPO
+    is CP, or 2 for the last layer (its single output is row 0)."""
     FAN_IN: tl.constexpr = IN if l == 0 else CH
     FAN_OUT: tl.constexpr = 1 if l == L - 1 else CH
     CPI: tl.constexpr = CP_IN if l == 0 else CP
     CPO: tl.constexpr = 2 if l == L - 1 else CP
     o = tl.arange(0, CPO)
     i = tl.arange(0, CPI)
-    mask = (o[:, None] < FAN_OUT) & (i[None, :] < FAN_IN)
-    w = tl.load(p_ptr + _weight_offset(l, IN, CH, L) + o[:, None] * FAN_IN + i[None, :], mask=mask, other=0.0)
-    b = tl.load(p_ptr + _bias_offset(l, IN, CH, L) + o, mask=o < FAN_OUT, other=0.0)
+    w_offsets = _weight_offset(l, IN, CH, L) + o[:, None] * FAN_IN + i[None, :]
+    w_mask = (o[:, None] < FAN_OUT) & (i[None, :] < FAN_IN)
+    return w_offsets, w_mask, _bias_offset(l, IN, CH, L) + o, o < FAN_OUT
+
+
+@triton.jit
+def _load_layer(p_ptr, l: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr,
+                CP: tl.constexpr, ACC: tl.constexpr):
+    """Layer l's weights and bias (the blocks of :func:`_layer_block`), zero-padded."""
+    w_offsets, w_mask, b_offsets, b_mask = _layer_block(l, IN, CH, L, CP_IN, CP)
+    w = tl.load(p_ptr + w_offsets, mask=w_mask, other=0.0)
+    b = tl.load(p_ptr + b_offsets, mask=b_mask, other=0.0)
     return w.to(ACC), b.to(ACC)
 
 
@@ -94,16 +104,10 @@ def _load_all(p_ptr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN:
 @triton.jit
 def _store_layer_grad(g_ptr, gw, gb, l: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr,
                       CP_IN: tl.constexpr, CP: tl.constexpr):
-    """Stores layer l's weight and bias gradients (the blocks of :func:`_load_layer`)."""
-    FAN_IN: tl.constexpr = IN if l == 0 else CH
-    FAN_OUT: tl.constexpr = 1 if l == L - 1 else CH
-    CPI: tl.constexpr = CP_IN if l == 0 else CP
-    CPO: tl.constexpr = 2 if l == L - 1 else CP
-    o = tl.arange(0, CPO)
-    i = tl.arange(0, CPI)
-    mask = (o[:, None] < FAN_OUT) & (i[None, :] < FAN_IN)
-    tl.store(g_ptr + _weight_offset(l, IN, CH, L) + o[:, None] * FAN_IN + i[None, :], gw, mask=mask)
-    tl.store(g_ptr + _bias_offset(l, IN, CH, L) + o, gb, mask=o < FAN_OUT)
+    """Stores layer l's weight and bias gradients (the blocks of :func:`_layer_block`)."""
+    w_offsets, w_mask, b_offsets, b_mask = _layer_block(l, IN, CH, L, CP_IN, CP)
+    tl.store(g_ptr + w_offsets, gw, mask=w_mask)
+    tl.store(g_ptr + b_offsets, gb, mask=b_mask)
 
 
 @triton.jit

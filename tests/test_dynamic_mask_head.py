@@ -377,10 +377,15 @@ def test_compile_aot_eager_fullgraph(backend):
             sums = fops.dynamic_mask_dice_sums(f, p, image_index, gt, gt_index, rel_coords=rel)
         return logits.sigmoid().mean() + ref.dice_loss_from_sums(sums).sum()
 
+    _assert_compiled_matches_eager(fn, feats, params, "aot_eager")
+
+
+def _assert_compiled_matches_eager(fn, feats, params, backend):
+    """Loss and both gradients of ``fn(feats, params)``, eager and ``torch.compile(fullgraph=True)``."""
     results = []
     for compiled in (False, True):
         f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
-        run = torch.compile(fn, fullgraph=True, backend="aot_eager") if compiled else fn
+        run = torch.compile(fn, fullgraph=True, backend=backend) if compiled else fn
         loss = run(f, p)
         loss.backward()
         results.append((loss.detach(), f.grad, p.grad))
@@ -396,15 +401,7 @@ def test_compile_inductor_matches_eager():
         return (fops.dynamic_mask_head(f + 0.5, p, image_index, sigmoid=True) * 2).sum()
 
     torch._dynamo.reset()
-    results = []
-    for compiled in (False, True):
-        f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
-        run = torch.compile(fn, fullgraph=True, backend="inductor") if compiled else fn
-        loss = run(f, p)
-        loss.backward()
-        results.append((loss.detach(), f.grad, p.grad))
-    for eager, compiled in zip(*results):
-        torch.testing.assert_close(compiled, eager)
+    _assert_compiled_matches_eager(fn, feats, params, "inductor")
 
 
 # --------------------------------------------------------------------------------------------
