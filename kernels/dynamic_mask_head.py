@@ -495,7 +495,7 @@ def _coords_args(feats: torch.Tensor, params: torch.Tensor, coords):
     """The coordinate tensors in the accumulation dtype (a dummy pointer when absent)."""
     if coords is None:
         return params, params
-    acc = torch.float64 if feats.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(feats.dtype)
     return coords[0].to(acc).contiguous(), coords[1].to(acc).contiguous()
 
 

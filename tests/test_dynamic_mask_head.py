@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import fastdiffinst.ops as fops
 from fastdiffinst.reference import dynamic_mask_head as ref
-from tests.utils import assert_close_to_f64, deterministic_with_nan_fill, nan_count, tolerance
+from utils import assert_close_to_f64, deterministic_with_nan_fill, nan_count, runs_at_two_thread_counts, tolerance
 
 # On a GPU machine the Triton kernels are tested compiled, on CUDA tensors (the cuda-marked tests);
 # on CPU tensors they run through the interpreter, which conftest turns on only without a GPU.
@@ -425,6 +425,25 @@ def test_outputs_fully_written_and_deterministic(backend):
 
 
 @pytest.mark.skipif(not _INTERPRETING, reason="Triton on CPU tensors needs the interpreter")
+def test_cpp_results_do_not_depend_on_the_thread_count():
+    """Fixed 2048-pixel chunks: bitwise-equal logits, dice sums and gradients with 1 and 2 threads
+    (a 2-image, 3-chunk map, so both threads get work)."""
+    feats, params, image_index, rel = _case(coords=True, batch=2, n=5, height=47, width=101)
+    gt, gt_index = _targets(5, 47, 101)
+
+    def run():
+        f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
+        out = _run("cpp", fops.dynamic_mask_head, f, p, image_index, rel_coords=rel, sigmoid=True)
+        sums = _run("cpp", fops.dynamic_mask_dice_sums, f, p, image_index, gt, gt_index, rel_coords=rel)
+        (out.square().sum() + sums.sum()).backward()
+        return out, sums, f.grad, p.grad
+
+    first, second, single = runs_at_two_thread_counts(run)
+    for a, b, s in zip(first, second, single):
+        assert torch.count_nonzero(a) > 0
+        assert torch.equal(a, b) and torch.equal(a, s)
+
+
 def test_triton_atomic_and_deterministic_feature_gradients_agree():
     feats, params, image_index, rel = _case(coords=True, batch=3)
     grads = []

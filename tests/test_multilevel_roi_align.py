@@ -15,7 +15,7 @@ from torch import Tensor
 import fastdiffinst.ops as fops
 from fastdiffinst import reference
 from utils import (as_rois, assert_close_to_f64, deterministic_with_nan_fill, nan_count, random_boxes, tolerance,
-                   torchvision_roi_align, with_batch_index)
+                   runs_at_two_thread_counts, torchvision_roi_align, with_batch_index)
 
 native = torch.ops.fastdiffinst
 
@@ -401,15 +401,8 @@ def test_backward_deterministic():
     def backward():
         return grads(lambda f: fops.multilevel_roi_align(f, rois, OUT, SCALES, 2, True), features, go)[1]
 
-    threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True)  # restored by the conftest fixture
-    try:
-        torch.set_num_threads(2)
-        first, second = backward(), backward()
-        torch.set_num_threads(1)
-        single = backward()
-    finally:
-        torch.set_num_threads(threads)
+    first, second, single = runs_at_two_thread_counts(backward)
     for a, b, s in zip(first, second, single):
         assert torch.count_nonzero(a) > 0
         assert torch.equal(a, b) and torch.equal(a, s)

@@ -12,7 +12,7 @@ from torch import Tensor
 import fastdiffinst.ops as fops
 from fastdiffinst import reference
 from utils import (as_rois, assert_close_to_f64, deterministic_with_nan_fill, edge_case_boxes, nan_count,
-                   random_boxes, tolerance, with_batch_index)
+                   random_boxes, runs_at_two_thread_counts, tolerance, with_batch_index)
 from utils import torchvision_roi_align as tv_roi_align
 
 native = torch.ops.fastdiffinst
@@ -384,14 +384,7 @@ def test_backward_deterministic_across_runs_and_threads():
     def backward():
         return grads(lambda t: fops.roi_align(t, rois, OUT, 0.5, -1, True), x, go)[1]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        first, second = backward(), backward()
-        torch.set_num_threads(1)
-        single = backward()
-    finally:
-        torch.set_num_threads(threads)
+    first, second, single = runs_at_two_thread_counts(backward)
     assert torch.count_nonzero(first) > 0
     assert torch.equal(first, second)
     assert torch.equal(first, single)

@@ -47,6 +47,20 @@ def deterministic_with_nan_fill() -> Iterator[None]:
         det.fill_uninitialized_memory = previous[1]
 
 
+def runs_at_two_thread_counts(fn):
+    """``fn()`` twice with 2 threads and once with 1: results that must be bitwise equal when the
+    kernels do not depend on the thread count. Restores the thread count."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first, second = fn(), fn()
+        torch.set_num_threads(1)
+        single = fn()
+    finally:
+        torch.set_num_threads(threads)
+    return first, second, single
+
+
 def random_boxes(n: int, width: float, height: float, min_size: float = 1.0, max_size: float | None = None,
                  generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """``n`` xyxy boxes with log-uniform side lengths, centres anywhere in the image (so some stick

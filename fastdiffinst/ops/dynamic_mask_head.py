@@ -38,8 +38,7 @@ _dispatch.register_op(
 _MAX_CHANNELS = 16  # csrc/ops/common/dynamic_mask_head_math.h
 _MAX_FEATURE_CHANNELS = 64
 _MAX_LAYERS = 4
-
-RelCoords = Optional[tuple[Tensor, Tensor, int]]
+RelCoords = reference.RelCoords
 
 
 def num_params(in_channels: int, channels: int = 8, num_layers: int = 3, rel_coords: bool = False) -> int:
@@ -380,9 +379,8 @@ def _define_triton_ops() -> None:
 try:
     import triton  # noqa: F401
 except ImportError:  # pragma: no cover - triton ships with torch's Linux wheels
-    _HAS_TRITON = False
+    pass  # the "triton" backend then reports itself missing (fastdiffinst.ops._dispatch)
 else:
-    _HAS_TRITON = True
     _define_triton_ops()
     _register_family("dynamic_mask_head_triton", "_dynamic_mask_head_triton_backward",
                      "dynamic_mask_dice_sums_triton", "_dynamic_mask_dice_sums_triton_backward")
