@@ -1,0 +1,160 @@
+"""Official checkpoints and ImageNet backbone weights (spec §9). Nothing is downloaded.
+
+* :func:`convert_official` maps an official DiffusionInst (detectron2) state dict onto
+  :class:`fastdiffinst.modeling.DiffusionInst`: the mask branch moves from ``head.`` to
+  ``mask_branch.``; the 12 float64 schedule buffers are checked against the cosine schedule we
+  regenerate, then dropped (the model keeps its schedule outside the state dict). Everything else —
+  the packed ``in_proj`` of the attention, the ``[P1 | P2]`` layout of ``dynamic_layer``, FrozenBN
+  buffers, ResNet/Swin ``bottom_up.*`` names — already has our layout.
+* :func:`load_official` converts and loads strictly; a checkpoint of another configuration raises
+  with the missing, unexpected and mis-shaped keys listed.
+* :func:`load_backbone_weights` loads ImageNet weights into the backbone from a torchvision
+  ``.pth`` (``conv1``, ``layer1.0.bn1``, ...) or a detectron2-named pickle (``stem.conv1``,
+  ``res2.0.conv1.norm``, ...). Caffe2-style names (``res2_0_branch2a_w``) are rejected.
+
+``.pkl`` files are Python pickles (detectron2's format) and can execute code when loaded: load only
+files you trust. ``.pth`` files are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from fastdiffinst.reference.box_diffusion import cosine_schedule
+
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2")
+# Official prefix -> ours, first match wins.
+_RENAMES = (("head.mask_refine.", "mask_branch.mask_refine."), ("head.mask_head.", "mask_branch.mask_head."))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model or the expected format."""
+
+
+def _read(path: str | os.PathLike) -> Any:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.endswith(".pkl"):
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Tensor]:
+    """A flat ``name -> Tensor`` dict from a path, a detectron2 checkpoint dict (``{"model": ...}``)
+    or a state dict; numpy arrays (detectron2 pickles) become tensors."""
+    data = _read(source) if isinstance(source, (str, os.PathLike)) else source
+    if isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):
+        data = data["model"]
+    elif isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
+        data = data["state_dict"]
+    if not isinstance(data, Mapping):
+        raise CheckpointError(f"a checkpoint must hold a state dict, got {type(data).__name__}")
+    out = {}
+    for name, value in data.items():
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"checkpoint entry {name!r} is not a tensor (got {type(value).__name__})")
+        out[name] = value
+    return out
+
+
+def convert_official(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Tensor]:
+    """An official DiffusionInst state dict (or checkpoint path / dict) -> our state dict.
+
+    Raises :class:`CheckpointError` when the schedule buffers differ from the cosine schedule.
+    """
+    state = _state_dict(source)
+    if any(k.startswith("module.") for k in state):
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    schedule = cosine_schedule()
+    out = {}
+    for name, value in state.items():
+        if name in SCHEDULE_BUFFERS:
+            expected = getattr(schedule, name)
+            if value.shape != expected.shape or not torch.allclose(value.double(), expected, rtol=1e-9, atol=1e-12):
+                raise CheckpointError(f"schedule buffer {name!r} differs from the cosine schedule (T = 1000) this "
+                                      f"implementation uses")
+            continue
+        for old, new in _RENAMES:
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
+        out[name] = value
+    return out
+
+
+def load_into(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    """``module.load_state_dict(state, strict=True)`` with one error that lists every missing,
+    unexpected and mis-shaped key."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(f"{k}: checkpoint {tuple(state[k].shape)}, model {tuple(own[k].shape)}"
+                    for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or shapes:
+        def listing(title: str, items: list[str]) -> str:
+            shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+            return f"\n  {title} ({len(items)}):\n    {shown}" if items else ""
+
+        raise CheckpointError(f"{what} does not match the model (a checkpoint of another configuration?)"
+                              + listing("missing keys", missing) + listing("unexpected keys", unexpected)
+                              + listing("shape mismatches", shapes))
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def load_official(model: nn.Module, source: Mapping[str, Any] | str | os.PathLike) -> None:
+    """Loads an official DiffusionInst checkpoint into ``model`` strictly (see :func:`convert_official`)."""
+    load_into(model, convert_official(source), "the official checkpoint")
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageNet backbone weights
+
+_CAFFE2 = re.compile(r"(^|\.)(conv1_w|res_conv1_bn_[sb]|res\d_\d+_branch\d[abc]?_(w|bn_[sb]))$")
+
+
+def _torchvision_to_detectron2(name: str) -> str | None:
+    """torchvision ResNet names -> detectron2's (``None`` for the classifier and BN counters)."""
+    if name.startswith("fc.") or name.endswith("num_batches_tracked"):
+        return None
+    name = re.sub(r"^conv1\.", "stem.conv1.", name)
+    name = re.sub(r"^bn1\.", "stem.conv1.norm.", name)
+    name = re.sub(r"^layer(\d)\.", lambda m: f"res{int(m.group(1)) + 1}.", name)
+    name = re.sub(r"\.bn(\d)\.", r".conv\1.norm.", name)
+    name = re.sub(r"\.downsample\.0\.", ".shortcut.", name)
+    name = re.sub(r"\.downsample\.1\.", ".shortcut.norm.", name)
+    return name
+
+
+def backbone_state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Tensor]:
+    """ImageNet weights -> the names of our ``bottom_up`` backbone (detectron2's)."""
+    state = _state_dict(source)
+    if any(_CAFFE2.search(k) for k in state):
+        raise CheckpointError("these are Caffe2-style weights (names like 'res2_0_branch2a_w'); convert them to "
+                              "torchvision or detectron2 names first (e.g. load a torchvision .pth instead)")
+    if any(k.startswith("layer1.") for k in state):
+        return {new: v for k, v in state.items() if (new := _torchvision_to_detectron2(k)) is not None}
+    for prefix in ("backbone.bottom_up.", "bottom_up."):
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def load_backbone_weights(model: nn.Module, source: Mapping[str, Any] | str | os.PathLike) -> None:
+    """Loads ImageNet weights into ``model.backbone.bottom_up`` strictly (FPN, mask branch and head
+    keep their initialisation)."""
+    load_into(model.backbone.bottom_up, backbone_state_dict(source), "the backbone weights")

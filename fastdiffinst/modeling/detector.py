@@ -1,0 +1,270 @@
+"""DiffusionInst (spec §1, §3, §5): backbone + FPN, mask branch, DiffusionDet decoder with the
+controller, DDIM sampling over boxes, and post-processing to instances.
+
+``DiffusionInst(cfg, ops_impl="fused")`` runs on the fused ops (multi-level RoIAlign, box
+diffusion, dynamic mask head); ``ops_impl="reference"`` runs the same weights on the official
+formulations (per-level torchvision RoIAlign, per-image float64 DDIM math, grouped-conv mask
+head). Backbone, FPN and mask features are computed once per image batch, not once per DDIM step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastdiffinst import ops
+from fastdiffinst.config import ModelConfig
+from fastdiffinst.modeling.dynamic_head import DynamicHead
+from fastdiffinst.modeling.fpn import FPN
+from fastdiffinst.modeling.mask_branch import MaskBranch
+from fastdiffinst.modeling.poolers import FusedRoIPooler, OfficialRoIPooler
+from fastdiffinst.modeling.postprocess import (Candidates, mask_chunk_size, paste_masks, scale_and_clip_boxes,
+                                               select_detections, topk_candidates)
+from fastdiffinst.modeling.resnet import ResNet
+from fastdiffinst.modeling.sampler import (DrawFn, DrawSource, GeneratorDraws, HeadOutput, OfficialDraws, SamplingStep,
+                                           ddim_sample)
+from fastdiffinst.reference import dynamic_mask_head as reference_mask_head
+from fastdiffinst.reference.box_diffusion import DiffusionSchedule, cosine_schedule
+
+OPS_IMPLS = ("fused", "reference")
+
+
+@dataclass
+class ImageBatch:
+    """Normalised images padded to a multiple of the size divisibility.
+
+    ``tensor [B, 3, Hp, Wp]`` (zero padding after normalisation, bottom/right), ``image_sizes``
+    the unpadded (h, w) of each image, ``images_whwh [B, 4]`` fp32 (w, h, w, h)."""
+
+    tensor: Tensor
+    image_sizes: list[tuple[int, int]]
+    images_whwh: Tensor
+
+
+@dataclass
+class Features:
+    """What the sampler reuses across DDIM steps: ``pyramid`` P2–P5 and ``mask_feats
+    [B, 8, Hp/4, Wp/4]``."""
+
+    pyramid: list[Tensor]
+    mask_feats: Tensor
+
+
+def build_bottom_up(cfg: ModelConfig) -> nn.Module:
+    if cfg.backbone.name == "resnet":
+        return ResNet(cfg.backbone.resnet)
+    from fastdiffinst.modeling.swin import SwinTransformer
+
+    swin = cfg.backbone.swin
+    return SwinTransformer(embed_dim=swin.embed_dim, depths=tuple(swin.depths), num_heads=tuple(swin.num_heads),
+                           window_size=swin.window_size, mlp_ratio=swin.mlp_ratio, drop_path_rate=swin.drop_path_rate)
+
+
+class DiffusionInst(nn.Module):
+    """The model. ``model(images)`` (eval mode) returns one dict per image with ``boxes [M, 4]``
+    (fp32 xyxy in output pixels), ``scores [M]``, ``labels [M]`` int64 and ``masks [M, H, W]``
+    bool, in descending score order.
+
+    Args:
+        cfg: a :class:`fastdiffinst.config.ModelConfig` (see ``fastdiffinst.config.get_config``).
+        ops_impl: ``"fused"`` (our kernels) or ``"reference"`` (the official formulations).
+        compile: ``torch.compile`` the backbone, the mask branch and the decoder (``fullgraph``).
+    """
+
+    def __init__(self, cfg: ModelConfig, ops_impl: str = "fused", compile: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg.validate()
+        head_cfg = cfg.head
+        self.backbone = FPN(build_bottom_up(cfg), cfg.backbone.fpn_channels)
+        self.mask_branch = MaskBranch(cfg.backbone.fpn_channels, head_cfg.mask_branch_channels,
+                                      head_cfg.mask_tower_convs, head_cfg.mask_feat_channels)
+        self.num_kernel_params = ops.dynamic_mask_head_num_params(head_cfg.mask_feat_channels,
+                                                                  head_cfg.mask_head_channels,
+                                                                  head_cfg.mask_head_layers)
+        scales = [1.0 / s for s in self.backbone.out_strides]
+        self.head = DynamicHead(head_cfg, cfg.num_classes, self.num_kernel_params,
+                                FusedRoIPooler(head_cfg.pooler_resolution, scales, head_cfg.pooler_sampling_ratio))
+        self.register_buffer("pixel_mean", torch.tensor(cfg.input.pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.input.pixel_std).view(3, 1, 1), persistent=False)
+        self._schedules: dict[torch.device, DiffusionSchedule] = {}
+        self.ops_impl = "fused"
+        self.set_ops_impl(ops_impl)
+        self.compiled = bool(compile)
+        # A plain dict, so the compiled wrappers are not registered as submodules (their
+        # parameters would appear twice in the state dict).
+        self._runners = {"backbone": self.backbone, "mask_branch": self.mask_branch, "head": self.head}
+        if compile:
+            self._runners = {"backbone": torch.compile(self.backbone), "mask_branch": torch.compile(self.mask_branch),
+                             "head": torch.compile(self.head, fullgraph=True)}
+
+    # ------------------------------------------------------------------------------------------
+    # Configuration
+
+    def set_ops_impl(self, ops_impl: str) -> None:
+        """Switches between our kernels (``"fused"``) and the official formulations
+        (``"reference"``) for the same weights."""
+        if ops_impl not in OPS_IMPLS:
+            raise ValueError(f"ops_impl must be one of {OPS_IMPLS}, got {ops_impl!r}")
+        head_cfg = self.cfg.head
+        pooler = FusedRoIPooler if ops_impl == "fused" else OfficialRoIPooler
+        self.head.box_pooler = pooler(head_cfg.pooler_resolution, self.head.box_pooler.scales,
+                                      head_cfg.pooler_sampling_ratio)
+        self.ops_impl = ops_impl
+
+    def schedule(self, device: torch.device) -> DiffusionSchedule:
+        """The float64 cosine schedule on ``device`` (kept out of the buffers so that casting the
+        model to a lower precision never touches it)."""
+        if device not in self._schedules:
+            base = cosine_schedule()
+            self._schedules[device] = DiffusionSchedule(*(getattr(base, f).to(device)
+                                                          for f in base.__dataclass_fields__))
+        return self._schedules[device]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------------------------------
+    # Pieces of the forward pass
+
+    def preprocess(self, images: Sequence[Tensor] | Tensor) -> ImageBatch:
+        """RGB images ``[3, H, W]`` (0–255, any real dtype), or a ``[B, 3, H, W]`` tensor, ->
+        normalised and padded :class:`ImageBatch`."""
+        if isinstance(images, Tensor):
+            if images.dim() != 4:
+                raise ValueError(f"images must be a list of [3, H, W] tensors or one [B, 3, H, W] tensor, "
+                                 f"got a tensor of shape {tuple(images.shape)}")
+            images = list(images)
+        if not isinstance(images, (list, tuple)) or len(images) == 0:
+            raise ValueError("images must be a non-empty list of [3, H, W] tensors")
+        for i, image in enumerate(images):
+            if not isinstance(image, Tensor):
+                raise TypeError(f"images[{i}] must be a Tensor, got {type(image).__name__}")
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"images[{i}] must be [3, H, W] (RGB, channels first), got shape {tuple(image.shape)}")
+            if image.dtype == torch.bool or image.is_complex():
+                raise TypeError(f"images[{i}] must be real-valued (uint8 or float 0-255), got {image.dtype}")
+            if image.shape[1] < 1 or image.shape[2] < 1:
+                raise ValueError(f"images[{i}] is empty: shape {tuple(image.shape)}")
+        divisor = self.backbone.size_divisibility
+        sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+        pad_h = -(-max(h for h, _ in sizes) // divisor) * divisor
+        pad_w = -(-max(w for _, w in sizes) // divisor) * divisor
+        batch = torch.zeros((len(images), 3, pad_h, pad_w), dtype=torch.float32, device=self.device)
+        for i, (image, (h, w)) in enumerate(zip(images, sizes)):
+            batch[i, :, :h, :w] = (image.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
+        whwh = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=torch.float32, device=self.device)
+        return ImageBatch(batch, sizes, whwh)
+
+    def extract_features(self, images: Tensor) -> Features:
+        """``[B, 3, Hp, Wp]`` -> P2–P5 and the mask features, computed once."""
+        pyramid = self._runners["backbone"](images)
+        return Features(pyramid, self._runners["mask_branch"](pyramid))
+
+    def run_head(self, features: Features, boxes: Tensor, t: Tensor) -> HeadOutput:
+        """The decoder on ``boxes [B, N, 4]`` at timesteps ``t [B]``. The boxes are cast to fp32
+        first: the official pooler (``Boxes``) and box decoding do the same."""
+        return HeadOutput(*self._runners["head"](features.pyramid, boxes.float(), t))
+
+    def mask_logits(self, mask_feats: Tensor, kernels: Tensor, image_index: Tensor, sigmoid: bool = False) -> Tensor:
+        """Dynamic mask head: ``kernels [n, P]`` of instances of images ``image_index [n]`` on
+        ``mask_feats [B, C, H, W]`` -> ``[n, H, W]`` logits (probabilities with ``sigmoid``)."""
+        head = self.cfg.head
+        if self.ops_impl == "fused":
+            return ops.dynamic_mask_head(mask_feats, kernels, image_index, channels=head.mask_head_channels,
+                                         num_layers=head.mask_head_layers, sigmoid=sigmoid)
+        return reference_mask_head.dynamic_mask_head(mask_feats, kernels, image_index, channels=head.mask_head_channels,
+                                                     num_layers=head.mask_head_layers, sigmoid=sigmoid)
+
+    def sample(self, features: Features, images_whwh: Tensor, generator: torch.Generator | None = None,
+               draws: DrawFn | DrawSource | None = None) -> list[SamplingStep]:
+        """DDIM sampling from Gaussian boxes (``cfg.sampler``); ``draws`` replays the official
+        random draws (a hook, batch 1) or is a :class:`DrawSource`; otherwise every draw comes from
+        ``generator``."""
+        if isinstance(draws, DrawSource):
+            source = draws
+        elif draws is not None:
+            source = OfficialDraws(draws)
+        else:
+            source = GeneratorDraws(generator, self.cfg.sampler.sample_steps)
+        return ddim_sample(lambda boxes, t: self.run_head(features, boxes, t), images_whwh, self.cfg.num_proposals,
+                           self.schedule(images_whwh.device), self.cfg.sampler, source, self.ops_impl == "fused")
+
+    def ensemble_steps(self, steps: list[SamplingStep]) -> list[SamplingStep]:
+        """The steps whose predictions become candidates: the last one, or with the ensemble every
+        step (the official ensemble drops the last step, ShoufaChen/DiffusionDet#56)."""
+        sampler = self.cfg.sampler
+        if not sampler.use_ensemble or len(steps) == 1:
+            return steps[-1:]
+        return steps[:-1] if sampler.official_ensemble else steps
+
+    def candidates(self, steps: list[SamplingStep]) -> list[Candidates]:
+        """Per image, the top-N (proposal, class) pairs of the last stage of each ensembled step."""
+        per_step = []
+        for step in self.ensemble_steps(steps):
+            head = step.head
+            per_step.append(topk_candidates(head.class_logits[-1], head.boxes[-1], head.kernels[-1],
+                                            self.cfg.num_proposals))
+        return [Candidates.cat([Candidates(*(part[b] for part in step)) for step in per_step])
+                for b in range(steps[0].in_boxes.shape[0])]
+
+    def postprocess(self, detections: Candidates, mask_feats: Tensor, image_index: int, image_size: tuple[int, int],
+                    output_size: tuple[int, int]) -> dict[str, Tensor]:
+        """One image's NMS-kept detections -> its instances at ``output_size`` (spec §5.4)."""
+        n = detections.kernels.shape[0]
+        boxes = scale_and_clip_boxes(detections.boxes.float(), image_size, output_size)
+        masks = torch.zeros((n,) + tuple(output_size), dtype=torch.bool, device=mask_feats.device)
+        # Chunks of instances bound the full-resolution temporaries (mask_chunk_size).
+        chunk = mask_chunk_size((mask_feats.shape[2] * 4, mask_feats.shape[3] * 4), output_size)
+        for start in range(0, n, chunk):
+            kernels = detections.kernels[start:start + chunk]
+            index = torch.full((kernels.shape[0],), image_index, dtype=torch.int64, device=mask_feats.device)
+            probs = self.mask_logits(mask_feats, kernels, index, sigmoid=True)
+            masks[start:start + chunk] = paste_masks(probs, boxes[start:start + chunk], image_size, output_size)
+        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return {"boxes": boxes[nonempty], "scores": detections.scores[nonempty],
+                "labels": detections.labels[nonempty], "masks": masks[nonempty]}
+
+    # ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, batch: ImageBatch, output_sizes: Sequence[tuple[int, int]] | None = None,
+                generator: torch.Generator | None = None,
+                draws: DrawFn | DrawSource | None = None) -> list[dict[str, Tensor]]:
+        """Instances of a preprocessed :class:`ImageBatch` (see :meth:`forward`)."""
+        if output_sizes is None:
+            output_sizes = batch.image_sizes
+        if len(output_sizes) != len(batch.image_sizes):
+            raise ValueError(f"output_sizes must have one (H, W) per image ({len(batch.image_sizes)}), "
+                             f"got {len(output_sizes)}")
+        features = self.extract_features(batch.tensor)
+        steps = self.sample(features, batch.images_whwh, generator=generator, draws=draws)
+        results = []
+        for b, candidates in enumerate(self.candidates(steps)):
+            detections = select_detections(candidates, self.cfg.sampler.nms_iou, self.cfg.sampler.use_nms)
+            results.append(self.postprocess(detections, features.mask_feats, b, batch.image_sizes[b],
+                                            tuple(int(s) for s in output_sizes[b])))
+        return results
+
+    def forward(self, images: Sequence[Tensor] | Tensor, output_sizes: Sequence[tuple[int, int]] | None = None,
+                generator: torch.Generator | None = None,
+                draws: DrawFn | DrawSource | None = None) -> list[dict[str, Tensor]]:
+        """Instance segmentation of ``images`` (see :meth:`preprocess`).
+
+        Args:
+            output_sizes: per image, the (H, W) to report results at (e.g. the original size
+                before a test-time resize); default the input size.
+            generator: source of the sampler's random boxes.
+            draws: the official-order draw hook ``(shape, dtype, device) -> Tensor`` (batch 1),
+                for replaying the official code, or a :class:`DrawSource`.
+        """
+        return self.predict(self.preprocess(images), output_sizes, generator, draws)
+
+    def num_parameters(self, trainable: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
+
+
+__all__ = ["DiffusionInst", "Features", "ImageBatch", "OPS_IMPLS", "build_bottom_up"]

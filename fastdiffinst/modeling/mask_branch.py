@@ -1,0 +1,69 @@
+"""DiffusionInst's mask branch (spec §1.4) and the aligned bilinear upsampling it shares with the
+post-processing.
+
+P2, P3, P4 each pass Conv3×3 → BatchNorm → ReLU (``mask_refine``); P3 and P4 are upsampled to P2's
+size with :func:`aligned_bilinear` and summed; a tower of Conv3×3 → BN → ReLU blocks and a final
+1×1 conv give the mask features (8 channels at stride 4). Parameter names follow the official
+``head.mask_refine.{i}.{0,1}`` / ``head.mask_head.{k}.{0,1}`` / ``head.mask_head.{last}``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def aligned_bilinear(x: Tensor, factor: int) -> Tensor:
+    """CondInst's aligned ×``factor`` upsampling: ``[B, C, h, w] -> [B, C, f·h, f·w]``.
+
+    Input pixel i lands on output index ``f·i + f//2`` (pixel centres stay aligned with a stride-f
+    map): replicate-pad right/bottom by 1, bilinear with ``align_corners=True`` to
+    ``(f·h + 1, f·w + 1)``, replicate-pad left/top by ``f // 2``, crop to ``(f·h, f·w)``.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"aligned_bilinear: x must be [B, C, H, W], got shape {tuple(x.shape)}")
+    if factor < 1 or int(factor) != factor:
+        raise ValueError(f"aligned_bilinear: factor must be a positive integer, got {factor!r}")
+    if factor == 1:
+        return x
+    h, w = x.shape[2:]
+    x = F.pad(x, (0, 1, 0, 1), mode="replicate")
+    x = F.interpolate(x, size=(factor * h + 1, factor * w + 1), mode="bilinear", align_corners=True)
+    x = F.pad(x, (factor // 2, 0, factor // 2, 0), mode="replicate")
+    return x[:, :, :factor * h, :factor * w]
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU())
+
+
+class MaskBranch(nn.Module):
+    """``forward([P2, P3, P4, ...]) -> mask_feats [B, out_channels, H/4, W/4]`` (levels beyond P4
+    are ignored, as in the official code)."""
+
+    num_levels = 3
+
+    def __init__(self, in_channels: int, channels: int = 128, tower_convs: int = 4, out_channels: int = 8) -> None:
+        super().__init__()
+        self.mask_refine = nn.ModuleList(_conv_bn_relu(in_channels, channels) for _ in range(self.num_levels))
+        tower = [_conv_bn_relu(channels, channels) for _ in range(tower_convs)]
+        self.mask_head = nn.Sequential(*tower, nn.Conv2d(channels, out_channels, 1))
+        self.out_channels = out_channels
+        # The official head's reset gives every conv weight xavier-uniform (biases keep their defaults).
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        if len(features) < self.num_levels:
+            raise ValueError(f"MaskBranch needs P2-P4 ({self.num_levels} levels), got {len(features)}")
+        x = self.mask_refine[0](features[0])
+        for refine, feature in zip(self.mask_refine[1:], features[1:self.num_levels]):
+            y = refine(feature)
+            factor_h, factor_w = x.shape[2] // y.shape[2], x.shape[3] // y.shape[3]
+            if factor_h != factor_w or x.shape[2] != factor_h * y.shape[2] or x.shape[3] != factor_w * y.shape[3]:
+                raise ValueError(f"MaskBranch: level of size {tuple(y.shape[2:])} does not divide P2's "
+                                 f"{tuple(x.shape[2:])}; pad images to a multiple of 32")
+            x = x + aligned_bilinear(y, factor_h)
+        return self.mask_head(x)
