@@ -179,6 +179,7 @@ class DiffusionInst(nn.Module):
         return reference_mask_head.dynamic_mask_head(mask_feats, kernels, image_index, channels=head.mask_head_channels,
                                                      num_layers=head.mask_head_layers, sigmoid=sigmoid)
 
+    @torch.no_grad()
     def sample(self, features: Features, images_whwh: Tensor, generator: torch.Generator | None = None,
                draws: DrawFn | DrawSource | None = None) -> list[SamplingStep]:
         """DDIM sampling from Gaussian boxes (``cfg.sampler``); ``draws`` replays the official

@@ -2,7 +2,7 @@
 
 1. :func:`topk_candidates` — top-N over the flattened (proposal × class) sigmoid scores, with the
    box and the filters of each chosen proposal (a proposal can appear under several classes).
-2. :func:`select_detections` — class-aware NMS (IoU 0.5) of one image's candidates, in descending
+2. :func:`nms_keep` / :func:`select_detections` — class-aware NMS (IoU 0.5) of one image's candidates, in descending
    score order; no score threshold, as the official code.
 3. :func:`paste_masks` — sigmoid masks at stride 4 → aligned ×4 upsampling → crop to the unpadded
    size → bilinear resize to the output size → threshold 0.5 → zero outside the (truncated) box;
@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -28,27 +29,29 @@ MAX_MASK_CHUNK = 64
 @dataclass
 class Candidates:
     """Per image: ``boxes [M, 4]`` (absolute xyxy), ``scores [M]``, ``labels [M]`` int64,
-    ``kernels [M, P]``."""
+    ``kernels [M, P]`` and ``proposals [M]`` int64 (the proposal each came from)."""
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
     kernels: Tensor
+    proposals: Tensor
 
     def __getitem__(self, index: Tensor) -> "Candidates":
-        return Candidates(self.boxes[index], self.scores[index], self.labels[index], self.kernels[index])
+        return Candidates(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
     @staticmethod
     def cat(parts: list["Candidates"]) -> "Candidates":
-        return Candidates(*(torch.cat([getattr(p, f) for p in parts]) for f in ("boxes", "scores", "labels", "kernels")))
+        return Candidates(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Candidates)))
 
 
-def topk_candidates(class_logits: Tensor, boxes: Tensor, kernels: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def topk_candidates(class_logits: Tensor, boxes: Tensor, kernels: Tensor,
+                    k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Top-``k`` (proposal, class) pairs of every image.
 
     Args: ``class_logits [B, N, K]``, ``boxes [B, N, 4]``, ``kernels [B, N, P]``.
-    Returns ``(boxes [B, k, 4], scores [B, k], labels [B, k], kernels [B, k, P])`` in
-    ``topk(sorted=False)`` order, as the official code.
+    Returns ``(boxes [B, k, 4], scores [B, k], labels [B, k], kernels [B, k, P], proposals [B, k])``
+    in ``topk(sorted=False)`` order, as the official code.
     """
     num_classes = class_logits.shape[-1]
     scores, flat = torch.sigmoid(class_logits).flatten(1).topk(k, dim=1, sorted=False)
@@ -56,18 +59,20 @@ def topk_candidates(class_logits: Tensor, boxes: Tensor, kernels: Tensor, k: int
     labels = flat - proposal * num_classes
     pick_boxes = torch.gather(boxes, 1, proposal[..., None].expand(-1, -1, 4))
     pick_kernels = torch.gather(kernels, 1, proposal[..., None].expand(-1, -1, kernels.shape[-1]))
-    return pick_boxes, scores, labels, pick_kernels
+    return pick_boxes, scores, labels, pick_kernels, proposal
+
+
+def nms_keep(candidates: Candidates, iou_threshold: float) -> Tensor:
+    """Indices of the candidates kept by class-aware NMS (torchvision ``batched_nms``, as
+    detectron2), by descending score."""
+    from torchvision.ops import batched_nms
+
+    return batched_nms(candidates.boxes.float(), candidates.scores, candidates.labels, iou_threshold)
 
 
 def select_detections(candidates: Candidates, iou_threshold: float, use_nms: bool) -> Candidates:
-    """Class-aware NMS (torchvision ``batched_nms``, as detectron2) -> kept candidates by
-    descending score."""
-    if not use_nms:
-        return candidates
-    from torchvision.ops import batched_nms
-
-    keep = batched_nms(candidates.boxes.float(), candidates.scores, candidates.labels, iou_threshold)
-    return candidates[keep]
+    """The candidates kept by :func:`nms_keep` (all of them without NMS)."""
+    return candidates[nms_keep(candidates, iou_threshold)] if use_nms else candidates
 
 
 def scale_and_clip_boxes(boxes: Tensor, image_size: tuple[int, int], output_size: tuple[int, int]) -> Tensor:

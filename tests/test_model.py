@@ -1,0 +1,417 @@
+"""The DiffusionInst model on random weights: module shapes and semantics against independent
+computations, fused vs reference ops, batch vs per-image inference, the sampler's draw sources,
+bad input, torch.compile, and the parameter count of the official R-50 COCO model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdiffinst.config import PRESETS, get_config, override, replace_path
+from fastdiffinst.modeling import DiffusionInst, DrawSource, GeneratorDraws, ImageBatch
+from fastdiffinst.modeling.dynamic_head import DynamicConv, SinusoidalTimeEmbedding, apply_deltas
+from fastdiffinst.modeling.mask_branch import MaskBranch, aligned_bilinear
+from fastdiffinst.modeling.postprocess import mask_chunk_size, paste_masks, topk_candidates
+from fastdiffinst.modeling.resnet import FrozenBatchNorm2d, ResNet
+from model_fixture import assert_close_rel
+
+
+def small_model(ops_impl: str = "fused", **fields) -> DiffusionInst:
+    cfg = get_config("official_small")
+    for path, value in fields.items():
+        cfg = replace_path(cfg, path.replace("__", "."), value)
+    torch.manual_seed(0)
+    model = DiffusionInst(cfg, ops_impl=ops_impl).eval()
+    # Condition the random weights as the golden fixture does: small box regressors (random ones push
+    # the boxes off the image within three stages, which makes any rounding difference explode), and
+    # class logits that vary between proposals around 0 so that renewal, top-k and NMS make real
+    # decisions.
+    with torch.no_grad():
+        for stage in model.head.head_series:
+            stage.bboxes_delta.weight.mul_(0.1)
+            stage.bboxes_delta.bias.mul_(0.1)
+            stage.class_logits.weight.mul_(3.0)
+            stage.class_logits.bias.fill_(-4.0)
+    return model
+
+
+def images(sizes, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+
+
+# ------------------------------------------------------------------------------------------------
+# Modules
+
+
+@pytest.mark.parametrize("depth, widths", [(18, (32, 64, 128, 256)), (50, (32, 64, 128, 256))])
+def test_resnet_shapes_and_freezing(depth, widths):
+    from fastdiffinst.config import ResNetConfig
+
+    cfg = ResNetConfig(depth=depth, stem_out_channels=16, res2_out_channels=32, width_per_group=8)
+    net = ResNet(cfg)
+    outs = net(torch.randn(2, 3, 67, 93))
+    assert [o.shape[1] for o in outs] == list(widths) == net.out_channels
+    assert [tuple(o.shape[2:]) for o in outs] == [(17, 24), (9, 12), (5, 6), (3, 3)]
+    frozen = {n.split(".")[0] for n, p in net.named_parameters() if not p.requires_grad}
+    assert frozen == {"stem", "res2"}
+    assert all(p.requires_grad for n, p in net.named_parameters() if n.startswith(("res3", "res4", "res5")))
+
+
+def test_frozen_batchnorm_both_forms_agree():
+    bn = FrozenBatchNorm2d(5)
+    bn.weight.uniform_(0.5, 1.5)
+    bn.bias.normal_()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64)
+    expected = (x - bn.running_mean.double()[:, None, None]) / torch.sqrt(bn.running_var.double()[:, None, None] + 1e-5)
+    expected = expected * bn.weight.double()[:, None, None] + bn.bias.double()[:, None, None]
+    torch.testing.assert_close(bn(x.float()).double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn(x.float().requires_grad_()).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_aligned_bilinear_places_pixel_i_at_f_i_plus_half_f():
+    x = torch.randn(1, 2, 5, 7, dtype=torch.float64)
+    for factor in (2, 4):
+        up = aligned_bilinear(x, factor)
+        assert up.shape == (1, 2, 5 * factor, 7 * factor)
+        torch.testing.assert_close(up[:, :, factor // 2::factor, factor // 2::factor], x)
+        # Between two input pixels: linear interpolation; before the first: the first pixel.
+        torch.testing.assert_close(up[:, :, factor // 2 + 1, factor // 2],
+                                   x[:, :, 0, 0] + (x[:, :, 1, 0] - x[:, :, 0, 0]) / factor)
+        torch.testing.assert_close(up[:, :, 0, 0], x[:, :, 0, 0])
+    assert aligned_bilinear(x, 1) is x
+    with pytest.raises(ValueError, match="factor"):
+        aligned_bilinear(x, 2.5)
+
+
+def test_mask_branch_shape_and_rejects_indivisible_levels():
+    branch = MaskBranch(16, channels=12, tower_convs=2, out_channels=8).eval()
+    pyramid = [torch.randn(2, 16, 24 // s, 32 // s) for s in (1, 2, 4, 8)]
+    assert branch(pyramid).shape == (2, 8, 24, 32)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        branch([torch.randn(1, 16, 24, 32), torch.randn(1, 16, 11, 16), torch.randn(1, 16, 6, 8)])
+
+
+def test_time_embedding_formula():
+    t = torch.tensor([0, 17, 999])
+    emb = SinusoidalTimeEmbedding(8)(t)
+    freqs = [math.exp(-j * math.log(10000) / 3) for j in range(4)]
+    expected = torch.tensor([[math.sin(v * f) for f in freqs] + [math.cos(v * f) for f in freqs] for v in (0, 17, 999)])
+    torch.testing.assert_close(emb, expected.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_apply_deltas_weights_and_clamp():
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]], dtype=torch.float64)
+    deltas = torch.tensor([[2.0, -4.0, math.log(2.0), 50.0]])
+    out = apply_deltas(deltas, boxes)
+    assert out.dtype == torch.float32
+    w, h = 20.0, 40.0
+    cx, cy = 20.0 + 1.0 * w, 40.0 - 2.0 * h           # dx = 2/2, dy = -4/2
+    pw, ph = 2 * w, math.exp(math.log(100000 / 16)) * h  # dh clamped
+    torch.testing.assert_close(out, torch.tensor([[cx - pw / 2, cy - ph / 2, cx + pw / 2, cy + ph / 2]]))
+
+
+def test_dynamic_conv_against_explicit_loop():
+    conv = DynamicConv(hidden_dim=6, dim_dynamic=3, pooler_resolution=2).double()
+    pro, roi = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 4, 6, dtype=torch.float64)
+    out = conv(pro, roi)
+    for k in range(4):
+        params = conv.dynamic_layer(pro[k])
+        p1, p2 = params[:18].view(6, 3), params[18:].view(3, 6)
+        x = F.relu(F.layer_norm(roi[k] @ p1, (3,), conv.norm1.weight, conv.norm1.bias))
+        x = F.relu(F.layer_norm(x @ p2, (6,), conv.norm2.weight, conv.norm2.bias))
+        y = F.relu(F.layer_norm(conv.out_layer(x.reshape(-1)), (6,), conv.norm3.weight, conv.norm3.bias))
+        torch.testing.assert_close(out[k], y)
+
+
+def test_head_output_shapes_every_stage():
+    model = small_model()
+    batch = model.preprocess(images([(70, 90), (64, 64)]))
+    features = model.extract_features(batch.tensor)
+    assert batch.tensor.shape == (2, 3, 96, 96)
+    assert [tuple(p.shape) for p in features.pyramid] == [(2, 64, 96 // s, 96 // s) for s in (4, 8, 16, 32)]
+    assert features.mask_feats.shape == (2, 8, 24, 24)
+    boxes = torch.tensor([[0.0, 0.0, 30.0, 40.0]]).expand(2, 32, 4)
+    out = model.run_head(features, boxes, torch.tensor([999, 10]))
+    assert out.class_logits.shape == (3, 2, 32, 5)
+    assert out.boxes.shape == (3, 2, 32, 4) and out.boxes.dtype == torch.float32
+    assert out.kernels.shape == (3, 2, 32, 153)
+
+
+def test_initialisation_follows_the_official_rules():
+    torch.manual_seed(3)
+    model = DiffusionInst(get_config("official_small"))
+    prior = -math.log(99)
+    for stage in model.head.head_series:
+        assert torch.allclose(stage.class_logits.bias, torch.full((5,), prior))
+        assert torch.count_nonzero(stage.self_attn.in_proj_bias) == 0
+        w = stage.inst_interact.dynamic_layer.weight.detach()
+        bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))  # xavier-uniform
+        assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+    conv = model.mask_branch.mask_refine[0][0].weight.detach()
+    fan_in, fan_out = conv.shape[1] * 9, conv.shape[0] * 9
+    assert float(conv.abs().max()) <= math.sqrt(6 / (fan_in + fan_out))
+    assert torch.count_nonzero(model.backbone.fpn_lateral2.bias) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference
+
+
+def test_fused_and_reference_ops_agree():
+    fused, reference = small_model("fused"), small_model("reference")
+    reference.load_state_dict(fused.state_dict())
+    inputs = images([(90, 125), (61, 77)])
+    out_f = fused(inputs, generator=torch.Generator().manual_seed(5))
+    out_r = reference(inputs, generator=torch.Generator().manual_seed(5))
+    for a, b in zip(out_f, out_r):
+        assert len(a["scores"]) == len(b["scores"]) > 0
+        torch.testing.assert_close(a["boxes"], b["boxes"], rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-4, atol=1e-5)
+        assert torch.equal(a["labels"], b["labels"])
+        assert int((a["masks"] != b["masks"]).sum()) <= 10
+
+
+class _SlicedDraws(DrawSource):
+    """The draws of images ``index`` (an int or a slice) of a batch's :class:`GeneratorDraws`."""
+
+    def __init__(self, batch_draws: GeneratorDraws, x_t: torch.Tensor, index: int) -> None:
+        self.batch_draws, self.x_t, self.index = batch_draws, x_t, index
+
+    def initial(self, batch, num, device):
+        return self.x_t[self._rows]
+
+    @property
+    def _rows(self):
+        return self.index if isinstance(self.index, slice) else slice(self.index, self.index + 1)
+
+    def step(self, step, keep, state_dtype):
+        noise, renew = self.batch_draws.step(step, keep, state_dtype)
+        return noise[self._rows], renew[self._rows]
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_batch_inference_equals_per_image(steps):
+    model = small_model(sampler__sample_steps=steps)
+    batch = model.preprocess(images([(90, 125), (61, 77), (96, 40)]))
+    draws = GeneratorDraws(torch.Generator().manual_seed(2), steps)
+    x_t = draws.initial(3, 32, batch.tensor.device)
+    together = model.predict(batch, draws=_SlicedDraws(draws, x_t, slice(None)))
+    for b in range(3):
+        alone = ImageBatch(batch.tensor[b:b + 1], [batch.image_sizes[b]], batch.images_whwh[b:b + 1])
+        single = model.predict(alone, draws=_SlicedDraws(draws, x_t, b))[0]
+        assert len(single["scores"]) == len(together[b]["scores"]) > 0
+        # Within 1e-5 of the largest value: the batched convolutions round differently.
+        assert_close_rel(single["boxes"], together[b]["boxes"], rel=1e-5, what="boxes")
+        assert_close_rel(single["scores"], together[b]["scores"], rel=1e-5, what="scores")
+        assert torch.equal(single["labels"], together[b]["labels"])
+        assert int((single["masks"] != together[b]["masks"]).sum()) <= 2
+
+
+def test_ensemble_modes_and_candidates():
+    model = small_model(sampler__sample_steps=3)
+    batch = model.preprocess(images([(64, 64)]))
+    features = model.extract_features(batch.tensor)
+    steps = model.sample(features, batch.images_whwh, generator=torch.Generator().manual_seed(0))
+    assert [(s.t, s.t_next) for s in steps] == [(999, 665), (665, 332), (332, -1)]
+    assert len(model.candidates(steps)[0].scores) == 3 * 32  # every step, the final one included
+    model.cfg.sampler.official_ensemble = True
+    assert len(model.candidates(steps)[0].scores) == 2 * 32  # the official ensemble drops the last
+    model.cfg.sampler.use_ensemble = False
+    assert len(model.candidates(steps)[0].scores) == 32
+
+
+class _Recording(GeneratorDraws):
+    """:class:`GeneratorDraws` that keeps the initial boxes x_T."""
+
+    def initial(self, batch, num, device):
+        self.x_t = super().initial(batch, num, device)
+        return self.x_t
+
+
+def test_renewal_moves_kept_proposals_to_the_front_and_renews_the_rest():
+    from fastdiffinst.reference.box_diffusion import boxes_to_signal, signal_to_boxes
+
+    model = small_model(sampler__sample_steps=2)
+    batch = model.preprocess(images([(64, 64), (64, 48)]))
+    features = model.extract_features(batch.tensor)
+    draws = _Recording(torch.Generator().manual_seed(4), 2)
+    first, second = model.sample(features, batch.images_whwh, draws=draws)
+    keep = torch.sigmoid(first.head.class_logits[-1]).amax(-1) > 0.5
+    assert torch.equal(first.keep, keep)
+    assert 0 < int(keep.sum()) < keep.numel(), "the test needs some proposals kept and some renewed"
+    noise, renew = draws.step(0, keep, torch.float64)
+    # The DDIM update of spec §3.4 in float64, from first principles.
+    schedule = model.schedule(torch.device("cpu"))
+    a, a_next = schedule.alphas_cumprod[999], schedule.alphas_cumprod[499]
+    sigma = torch.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))
+    c = torch.sqrt(1 - a_next - sigma**2)
+    whwh = batch.images_whwh.double()
+    x0 = boxes_to_signal(first.head.boxes[-1].double(), whwh)
+    x_t = draws.x_t.double()
+    for b in range(2):
+        kept = int(keep[b].sum())
+        eps = (torch.sqrt(1 / a) * x_t[b][keep[b]] - x0[b][keep[b]]) / torch.sqrt(1 / a - 1)
+        moved = x0[b][keep[b]] * torch.sqrt(a_next) + c * eps + sigma * noise[b, :kept].double()
+        torch.testing.assert_close(second.in_boxes[b, :kept], signal_to_boxes(moved[None], whwh[b:b + 1])[0],
+                                   rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(second.in_boxes[b, kept:],
+                                   signal_to_boxes(renew[b:b + 1, kept:].double(), whwh[b:b + 1])[0],
+                                   rtol=1e-9, atol=1e-9)
+
+
+def test_topk_candidates_by_hand():
+    logits = torch.tensor([[[0.0, 3.0], [2.0, -1.0], [1.0, 4.0]]])
+    boxes = torch.arange(12, dtype=torch.float32).view(1, 3, 4)
+    kernels = torch.arange(6, dtype=torch.float32).view(1, 3, 2)
+    b, s, l, k, p = topk_candidates(logits, boxes, kernels, 3)
+    order = torch.argsort(s[0], descending=True)
+    assert p[0][order].tolist() == [2, 0, 1] and l[0][order].tolist() == [1, 1, 0]
+    torch.testing.assert_close(b[0][order], boxes[0][[2, 0, 1]])
+    torch.testing.assert_close(k[0][order], kernels[0][[2, 0, 1]])
+
+
+def test_paste_masks_threshold_and_box_clip():
+    probs = torch.zeros(2, 4, 4)
+    probs[0] = 1.0
+    probs[1, 1, 1] = 1.0
+    boxes = torch.tensor([[2.7, 1.2, 9.9, 7.0], [0.0, 0.0, 16.0, 16.0]])
+    masks = paste_masks(probs, boxes, (16, 16), (16, 16))
+    assert masks.dtype == torch.bool and masks.shape == (2, 16, 16)
+    expected = torch.zeros(16, 16, dtype=torch.bool)
+    expected[1:7, 2:9] = True  # truncated box rows 1..6, columns 2..8
+    assert torch.equal(masks[0], expected)
+    # One stride-4 pixel at (1, 1) covers about the 4×4 block centred on output pixel (6, 6).
+    assert masks[1, 6, 6] and not masks[1, 0, 0] and not masks[1, 12, 12]
+    chunk = mask_chunk_size((800, 1216), (800, 1216))
+    assert 1 <= chunk < 64 and chunk * 4 * 4 * 800 * 1216 <= 192 * 2**20
+    assert mask_chunk_size((64, 64), (64, 64)) == 64
+
+
+def test_outputs_at_the_requested_size_and_sorted():
+    model = small_model()
+    out = model(images([(90, 125)]), output_sizes=[(180, 250)], generator=torch.Generator().manual_seed(0))[0]
+    assert out["masks"].shape[1:] == (180, 250)
+    assert torch.all(out["scores"][:-1] >= out["scores"][1:])
+    assert torch.all((out["boxes"] >= 0) & (out["boxes"] <= torch.tensor([250.0, 180.0, 250.0, 180.0])))
+    assert torch.all(out["boxes"][:, 2] > out["boxes"][:, 0]) and torch.all(out["boxes"][:, 3] > out["boxes"][:, 1])
+    outside = out["masks"].clone()
+    for i, (x1, y1, x2, y2) in enumerate(out["boxes"].long().tolist()):
+        outside[i, y1:y2, x1:x2] = False
+    assert not outside.any(), "mask pixels outside their box"
+
+
+def test_generator_makes_inference_reproducible():
+    model = small_model(sampler__sample_steps=2)
+    inputs = images([(64, 80)])
+    a = model(inputs, generator=torch.Generator().manual_seed(11))[0]
+    b = model(inputs, generator=torch.Generator().manual_seed(11))[0]
+    c = model(inputs, generator=torch.Generator().manual_seed(12))[0]
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+    assert a["boxes"].shape != c["boxes"].shape or not torch.equal(a["boxes"], c["boxes"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input and configuration
+
+
+def test_bad_images_raise_clear_errors():
+    model = small_model()
+    with pytest.raises(ValueError, match="non-empty list"):
+        model([])
+    with pytest.raises(ValueError, match=r"images\[0\] must be \[3, H, W\]"):
+        model([torch.zeros(1, 32, 32)])
+    with pytest.raises(ValueError, match=r"images\[1\] must be \[3, H, W\]"):
+        model([torch.zeros(3, 32, 32), torch.zeros(32, 32)])
+    with pytest.raises(TypeError, match=r"images\[0\] must be real-valued"):
+        model([torch.zeros(3, 32, 32, dtype=torch.bool)])
+    with pytest.raises(TypeError, match=r"images\[0\] must be a Tensor"):
+        model([[1, 2, 3]])
+    with pytest.raises(ValueError, match="one \\[B, 3, H, W\\] tensor"):
+        model(torch.zeros(3, 32, 32))
+    with pytest.raises(ValueError, match="output_sizes"):
+        model(images([(32, 32)]), output_sizes=[(32, 32), (32, 32)])
+    with pytest.raises(ValueError, match="one image at a time"):
+        model(images([(32, 32), (32, 32)]), draws=lambda shape, dtype, device: torch.randn(shape, dtype=dtype))
+    with pytest.raises(ValueError, match="draws hook returned"):
+        model(images([(32, 32)]), draws=lambda shape, dtype, device: torch.randn(2, 2))
+
+
+def test_bad_configurations():
+    with pytest.raises(ValueError, match="ops_impl"):
+        DiffusionInst(get_config("official_small"), ops_impl="cuda")
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_config("r50")
+    with pytest.raises(ValueError, match="fpn_channels"):
+        replace_path(get_config("official_small"), "head.hidden_dim", 128)
+    with pytest.raises(ValueError, match="no field"):
+        override(get_config("tiny"), ["head.nope=3"])
+    cfg = override(get_config("tiny"), ["sampler.sample_steps=4", "sampler.official_ensemble=true"])
+    assert cfg.sampler.sample_steps == 4 and cfg.sampler.official_ensemble is True
+
+
+def test_presets_build_and_describe_the_official_configs():
+    assert set(PRESETS) == {"r50_coco", "r50_coco_450k", "r101_coco", "swinb_coco", "r50_lvis", "official_small", "tiny"}
+    r50 = get_config("r50_coco")
+    assert (r50.num_proposals, r50.solver.ims_per_batch, r50.solver.base_lr, r50.solver.max_iter) == (500, 32, 5e-5, 90000)
+    assert get_config("r50_lvis").num_classes == 1203 and get_config("r50_lvis").loss.use_fed_loss
+    tiny = get_config("tiny")
+    assert tiny.backbone.resnet.depth == 18 and tiny.num_proposals <= 100
+    model = DiffusionInst(tiny).eval()
+    out = model(images([(96, 128)]), generator=torch.Generator().manual_seed(0))[0]
+    assert out["masks"].shape[1:] == (96, 128)
+
+
+def test_r50_coco_trainable_parameters_per_part():
+    with torch.device("meta"):
+        model = DiffusionInst(get_config("r50_coco"))
+
+    def count(module, trainable=True):
+        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)
+
+    bottom_up = model.backbone.bottom_up
+    assert count(bottom_up, trainable=False) == 23_454_912
+    assert count(bottom_up, trainable=False) - count(bottom_up) == 222_400  # the frozen stem and res2
+    assert count(model.backbone) - count(bottom_up) == 3_344_384            # FPN
+    assert count(model.mask_branch) == 1_477_384
+    assert count(model.head.time_mlp) == 1_312_768
+    assert [count(s) for s in model.head.head_series] == [13_799_533] * 6
+    assert model.num_parameters() == 112_164_246
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_head_compiles_without_graph_breaks_and_matches_eager():
+    model = small_model()
+    batch = model.preprocess(images([(64, 96)]))
+    features = model.extract_features(batch.tensor)
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0]]).repeat(1, 32, 1) + torch.rand(1, 32, 4) * 10
+    t = torch.tensor([999])
+    explanation = torch._dynamo.explain(model.head)(features.pyramid, boxes, t)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(model.head, backend="aot_eager", fullgraph=True)
+    for eager, ours in zip(model.head(features.pyramid, boxes, t), compiled(features.pyramid, boxes, t)):
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager():
+    eager = small_model()
+    compiled = small_model()
+    compiled.load_state_dict(eager.state_dict())
+    compiled = DiffusionInst(compiled.cfg, compile=True).eval()
+    compiled.load_state_dict(eager.state_dict())
+    inputs = images([(64, 96)])
+    a = eager(inputs, generator=torch.Generator().manual_seed(1))[0]
+    b = compiled(inputs, generator=torch.Generator().manual_seed(1))[0]
+    assert len(a["scores"]) == len(b["scores"])
+    torch.testing.assert_close(b["boxes"], a["boxes"], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-5)
+    assert int((a["masks"] != b["masks"]).sum()) <= 10
