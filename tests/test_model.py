@@ -415,3 +415,42 @@ def test_compiled_model_matches_eager():
     torch.testing.assert_close(b["boxes"], a["boxes"], rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-4, atol=1e-5)
     assert int((a["masks"] != b["masks"]).sum()) <= 10
+
+
+_POSTPROCESS_MEMORY = r"""
+import resource, sys, torch
+from fastdiffinst.config import get_config
+from fastdiffinst.modeling import DiffusionInst
+from fastdiffinst.modeling.postprocess import Candidates
+torch.set_num_threads(2)
+model = DiffusionInst(get_config("official_small"), ops_impl=sys.argv[1]).eval()
+n, g = 500, torch.Generator().manual_seed(0)
+mask_feats = torch.randn(1, 8, 200, 304, generator=g)
+xy = torch.rand(n, 2, generator=g) * torch.tensor([1000.0, 700.0])
+boxes = torch.cat([xy, xy + 50 + torch.rand(n, 2, generator=g) * 200], 1)
+detections = Candidates(boxes, torch.rand(n, generator=g), torch.randint(0, 5, (n,), generator=g),
+                        torch.randn(n, 153, generator=g) * 0.3, torch.arange(n))
+model.postprocess(detections[torch.arange(4)], mask_feats, 0, (800, 1216), (800, 1216))
+with open("/proc/self/statm") as f:
+    base = int(f.read().split()[1]) * resource.getpagesize()
+with torch.no_grad():
+    out = model.postprocess(detections, mask_feats, 0, (800, 1216), (800, 1216))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+result = sum(v.numel() * v.element_size() for v in out.values())
+print(len(out["scores"]), (peak - base - result) / 2**20)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ops_impl", ["fused", "reference"])
+def test_postprocess_memory_at_500_instances_on_800x1216(ops_impl):
+    """Peak memory of post-processing 500 instances at 800×1216, beyond its result: ≤ 256 MB (a fresh
+    process; ru_maxrss minus the RSS before the call and the returned masks)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", _POSTPROCESS_MEMORY, ops_impl], capture_output=True, text=True,
+                         timeout=300, check=True)
+    count, extra_mib = run.stdout.split()
+    assert int(count) == 500
+    assert float(extra_mib) <= 256, f"post-processing used {float(extra_mib):.0f} MiB beyond its result"

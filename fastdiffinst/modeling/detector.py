@@ -215,9 +215,13 @@ class DiffusionInst(nn.Module):
     def postprocess(self, detections: Candidates, mask_feats: Tensor, image_index: int, image_size: tuple[int, int],
                     output_size: tuple[int, int]) -> dict[str, Tensor]:
         """One image's NMS-kept detections -> its instances at ``output_size`` (spec §5.4)."""
-        n = detections.kernels.shape[0]
         boxes = scale_and_clip_boxes(detections.boxes.float(), image_size, output_size)
-        masks = torch.zeros((n,) + tuple(output_size), dtype=torch.bool, device=mask_feats.device)
+        # Instances whose clipped box is empty are dropped (official ``nonempty``); dropping them
+        # before pasting avoids a second full-size copy of the masks.
+        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        detections, boxes = detections[nonempty], boxes[nonempty]
+        n = boxes.shape[0]
+        masks = torch.empty((n,) + tuple(output_size), dtype=torch.bool, device=mask_feats.device)
         # Chunks of instances bound the full-resolution temporaries (mask_chunk_size).
         chunk = mask_chunk_size((mask_feats.shape[2] * 4, mask_feats.shape[3] * 4), output_size)
         for start in range(0, n, chunk):
@@ -225,9 +229,7 @@ class DiffusionInst(nn.Module):
             index = torch.full((kernels.shape[0],), image_index, dtype=torch.int64, device=mask_feats.device)
             probs = self.mask_logits(mask_feats, kernels, index, sigmoid=True)
             masks[start:start + chunk] = paste_masks(probs, boxes[start:start + chunk], image_size, output_size)
-        nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        return {"boxes": boxes[nonempty], "scores": detections.scores[nonempty],
-                "labels": detections.labels[nonempty], "masks": masks[nonempty]}
+        return {"boxes": boxes, "scores": detections.scores, "labels": detections.labels, "masks": masks}
 
     # ------------------------------------------------------------------------------------------
 
