@@ -269,22 +269,27 @@ def get_config(name: str) -> ModelConfig:
     return PRESETS[name]().validate()
 
 
-def replace_path(cfg: ModelConfig, path: str, value: Any) -> ModelConfig:
-    """A copy of ``cfg`` with the dotted field ``path`` (e.g. ``"sampler.sample_steps"``) set."""
-    cfg = copy.deepcopy(cfg)
+def _field(cfg: ModelConfig, path: str) -> tuple[Any, str]:
+    """The dataclass holding the dotted field ``path`` and the field's name; ``ValueError`` if absent."""
     *parents, leaf = path.split(".")
     node: Any = cfg
-    for i, part in enumerate(parents):
-        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
-            raise ValueError(f"config has no field {'.'.join(parents[:i + 1])!r}")
-        node = getattr(node, part)
+    for part in parents:
+        node = getattr(node, part, None) if dataclasses.is_dataclass(node) else None
     if not dataclasses.is_dataclass(node) or leaf not in {f.name for f in dataclasses.fields(node)}:
         raise ValueError(f"config has no field {path!r}")
+    return node, leaf
+
+
+def replace_path(cfg: ModelConfig, path: str, value: Any) -> ModelConfig:
+    """A validated copy of ``cfg`` with the dotted field ``path`` (e.g. ``"sampler.sample_steps"``) set."""
+    cfg = copy.deepcopy(cfg)
+    node, leaf = _field(cfg, path)
     setattr(node, leaf, value)
     return cfg.validate()
 
 
 def _parse(text: str, current: Any) -> Any:
+    """``text`` as a value of the type of ``current``."""
     if isinstance(current, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"expected a boolean, got {text!r}")
@@ -294,7 +299,8 @@ def _parse(text: str, current: Any) -> Any:
     if isinstance(current, float):
         return float(text)
     if isinstance(current, tuple):
-        return tuple(type(current[0])(v) if current else float(v) for v in text.strip("()[] ").split(",") if v)
+        kind = type(current[0]) if current else float
+        return tuple(kind(v) for v in text.strip("()[] ").split(",") if v.strip())
     return text
 
 
@@ -304,13 +310,9 @@ def override(cfg: ModelConfig, assignments: list[str]) -> ModelConfig:
         if "=" not in assignment:
             raise ValueError(f"config override must be 'field.path=value', got {assignment!r}")
         path, text = assignment.split("=", 1)
-        node: Any = cfg
-        for part in path.split("."):
-            if not dataclasses.is_dataclass(node) or not hasattr(node, part):
-                raise ValueError(f"config has no field {path!r}")
-            node = getattr(node, part)
+        node, leaf = _field(cfg, path)
         try:
-            value = _parse(text, node)
+            value = _parse(text, getattr(node, leaf))
         except ValueError as error:
             raise ValueError(f"config override {path}: {error}") from None
         cfg = replace_path(cfg, path, value)

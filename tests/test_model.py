@@ -367,6 +367,19 @@ def test_presets_build_and_describe_the_official_configs():
     assert out["masks"].shape[1:] == (96, 128)
 
 
+def test_swin_and_resnext_backbones_run_end_to_end():
+    swin = override(get_config("tiny"), ["backbone.name=swin", "backbone.swin.embed_dim=16",
+                                         "backbone.swin.depths=(2,2,2,2)", "backbone.swin.num_heads=(1,2,2,4)"])
+    resnext = override(get_config("tiny"), ["backbone.resnet.depth=50", "backbone.resnet.num_groups=4",
+                                            "backbone.resnet.width_per_group=4", "backbone.resnet.res2_out_channels=64"])
+    for cfg, channels in ((swin, [16, 32, 64, 128]), (resnext, [64, 128, 256, 512])):
+        model = DiffusionInst(cfg).eval()
+        assert model.backbone.bottom_up.out_channels == channels
+        out = model(images([(70, 99)]), generator=torch.Generator().manual_seed(0))[0]
+        assert out["masks"].shape[1:] == (70, 99) and len(out["scores"]) == len(out["boxes"])
+    assert model.backbone.bottom_up.res3[0].conv2.groups == 4
+
+
 def test_r50_coco_trainable_parameters_per_part():
     with torch.device("meta"):
         model = DiffusionInst(get_config("r50_coco"))
