@@ -2,7 +2,7 @@
 
 * :func:`convert_official` maps an official DiffusionInst (detectron2) state dict onto
   :class:`fastdiffinst.modeling.DiffusionInst`: the mask branch moves from ``head.`` to
-  ``mask_branch.``; the 12 float64 schedule buffers are checked against the cosine schedule we
+  ``mask_branch.``, LVIS's ``criterion.fed_loss_cls_weights`` to ``fed_loss_cls_weights``; the 12 float64 schedule buffers are checked against the cosine schedule we
   regenerate, then dropped (the model keeps its schedule outside the state dict). Everything else —
   the packed ``in_proj`` of the attention, the ``[P1 | P2]`` layout of ``dynamic_layer``, FrozenBN
   buffers, ResNet/Swin ``bottom_up.*`` names — already has our layout.
@@ -35,7 +35,8 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                     "posterior_mean_coef1", "posterior_mean_coef2")
 # Official prefix -> ours, first match wins.
-_RENAMES = (("head.mask_refine.", "mask_branch.mask_refine."), ("head.mask_head.", "mask_branch.mask_head."))
+_RENAMES = (("head.mask_refine.", "mask_branch.mask_refine."), ("head.mask_head.", "mask_branch.mask_head."),
+            ("criterion.fed_loss_cls_weights", "fed_loss_cls_weights"))
 
 
 class CheckpointError(ValueError):
@@ -53,22 +54,27 @@ def _read(path: str | os.PathLike) -> Any:
 
 
 def _state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Tensor]:
-    """A flat ``name -> Tensor`` dict from a path, a detectron2 checkpoint dict (``{"model": ...}``)
-    or a state dict; numpy arrays (detectron2 pickles) become tensors."""
+    """A flat ``name -> Tensor`` dict from a path, a checkpoint dict (detectron2 ``{"model": ...}``,
+    Detectron ``{"blobs": ...}``) or a state dict; numpy arrays (pickles) become tensors and
+    metadata entries (``__author__``, ``matching_heuristics``, ...) are skipped."""
     data = _read(source) if isinstance(source, (str, os.PathLike)) else source
-    if isinstance(data, Mapping) and "model" in data and isinstance(data["model"], Mapping):
-        data = data["model"]
-    elif isinstance(data, Mapping) and "state_dict" in data and isinstance(data["state_dict"], Mapping):
-        data = data["state_dict"]
+    for wrapper in ("model", "state_dict", "blobs"):
+        if isinstance(data, Mapping) and isinstance(data.get(wrapper), Mapping):
+            data = data[wrapper]
+            break
     if not isinstance(data, Mapping):
         raise CheckpointError(f"a checkpoint must hold a state dict, got {type(data).__name__}")
     out = {}
     for name, value in data.items():
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.ascontiguousarray(value))
-        if not isinstance(value, Tensor):
-            raise CheckpointError(f"checkpoint entry {name!r} is not a tensor (got {type(value).__name__})")
-        out[name] = value
+        if isinstance(value, Tensor):
+            out[name] = value
+        elif not isinstance(value, (str, bytes, bool, int, float, type(None))):
+            raise CheckpointError(f"checkpoint entry {name!r} is neither a tensor nor metadata "
+                                  f"(got {type(value).__name__})")
+    if not out:
+        raise CheckpointError("the checkpoint holds no tensors")
     return out
 
 

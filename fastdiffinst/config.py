@@ -24,6 +24,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastdiffinst.ops.dynamic_mask_head import MAX_CHANNELS as MAX_MASK_HEAD_CHANNELS
+from fastdiffinst.ops.dynamic_mask_head import MAX_LAYERS as MAX_MASK_HEAD_LAYERS
+from fastdiffinst.reference.box_diffusion import NUM_TIMESTEPS
+
 # torchvision's ImageNet statistics on the 0-255 scale, RGB (spec §1.1).
 PIXEL_MEAN = (123.675, 116.280, 103.530)
 PIXEL_STD = (58.395, 57.120, 57.375)
@@ -140,11 +144,11 @@ class SolverConfig:
 
 @dataclass
 class InputConfig:
-    """Test-time resize and batching (spec §1.1, §5)."""
+    """Test-time resize and normalisation (spec §1.1, §5); images are padded to a multiple of the
+    backbone's size divisibility (32)."""
 
     min_size_test: int = 800
     max_size_test: int = 1333
-    size_divisibility: int = 32
     pixel_mean: tuple[float, float, float] = PIXEL_MEAN
     pixel_std: tuple[float, float, float] = PIXEL_STD
 
@@ -173,6 +177,10 @@ class ModelConfig:
         if self.backbone.name == "resnet" and self.backbone.resnet.depth not in RESNET_BLOCKS:
             raise ValueError(f"config: backbone.resnet.depth must be one of {sorted(RESNET_BLOCKS)}, "
                              f"got {self.backbone.resnet.depth}")
+        resnet = self.backbone.resnet
+        if self.backbone.name == "resnet" and resnet.depth < 50 and resnet.num_groups != 1:
+            raise ValueError(f"config: backbone.resnet.num_groups must be 1 for ResNet-{resnet.depth} "
+                             f"(basic blocks have no grouped conv), got {resnet.num_groups}")
         head = self.head
         for name in ("hidden_dim", "num_attention_heads", "dim_feedforward", "num_stages", "dim_dynamic",
                      "num_dynamic", "pooler_resolution", "mask_branch_channels", "mask_feat_channels",
@@ -189,7 +197,21 @@ class ModelConfig:
                              f"got {head.num_dynamic}")
         if head.activation not in ("relu", "gelu"):
             raise ValueError(f"config: head.activation must be 'relu' or 'gelu', got {head.activation!r}")
-        positive("sampler.sample_steps", self.sampler.sample_steps)
+        if not 1 <= head.mask_head_channels <= MAX_MASK_HEAD_CHANNELS:
+            raise ValueError(f"config: head.mask_head_channels must be in [1, {MAX_MASK_HEAD_CHANNELS}] (the fused "
+                             f"mask head's limit), got {head.mask_head_channels}")
+        if not 1 <= head.mask_head_layers <= MAX_MASK_HEAD_LAYERS:
+            raise ValueError(f"config: head.mask_head_layers must be in [1, {MAX_MASK_HEAD_LAYERS}], "
+                             f"got {head.mask_head_layers}")
+        sampler = self.sampler
+        positive("sampler.sample_steps", sampler.sample_steps)
+        if sampler.sample_steps > NUM_TIMESTEPS:
+            raise ValueError(f"config: sampler.sample_steps must be at most {NUM_TIMESTEPS}, got {sampler.sample_steps}")
+        # eta in [0, 1] keeps 1 - ᾱ_next - σ² >= 0 at every DDIM step.
+        for name, low, high in (("eta", 0.0, 1.0), ("renewal_threshold", 0.0, 1.0), ("nms_iou", 0.0, 1.0)):
+            value = getattr(sampler, name)
+            if not (isinstance(value, (int, float)) and low <= value <= high):
+                raise ValueError(f"config: sampler.{name} must be in [{low}, {high}], got {value!r}")
         if not 0 < head.prior_prob < 1:
             raise ValueError(f"config: head.prior_prob must be in (0, 1), got {head.prior_prob}")
         return self

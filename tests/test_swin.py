@@ -15,6 +15,7 @@ from torch import Tensor
 
 from fastdiffinst.modeling.swin import (PatchEmbed, PatchMerging, SwinTransformer, SwinTransformerBlock,
                                         shifted_window_mask)
+from official_keys import swin_b_keys
 
 SMALL = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=7)
 
@@ -35,40 +36,11 @@ def randomize_(module: torch.nn.Module) -> None:
 # Swin-B checkpoint layout (spec §9.2), built on the meta device
 # ---------------------------------------------------------------------------------------------
 
-def expected_swin_b_shapes() -> dict[str, tuple[int, ...]]:
-    """The §9.2 table: C = 128·2^i, heads (4, 8, 16, 32), depths (2, 2, 18, 2), window 7."""
-    shapes: dict[str, tuple[int, ...]] = {
-        "patch_embed.proj.weight": (128, 3, 4, 4), "patch_embed.proj.bias": (128,),
-        "patch_embed.norm.weight": (128,), "patch_embed.norm.bias": (128,),
-    }
-    for i, (depth, heads) in enumerate(zip((2, 2, 18, 2), (4, 8, 16, 32))):
-        c = 128 * 2 ** i
-        for j in range(depth):
-            block = f"layers.{i}.blocks.{j}."
-            shapes.update({
-                block + "norm1.weight": (c,), block + "norm1.bias": (c,),
-                block + "attn.relative_position_bias_table": (169, heads),
-                block + "attn.relative_position_index": (49, 49),
-                block + "attn.qkv.weight": (3 * c, c), block + "attn.qkv.bias": (3 * c,),
-                block + "attn.proj.weight": (c, c), block + "attn.proj.bias": (c,),
-                block + "norm2.weight": (c,), block + "norm2.bias": (c,),
-                block + "mlp.fc1.weight": (4 * c, c), block + "mlp.fc1.bias": (4 * c,),
-                block + "mlp.fc2.weight": (c, 4 * c), block + "mlp.fc2.bias": (c,),
-            })
-        if i < 3:
-            shapes.update({
-                f"layers.{i}.downsample.reduction.weight": (2 * c, 4 * c),
-                f"layers.{i}.downsample.norm.weight": (4 * c,), f"layers.{i}.downsample.norm.bias": (4 * c,),
-            })
-        shapes.update({f"norm{i}.weight": (c,), f"norm{i}.bias": (c,)})
-    return shapes
-
-
 def test_swin_b_state_dict_matches_spec():
     with torch.device("meta"):
         model = SwinTransformer()
     state = model.state_dict()
-    expected = expected_swin_b_shapes()
+    expected = swin_b_keys()
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
 
     buffers = dict(model.named_buffers())

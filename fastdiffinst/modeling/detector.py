@@ -89,6 +89,10 @@ class DiffusionInst(nn.Module):
                                 FusedRoIPooler(head_cfg.pooler_resolution, scales, head_cfg.pooler_sampling_ratio))
         self.register_buffer("pixel_mean", torch.tensor(cfg.input.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.input.pixel_std).view(3, 1, 1), persistent=False)
+        if cfg.loss.use_fed_loss:
+            # Per-class weights of the federated loss (image count ** power), set from the training
+            # set; official LVIS checkpoints carry them as ``criterion.fed_loss_cls_weights``.
+            self.register_buffer("fed_loss_cls_weights", torch.ones(cfg.num_classes))
         self._schedules: dict[torch.device, DiffusionSchedule] = {}
         self.ops_impl = "fused"
         self.set_ops_impl(ops_impl)
@@ -115,8 +119,8 @@ class DiffusionInst(nn.Module):
         self.ops_impl = ops_impl
 
     def schedule(self, device: torch.device) -> DiffusionSchedule:
-        """The float64 cosine schedule on ``device`` (kept out of the buffers so that casting the
-        model to a lower precision never touches it)."""
+        """The float64 cosine schedule on ``device`` (kept out of the buffers: it is derived, and
+        must stay float64 whatever the model's dtype)."""
         if device not in self._schedules:
             base = cosine_schedule()
             self._schedules[device] = DiffusionSchedule(*(getattr(base, f).to(device)
@@ -149,13 +153,17 @@ class DiffusionInst(nn.Module):
                 raise TypeError(f"images[{i}] must be real-valued (uint8 or float 0-255), got {image.dtype}")
             if image.shape[1] < 1 or image.shape[2] < 1:
                 raise ValueError(f"images[{i}] is empty: shape {tuple(image.shape)}")
+        dtype = self.pixel_mean.dtype
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"DiffusionInst runs in float32 or float64, not {dtype}: keep the weights in float32 and "
+                            f"use torch.autocast for half precision")
         divisor = self.backbone.size_divisibility
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         pad_h = -(-max(h for h, _ in sizes) // divisor) * divisor
         pad_w = -(-max(w for _, w in sizes) // divisor) * divisor
-        batch = torch.zeros((len(images), 3, pad_h, pad_w), dtype=torch.float32, device=self.device)
+        batch = torch.zeros((len(images), 3, pad_h, pad_w), dtype=dtype, device=self.device)
         for i, (image, (h, w)) in enumerate(zip(images, sizes)):
-            batch[i, :, :h, :w] = (image.to(self.device, torch.float32) - self.pixel_mean) / self.pixel_std
+            batch[i, :, :h, :w] = (image.to(self.device, dtype) - self.pixel_mean) / self.pixel_std
         whwh = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=torch.float32, device=self.device)
         return ImageBatch(batch, sizes, whwh)
 
@@ -165,9 +173,9 @@ class DiffusionInst(nn.Module):
         return Features(pyramid, self._runners["mask_branch"](pyramid))
 
     def run_head(self, features: Features, boxes: Tensor, t: Tensor) -> HeadOutput:
-        """The decoder on ``boxes [B, N, 4]`` at timesteps ``t [B]``. The boxes are cast to fp32
-        first: the official pooler (``Boxes``) and box decoding do the same."""
-        return HeadOutput(*self._runners["head"](features.pyramid, boxes.float(), t))
+        """The decoder on ``boxes [B, N, 4]`` at timesteps ``t [B]``. The boxes are cast to the
+        features' dtype (fp32) first: the official pooler (``Boxes``) and box decoding do the same."""
+        return HeadOutput(*self._runners["head"](features.pyramid, boxes.to(features.mask_feats.dtype), t))
 
     def mask_logits(self, mask_feats: Tensor, kernels: Tensor, image_index: Tensor, sigmoid: bool = False) -> Tensor:
         """Dynamic mask head: ``kernels [n, P]`` of instances of images ``image_index [n]`` on
@@ -188,7 +196,7 @@ class DiffusionInst(nn.Module):
         if isinstance(draws, DrawSource):
             source = draws
         elif draws is not None:
-            source = OfficialDraws(draws)
+            source = OfficialDraws(draws, self.cfg.sampler.box_renewal)
         else:
             source = GeneratorDraws(generator, self.cfg.sampler.sample_steps)
         return ddim_sample(lambda boxes, t: self.run_head(features, boxes, t), images_whwh, self.cfg.num_proposals,
@@ -238,19 +246,34 @@ class DiffusionInst(nn.Module):
                 generator: torch.Generator | None = None,
                 draws: DrawFn | DrawSource | None = None) -> list[dict[str, Tensor]]:
         """Instances of a preprocessed :class:`ImageBatch` (see :meth:`forward`)."""
-        if output_sizes is None:
-            output_sizes = batch.image_sizes
-        if len(output_sizes) != len(batch.image_sizes):
-            raise ValueError(f"output_sizes must have one (H, W) per image ({len(batch.image_sizes)}), "
-                             f"got {len(output_sizes)}")
+        if self.training:
+            raise RuntimeError("DiffusionInst.forward runs inference, which needs eval mode (the mask branch's "
+                               "BatchNorm would use and update batch statistics): call model.eval() first")
+        output_sizes = self._check_output_sizes(output_sizes, batch.image_sizes)
         features = self.extract_features(batch.tensor)
         steps = self.sample(features, batch.images_whwh, generator=generator, draws=draws)
         results = []
         for b, candidates in enumerate(self.candidates(steps)):
             detections = select_detections(candidates, self.cfg.sampler.nms_iou, self.cfg.sampler.use_nms)
             results.append(self.postprocess(detections, features.mask_feats, b, batch.image_sizes[b],
-                                            tuple(int(s) for s in output_sizes[b])))
+                                            output_sizes[b]))
         return results
+
+    @staticmethod
+    def _check_output_sizes(output_sizes: Sequence[tuple[int, int]] | None,
+                            image_sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if output_sizes is None:
+            return list(image_sizes)
+        if len(output_sizes) != len(image_sizes):
+            raise ValueError(f"output_sizes must have one (H, W) per image ({len(image_sizes)}), "
+                             f"got {len(output_sizes)}")
+        checked = []
+        for i, size in enumerate(output_sizes):
+            if (not isinstance(size, (tuple, list)) or len(size) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+                raise ValueError(f"output_sizes[{i}] must be (H, W) with two positive ints, got {size!r}")
+            checked.append((size[0], size[1]))
+        return checked
 
     def forward(self, images: Sequence[Tensor] | Tensor, output_sizes: Sequence[tuple[int, int]] | None = None,
                 generator: torch.Generator | None = None,

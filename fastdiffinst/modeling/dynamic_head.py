@@ -24,16 +24,20 @@ BBOX_WEIGHTS = (2.0, 2.0, 1.0, 1.0)
 
 
 class SinusoidalTimeEmbedding(nn.Module):
-    """``t [B] -> [B, dim]``: ``[sin(t·f_j), cos(t·f_j)]`` with ``f_j = exp(-j·ln(10000)/(dim/2 - 1))``."""
+    """``t [B] -> [B, dim]``: ``[sin(t·f_j), cos(t·f_j)]`` with ``f_j = exp(-j·ln(10000)/(dim/2 - 1))``.
+
+    The frequencies are computed in fp32 as the official code does, and kept as a (non-persistent)
+    buffer so that they follow the model's dtype."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
+        half = dim // 2
+        self.register_buffer("freqs", torch.exp(torch.arange(half) * -(math.log(10000) / (half - 1))),
+                             persistent=False)
 
     def forward(self, t: Tensor) -> Tensor:
-        half = self.dim // 2
-        freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
-        angles = t[:, None] * freqs[None, :]
+        angles = t[:, None] * self.freqs[None, :]
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 

@@ -67,11 +67,16 @@ def nms_keep(candidates: Candidates, iou_threshold: float) -> Tensor:
     detectron2), by descending score."""
     from torchvision.ops import batched_nms
 
-    return batched_nms(candidates.boxes.float(), candidates.scores, candidates.labels, iou_threshold)
+    return batched_nms(candidates.boxes.float(), candidates.scores.float(), candidates.labels, iou_threshold)
 
 
 def select_detections(candidates: Candidates, iou_threshold: float, use_nms: bool) -> Candidates:
-    """The candidates kept by :func:`nms_keep` (all of them without NMS)."""
+    """The candidates kept by :func:`nms_keep` (all of them without NMS). Candidates with a
+    non-finite box are dropped first: one NaN coordinate would disable torchvision's batched NMS
+    for the whole image, and such boxes never survive post-processing anyway."""
+    finite = torch.isfinite(candidates.boxes).all(dim=1)
+    if not bool(finite.all()):
+        candidates = candidates[finite]
     return candidates[nms_keep(candidates, iou_threshold)] if use_nms else candidates
 
 

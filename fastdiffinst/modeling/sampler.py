@@ -12,8 +12,9 @@ Random draws come from a :class:`DrawSource`:
   renewal boxes.
 * :class:`OfficialDraws` calls a ``draws(shape, dtype, device)`` hook in the official order and with
   the official shapes (batch 1): ``x_T [1, N, 4]`` fp32, then per non-final step the noise of the
-  kept proposals ``[1, kept, 4]`` (dtype of the state) and the renewal boxes ``[1, N - kept, 4]``
-  fp32. That is how the golden fixture is replayed draw for draw.
+  kept proposals ``[1, kept, 4]`` (dtype of the state) and, with box renewal, the renewal boxes
+  ``[1, N - kept, 4]`` fp32 (drawn even when empty, as the official code does). That is how the
+  golden fixture is replayed draw for draw.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ class GeneratorDraws(DrawSource):
 class OfficialDraws(DrawSource):
     """The official draw order and shapes through ``draws(shape, dtype, device)`` (batch 1)."""
 
-    def __init__(self, draws: DrawFn) -> None:
+    def __init__(self, draws: DrawFn, box_renewal: bool = True) -> None:
         self.draws = draws
+        self.box_renewal = box_renewal
 
     def initial(self, batch: int, num: int, device: torch.device) -> Tensor:
         if batch != 1:
@@ -111,7 +113,8 @@ class OfficialDraws(DrawSource):
         noise = torch.zeros(1, num, 4, dtype=torch.float64, device=self.device)
         renew = torch.zeros(1, num, 4, dtype=torch.float64, device=self.device)
         noise[:, :kept] = self._draw((1, kept, 4), state_dtype).double()
-        renew[:, kept:] = self._draw((1, num - kept, 4), torch.float32).double()
+        if self.box_renewal:
+            renew[:, kept:] = self._draw((1, num - kept, 4), torch.float32).double()
         return noise, renew
 
 

@@ -35,9 +35,9 @@ _dispatch.register_op(
      "reference": "grouped convolutions, as the official code (fastdiffinst.reference)"},
     defaults={"cpu": "cpp", "cuda": "triton"},
 )
-_MAX_CHANNELS = 16  # csrc/ops/common/dynamic_mask_head_math.h
+MAX_CHANNELS = 16  # csrc/ops/common/dynamic_mask_head_math.h
 _MAX_FEATURE_CHANNELS = 64
-_MAX_LAYERS = 4
+MAX_LAYERS = 4
 RelCoords = reference.RelCoords
 
 
@@ -60,10 +60,10 @@ def _check(op: str, mask_feats: Tensor, params: Tensor, image_index: Tensor, cha
     _checks.require_rank(op, "params", params, 2, "[N, P]")
     channels = _checks.integer(op, "channels", channels)
     num_layers = _checks.integer(op, "num_layers", num_layers)
-    if not 1 <= channels <= _MAX_CHANNELS:
-        raise ValueError(f"{op}: channels must be in [1, {_MAX_CHANNELS}], got {channels}")
-    if not 1 <= num_layers <= _MAX_LAYERS:
-        raise ValueError(f"{op}: num_layers must be in [1, {_MAX_LAYERS}], got {num_layers}")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise ValueError(f"{op}: channels must be in [1, {MAX_CHANNELS}], got {channels}")
+    if not 1 <= num_layers <= MAX_LAYERS:
+        raise ValueError(f"{op}: num_layers must be in [1, {MAX_LAYERS}], got {num_layers}")
     c = mask_feats.shape[1]
     if not 1 <= c <= _MAX_FEATURE_CHANNELS:
         raise ValueError(f"{op}: mask_feats must have 1 to {_MAX_FEATURE_CHANNELS} channels, got {c}")
