@@ -169,3 +169,16 @@ def test_detectron2_named_pickle_and_caffe2_names(tmp_path):
         backbone_state_dict({"__author__": "nobody"})
     with pytest.raises(CheckpointError, match="missing keys"):
         load_backbone_weights(model, {k: torch.from_numpy(v) for k, v in list(d2.items())[:-3]})
+
+
+def test_swin_backbone_weights_with_detectron2_prefix():
+    cfg = override(get_config("tiny"), ["backbone.name=swin", "backbone.swin.embed_dim=16",
+                                        "backbone.swin.depths=(2,2,2,2)", "backbone.swin.num_heads=(1,2,2,4)"])
+    source, target = DiffusionInst(cfg).eval(), DiffusionInst(cfg).eval()
+    weights = {f"backbone.bottom_up.{k}": v for k, v in source.backbone.bottom_up.state_dict().items()}
+    weights["backbone.fpn_lateral2.weight"] = torch.zeros(1)  # other parts of a full model are ignored
+    load_backbone_weights(target, weights)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(target.backbone.bottom_up(x), source.backbone.bottom_up(x)):
+            assert torch.equal(a, b)

@@ -182,10 +182,10 @@ class DynamicHead(nn.Module):
     def reset_parameters(self) -> None:
         """Xavier-uniform for every matrix; the focal prior on the class-logit biases (spec §1.6).
 
-        The official rule sets every head parameter whose last dimension equals K to the prior;
-        in the official configurations that is only ``class_logits.bias``, which is what this does
-        for any K (so a K that happens to equal another width, e.g. 4 or 8, does not also reset a
-        box or mask bias)."""
+        The official rule sets every head parameter whose last dimension equals K (or K + 1) to
+        the prior; in the official configurations that is only ``class_logits.bias``, which is what
+        this does for any K (so a K that happens to equal another width, e.g. 4 or 8 — the box
+        deltas, the mask features — does not also reset that bias)."""
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
