@@ -2,7 +2,7 @@
 
 * :func:`convert_official` maps an official DiffusionInst (detectron2) state dict onto
   :class:`fastdiffinst.modeling.DiffusionInst`: the mask branch moves from ``head.`` to
-  ``mask_branch.``, LVIS's ``criterion.fed_loss_cls_weights`` to ``fed_loss_cls_weights``; the 12 float64 schedule buffers are checked against the cosine schedule we
+  ``mask_branch.``; the 12 float64 schedule buffers are checked against the cosine schedule we
   regenerate, then dropped (the model keeps its schedule outside the state dict). Everything else —
   the packed ``in_proj`` of the attention, the ``[P1 | P2]`` layout of ``dynamic_layer``, FrozenBN
   buffers, ResNet/Swin ``bottom_up.*`` names — already has our layout.
@@ -35,8 +35,7 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
                     "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
                     "posterior_mean_coef1", "posterior_mean_coef2")
 # Official prefix -> ours, first match wins.
-_RENAMES = (("head.mask_refine.", "mask_branch.mask_refine."), ("head.mask_head.", "mask_branch.mask_head."),
-            ("criterion.fed_loss_cls_weights", "fed_loss_cls_weights"))
+_RENAMES = (("head.mask_refine.", "mask_branch.mask_refine."), ("head.mask_head.", "mask_branch.mask_head."))
 
 
 class CheckpointError(ValueError):

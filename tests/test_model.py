@@ -405,9 +405,13 @@ def test_bad_images_raise_clear_errors():
         with pytest.raises(ValueError, match=r"output_sizes\[0\] must be \(H, W\)"):
             model(images([(32, 32)]), output_sizes=[size])
     model.train()
-    with pytest.raises(RuntimeError, match="model.eval"):
+    with pytest.raises(ValueError, match="needs targets"):
         model(images([(32, 32)]))
+    with pytest.raises(RuntimeError, match="model.eval"):
+        model.predict(model.preprocess(images([(32, 32)])))
     model.eval()
+    with pytest.raises(ValueError, match="model.train"):
+        model(images([(32, 32)]), targets=[{}])
     with pytest.raises(TypeError, match="autocast"):
         small_model().bfloat16()(images([(32, 32)]))
     with pytest.raises(ValueError, match="one image at a time"):

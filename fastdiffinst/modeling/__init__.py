@@ -5,8 +5,8 @@ decoder with the controller, DDIM sampling and post-processing.
 :mod:`fastdiffinst.config` for the presets and :mod:`fastdiffinst.checkpoint` for official weights.
 """
 
-from fastdiffinst.modeling.detector import OPS_IMPLS, DiffusionInst, Features, ImageBatch
+from fastdiffinst.modeling.detector import OPS_IMPLS, DiffusionInst, Features, ImageBatch, TrainingOutputs
 from fastdiffinst.modeling.sampler import DrawSource, GeneratorDraws, HeadOutput, OfficialDraws, SamplingStep
 
 __all__ = ["DiffusionInst", "DrawSource", "Features", "GeneratorDraws", "HeadOutput", "ImageBatch", "OPS_IMPLS",
-           "OfficialDraws", "SamplingStep"]
+           "OfficialDraws", "SamplingStep", "TrainingOutputs"]

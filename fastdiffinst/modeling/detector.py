@@ -9,7 +9,7 @@ head). Backbone, FPN and mask features are computed once per image batch, not on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,18 +18,24 @@ from torch import Tensor, nn
 from fastdiffinst import ops
 from fastdiffinst.config import ModelConfig
 from fastdiffinst.modeling.dynamic_head import DynamicHead
+from fastdiffinst.modeling.corruption import noisy_proposals
 from fastdiffinst.modeling.fpn import FPN
+from fastdiffinst.modeling.losses import SetCriterion
+from fastdiffinst.modeling.matcher import Match
 from fastdiffinst.modeling.mask_branch import MaskBranch
 from fastdiffinst.modeling.poolers import FusedRoIPooler, OfficialRoIPooler
 from fastdiffinst.modeling.postprocess import (Candidates, mask_chunk_size, paste_masks, scale_and_clip_boxes,
                                                select_detections, topk_candidates)
 from fastdiffinst.modeling.resnet import ResNet
+from fastdiffinst.modeling.targets import TrainingTargets, prepare_targets
 from fastdiffinst.modeling.sampler import (DrawFn, DrawSource, GeneratorDraws, HeadOutput, OfficialDraws, SamplingStep,
                                            ddim_sample)
 from fastdiffinst.reference import dynamic_mask_head as reference_mask_head
 from fastdiffinst.reference.box_diffusion import DiffusionSchedule, cosine_schedule
 
 OPS_IMPLS = ("fused", "reference")
+# Proposals per recomputed DynamicConv chunk in the fused backward.
+DYNAMIC_CONV_CHUNK = 256
 
 
 @dataclass
@@ -53,6 +59,22 @@ class Features:
     mask_feats: Tensor
 
 
+@dataclass
+class TrainingOutputs:
+    """The training forward's intermediates: the batch, the checked targets, the noisy proposals
+    ``boxes [B, N, 4]`` (float64) at timesteps ``t [B]``, features, head outputs, the loss dict and
+    the matches of every stage (the last stage first, then stages 0, 1, ..., as the official code)."""
+
+    batch: ImageBatch
+    targets: TrainingTargets
+    boxes: Tensor
+    t: Tensor
+    features: Features
+    head: HeadOutput
+    losses: dict[str, Tensor]
+    matches: list[list[Match]]
+
+
 def build_bottom_up(cfg: ModelConfig) -> nn.Module:
     if cfg.backbone.name == "resnet":
         return ResNet(cfg.backbone.resnet)
@@ -66,7 +88,7 @@ def build_bottom_up(cfg: ModelConfig) -> nn.Module:
 class DiffusionInst(nn.Module):
     """The model. ``model(images)`` (eval mode) returns one dict per image with ``boxes [M, 4]``
     (fp32 xyxy in output pixels), ``scores [M]``, ``labels [M]`` int64 and ``masks [M, H, W]``
-    bool, in descending score order.
+    bool, in descending score order; ``model(images, targets)`` (training mode) the loss dict.
 
     Args:
         cfg: a :class:`fastdiffinst.config.ModelConfig` (see ``fastdiffinst.config.get_config``).
@@ -89,10 +111,7 @@ class DiffusionInst(nn.Module):
                                 FusedRoIPooler(head_cfg.pooler_resolution, scales, head_cfg.pooler_sampling_ratio))
         self.register_buffer("pixel_mean", torch.tensor(cfg.input.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.input.pixel_std).view(3, 1, 1), persistent=False)
-        if cfg.loss.use_fed_loss:
-            # Per-class weights of the federated loss (image count ** power), set from the training
-            # set; official LVIS checkpoints carry them as ``criterion.fed_loss_cls_weights``.
-            self.register_buffer("fed_loss_cls_weights", torch.ones(cfg.num_classes))
+        self.criterion = SetCriterion(cfg)
         self._schedules: dict[torch.device, DiffusionSchedule] = {}
         self.ops_impl = "fused"
         self.set_ops_impl(ops_impl)
@@ -109,13 +128,24 @@ class DiffusionInst(nn.Module):
 
     def set_ops_impl(self, ops_impl: str) -> None:
         """Switches between our kernels (``"fused"``) and the official formulations
-        (``"reference"``) for the same weights."""
+        (``"reference"``) for the same weights. The fused path also trains with recomputation of
+        the backbone's trainable stages, the decoder stages and DynamicConv (chunks of
+        :data:`DYNAMIC_CONV_CHUNK` proposals) instead of storing their activations."""
         if ops_impl not in OPS_IMPLS:
             raise ValueError(f"ops_impl must be one of {OPS_IMPLS}, got {ops_impl!r}")
         head_cfg = self.cfg.head
-        pooler = FusedRoIPooler if ops_impl == "fused" else OfficialRoIPooler
+        fused = ops_impl == "fused"
+        pooler = FusedRoIPooler if fused else OfficialRoIPooler
         self.head.box_pooler = pooler(head_cfg.pooler_resolution, self.head.box_pooler.scales,
                                       head_cfg.pooler_sampling_ratio)
+        # Training on the fused path recomputes the backbone stages and the decoder instead of
+        # storing them (as the fused mask head recomputes its activations): their activations and
+        # DynamicConv's generated filters dominate training memory. The mask branch is stored: its
+        # BatchNorm would update its running statistics again when recomputed.
+        self.head.recompute_stages = fused
+        self.backbone.bottom_up.recompute = fused
+        for stage in self.head.head_series:
+            stage.inst_interact.recompute_chunk = DYNAMIC_CONV_CHUNK if fused else None
         self.ops_impl = ops_impl
 
     def schedule(self, device: torch.device) -> DiffusionSchedule:
@@ -247,8 +277,8 @@ class DiffusionInst(nn.Module):
                 draws: DrawFn | DrawSource | None = None) -> list[dict[str, Tensor]]:
         """Instances of a preprocessed :class:`ImageBatch` (see :meth:`forward`)."""
         if self.training:
-            raise RuntimeError("DiffusionInst.forward runs inference, which needs eval mode (the mask branch's "
-                               "BatchNorm would use and update batch statistics): call model.eval() first")
+            raise RuntimeError("inference needs eval mode (in training mode the mask branch's BatchNorm would use "
+                               "and update batch statistics): call model.eval() first")
         output_sizes = self._check_output_sizes(output_sizes, batch.image_sizes)
         features = self.extract_features(batch.tensor)
         steps = self.sample(features, batch.images_whwh, generator=generator, draws=draws)
@@ -275,22 +305,77 @@ class DiffusionInst(nn.Module):
             checked.append((size[0], size[1]))
         return checked
 
-    def forward(self, images: Sequence[Tensor] | Tensor, output_sizes: Sequence[tuple[int, int]] | None = None,
-                generator: torch.Generator | None = None,
-                draws: DrawFn | DrawSource | None = None) -> list[dict[str, Tensor]]:
-        """Instance segmentation of ``images`` (see :meth:`preprocess`).
+    def losses(self, images: Sequence[Tensor] | Tensor, targets: Sequence[Mapping[str, Tensor]],
+               generator: torch.Generator | None = None, draws: DrawFn | None = None) -> dict[str, Tensor]:
+        """The training losses of a batch (spec §4; see :mod:`fastdiffinst.modeling.losses`).
+
+        Args:
+            images: as :meth:`preprocess`.
+            targets: per image ``{"boxes": [G, 4] xyxy pixels, "labels": [G] int64, "masks": [G, h, w]}``
+                (see :mod:`fastdiffinst.modeling.targets`).
+            generator: source of the box corruption's (and the federated loss's) random draws.
+            draws: the official-order draw hook, for replaying the official code.
+
+        Raises ``FloatingPointError`` naming the terms that are not finite.
+        """
+        losses = self.training_outputs(images, targets, generator, draws).losses
+        values = torch.stack([v.detach() for v in losses.values()])
+        if not bool(torch.isfinite(values).all()):
+            bad = {name: float(v) for name, v in losses.items() if not bool(torch.isfinite(v))}
+            raise FloatingPointError(f"non-finite training losses: {bad}")
+        return losses
+
+    def training_outputs(self, images: Sequence[Tensor] | Tensor, targets: Sequence[Mapping[str, Tensor]],
+                         generator: torch.Generator | None = None, draws: DrawFn | None = None) -> TrainingOutputs:
+        """The training forward with its intermediates (see :meth:`losses`)."""
+        batch = self.preprocess(images)
+        prepared = prepare_targets(targets, batch.image_sizes, tuple(batch.tensor.shape[2:]), self.cfg.num_classes,
+                                   self.device)
+        fused = self.ops_impl == "fused"
+        boxes, t = noisy_proposals(prepared, batch.images_whwh, self.cfg.num_proposals,
+                                   self.schedule(batch.tensor.device), self.cfg.sampler.snr_scale, fused,
+                                   generator=generator, draws=draws)
+        features = self.extract_features(batch.tensor)
+        head = self.run_head(features, boxes, t)
+        losses, matches = self.criterion(head.class_logits, head.boxes, head.kernels, features.mask_feats, prepared,
+                                         fused, self._class_sampler(generator, draws))
+        return TrainingOutputs(batch, prepared, boxes, t, features, head, losses, matches)
+
+    @staticmethod
+    def _class_sampler(generator: torch.Generator | None, draws: DrawFn | None):
+        """The federated loss's sampling of negative classes, from the hook or the generator."""
+        def sample(prob: Tensor, count: int) -> Tensor:
+            if draws is not None:
+                return draws((count,), torch.int64, prob.device).to(prob.device)
+            source = generator.device if generator is not None else torch.device("cpu")
+            return torch.multinomial(prob.to(source), count, replacement=False, generator=generator).to(prob.device)
+
+        return sample
+
+    def forward(self, images: Sequence[Tensor] | Tensor, targets: Sequence[Mapping[str, Tensor]] | None = None,
+                output_sizes: Sequence[tuple[int, int]] | None = None, generator: torch.Generator | None = None,
+                draws: DrawFn | DrawSource | None = None) -> list[dict[str, Tensor]] | dict[str, Tensor]:
+        """In training mode, the loss dict of ``images`` and ``targets`` (:meth:`losses`); in eval
+        mode, instance segmentation of ``images`` (see :meth:`preprocess`).
 
         Args:
             output_sizes: per image, the (H, W) to report results at (e.g. the original size
                 before a test-time resize); default the input size.
-            generator: source of the sampler's random boxes.
-            draws: the official-order draw hook ``(shape, dtype, device) -> Tensor`` (batch 1),
-                for replaying the official code, or a :class:`DrawSource`.
+            generator: source of the random draws.
+            draws: the official-order draw hook ``(shape, dtype, device) -> Tensor`` (batch 1 at
+                inference), for replaying the official code, or (inference) a :class:`DrawSource`.
         """
+        if self.training:
+            if targets is None:
+                raise ValueError("in training mode DiffusionInst needs targets (it returns the losses); call "
+                                 "model.eval() for inference")
+            return self.losses(images, targets, generator, draws)
+        if targets is not None:
+            raise ValueError("targets were given in eval mode: call model.train() for the losses")
         return self.predict(self.preprocess(images), output_sizes, generator, draws)
 
     def num_parameters(self, trainable: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
 
 
-__all__ = ["DiffusionInst", "Features", "ImageBatch", "OPS_IMPLS", "build_bottom_up"]
+__all__ = ["DiffusionInst", "Features", "ImageBatch", "OPS_IMPLS", "TrainingOutputs", "build_bottom_up"]

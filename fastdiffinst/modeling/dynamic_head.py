@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from fastdiffinst.config import HeadConfig
 
@@ -67,7 +68,13 @@ class DynamicConv(nn.Module):
     Per proposal, ``dynamic_layer`` generates two matrices, ``P1 [D, d]`` (the first D·d values,
     row-major) and ``P2 [d, D]``; the RoI features go through ``·P1 → LN → ReLU → ·P2 → LN →
     ReLU``, are flattened position-major (``R²·D``) and projected back to D.
+
+    With ``recompute_chunk`` set (the fused path), training stores none of it: proposals are
+    independent here, so the backward recomputes them ``recompute_chunk`` at a time and only one
+    chunk's generated filters (``chunk × 2·D·d``) and activations exist at once.
     """
+
+    recompute_chunk: int | None = None
 
     def __init__(self, hidden_dim: int, dim_dynamic: int, pooler_resolution: int) -> None:
         super().__init__()
@@ -81,6 +88,13 @@ class DynamicConv(nn.Module):
         self.norm3 = nn.LayerNorm(hidden_dim)
 
     def forward(self, pro_features: Tensor, roi_features: Tensor) -> Tensor:
+        chunk = self.recompute_chunk
+        if chunk is None or not torch.is_grad_enabled():
+            return self.interact(pro_features, roi_features)
+        return torch.cat([checkpoint(self.interact, pro_features[i:i + chunk], roi_features[i:i + chunk],
+                                     use_reentrant=False) for i in range(0, pro_features.shape[0], chunk)])
+
+    def interact(self, pro_features: Tensor, roi_features: Tensor) -> Tensor:
         params = self.dynamic_layer(pro_features)
         param1 = params[:, :self.num_params].view(-1, self.hidden_dim, self.dim_dynamic)
         param2 = params[:, self.num_params:].view(-1, self.dim_dynamic, self.hidden_dim)
@@ -165,7 +179,13 @@ class DynamicHead(nn.Module):
     ``forward(features, boxes [B, N, 4], t [B] int64)`` -> per-stage stacks
     ``class_logits [S, B, N, K]``, ``boxes [S, B, N, 4]`` (fp32 absolute xyxy),
     ``kernels [S, B, N, P]``.
+
+    With ``recompute_stages`` (the fused path) training keeps only each stage's inputs and
+    recomputes the stage in the backward: the stages hold no BatchNorm and no randomness
+    (dropout 0; the checkpoint restores the RNG state anyway), so the recomputation is exact.
     """
+
+    recompute_stages: bool = False
 
     def __init__(self, cfg: HeadConfig, num_classes: int, num_kernel_params: int, box_pooler: nn.Module) -> None:
         super().__init__()
@@ -198,7 +218,11 @@ class DynamicHead(nn.Module):
         logits, stage_boxes, kernels = [], [], []
         pro_features = None
         for stage in self.head_series:
-            class_logits, boxes_out, pro_features, kernel = stage(features, boxes, pro_features, self.box_pooler, time)
+            if self.recompute_stages and torch.is_grad_enabled():
+                outputs = checkpoint(stage, features, boxes, pro_features, self.box_pooler, time, use_reentrant=False)
+            else:
+                outputs = stage(features, boxes, pro_features, self.box_pooler, time)
+            class_logits, boxes_out, pro_features, kernel = outputs
             logits.append(class_logits)
             stage_boxes.append(boxes_out)
             kernels.append(kernel)

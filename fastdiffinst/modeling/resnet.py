@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from fastdiffinst.config import RESNET_BLOCKS, ResNetConfig
 
@@ -107,9 +108,14 @@ class BasicBlock(nn.Module):
 
 class ResNet(nn.Module):
     """``forward([B, 3, H, W]) -> [res2, res3, res4, res5]`` with strides 4, 8, 16, 32 and
-    ``out_channels`` channels."""
+    ``out_channels`` channels.
+
+    With ``recompute`` set (the model's fused path), training stores only the input of each
+    trainable stage and recomputes the stage in the backward (FrozenBN has no running statistics,
+    so the recomputation is exact)."""
 
     size_divisibility = 32
+    recompute = False
 
     def __init__(self, cfg: ResNetConfig) -> None:
         super().__init__()
@@ -148,6 +154,10 @@ class ResNet(nn.Module):
         x = self.stem(x)
         outputs = []
         for name in self.stage_names:
-            x = getattr(self, name)(x)
+            stage = getattr(self, name)
+            if self.recompute and torch.is_grad_enabled() and any(p.requires_grad for p in stage.parameters()):
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
             outputs.append(x)
         return outputs

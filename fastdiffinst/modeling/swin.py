@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 # The official code masks cross-region pairs with -100, not -inf; kept so the numbers match.
@@ -239,9 +240,14 @@ class SwinTransformer(nn.Module):
     stochastic depth rising linearly from 0 to ``drop_path_rate`` over all blocks. State-dict keys
     are the official ones (``patch_embed.*``, ``layers.{i}.blocks.{j}.*``, ``layers.{i}.downsample.*``,
     ``norm{i}.*``).
+
+    With ``recompute`` set (the model's fused path), training stores only each stage's input and
+    recomputes the stage in the backward (the checkpoint restores the RNG state, so stochastic
+    depth drops the same blocks).
     """
 
     size_divisibility = 32
+    recompute = False
 
     def __init__(self, embed_dim: int = 128, depths: Sequence[int] = (2, 2, 18, 2),
                  num_heads: Sequence[int] = (4, 8, 16, 32), window_size: int = 7, mlp_ratio: float = 4.0,
@@ -272,7 +278,10 @@ class SwinTransformer(nn.Module):
         x = self.patch_embed(images)
         outputs = []
         for index, stage in enumerate(self.layers):
-            features, x = stage(x)
+            if self.recompute and torch.is_grad_enabled():
+                features, x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                features, x = stage(x)
             if index in self.out_indices:
                 outputs.append(getattr(self, f"norm{index}")(features).permute(0, 3, 1, 2).contiguous())
         return outputs
