@@ -59,6 +59,7 @@ def replay(draws: list[dict]):
 def assert_close_rel(actual: Tensor, expected: Tensor, rel: float = 1e-4, what: str = "") -> None:
     """max |actual - expected| <= rel · max |expected| (the fixture README's tolerance)."""
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    actual, expected = actual.detach(), expected.detach()
     scale = float(expected.double().abs().max()) if expected.numel() else 0.0
     error = float((actual.double() - expected.double()).abs().max()) if expected.numel() else 0.0
     assert error <= rel * max(scale, 1e-12), f"{what}: max error {error:.3g} > {rel} × {scale:.3g}"
