@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -30,6 +31,23 @@ class Timing:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process image (VmHWM). ``ru_maxrss`` would do, but Linux carries it over
+    from the parent through fork/exec, so a child started by a big benchmark process reports the
+    parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _sync(device: str) -> None:

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import torch
 
-from benchmarks.harness import fmt_ms, time_fn
+from benchmarks.harness import fmt_ms, peak_rss_bytes, rss_bytes, time_fn
 from fastdiffinst.ops import dynamic_mask_dice_sums, dynamic_mask_head
 from fastdiffinst.reference import dynamic_mask_head as ref
 
@@ -145,22 +144,6 @@ def _training_pass(variant: str, feats, params, image_index, gt, gt_index) -> No
     ref.dice_loss_from_sums(sums).sum().backward()
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    """Peak RSS of this process image (VmHWM). ``ru_maxrss`` would do, but Linux carries it over
-    from the parent through fork/exec, so a child started by a big benchmark process reports the
-    parent's peak."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def _measure_in_this_process(variant: str, n: int, device: str) -> dict:
     feats, params, image_index, _, gt, gt_index = _inputs(n, device)
     if device.startswith("cuda"):
@@ -170,9 +153,9 @@ def _measure_in_this_process(variant: str, n: int, device: str) -> dict:
         _training_pass(variant, feats, params, image_index, gt, gt_index)
         torch.cuda.synchronize()
         return {"peak_bytes": torch.cuda.max_memory_allocated() - base}
-    base = _rss_bytes()
+    base = rss_bytes()
     _training_pass(variant, feats, params, image_index, gt, gt_index)
-    return {"peak_bytes": _peak_rss_bytes() - base}
+    return {"peak_bytes": peak_rss_bytes() - base}
 
 
 def memory_rows(device: str, n: int) -> list[dict]:

@@ -1,0 +1,112 @@
+"""Peak memory and time of one DiffusionInst training step (forward + backward), on the fused ops
+vs the official formulations, each in a fresh process (DESIGN §7).
+
+    python benchmarks/training_memory.py                       # r50_coco, 2 × 512², 500 proposals
+    python benchmarks/training_memory.py --preset tiny --size 256 --batch 4
+
+The same random weights (seeded) and the same batch (random images with 10 rectangular GT
+instances each) on both sides. On CPU the peak is VmHWM minus the RSS once the model and the
+batch are built; on GPU ``torch.cuda.max_memory_allocated`` above the allocations before the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks.harness import peak_rss_bytes, rss_bytes  # noqa: E402
+
+GT_PER_IMAGE = 10
+
+
+def _batch(size: int, batch: int, num_classes: int):
+    g = torch.Generator().manual_seed(0)
+    images, targets = [], []
+    for _ in range(batch):
+        images.append(torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8))
+        boxes, masks = [], torch.zeros(GT_PER_IMAGE, size, size, dtype=torch.uint8)
+        for i in range(GT_PER_IMAGE):
+            x, y = torch.randint(0, size * 3 // 4, (2,), generator=g).tolist()
+            w, h = torch.randint(size // 25, size // 5, (2,), generator=g).tolist()
+            boxes.append([x, y, x + w, y + h])
+            masks[i, y:y + h, x:x + w] = 1
+        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32),
+                        "labels": torch.randint(0, num_classes, (GT_PER_IMAGE,), generator=g), "masks": masks})
+    return images, targets
+
+
+def measure(ops_impl: str, preset: str, size: int, batch: int, proposals: int, device: str) -> dict:
+    """One training step in this process -> peak bytes above the inputs, seconds, total loss."""
+    from fastdiffinst.config import get_config, replace_path
+    from fastdiffinst.modeling import DiffusionInst
+
+    torch.manual_seed(0)
+    cfg = replace_path(get_config(preset), "num_proposals", proposals)
+    model = DiffusionInst(cfg, ops_impl=ops_impl).to(device).train()
+    images, targets = _batch(size, batch, cfg.num_classes)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = rss_bytes()
+    start = time.perf_counter()
+    losses = model(images, targets, generator=torch.Generator().manual_seed(1))
+    total = sum(losses.values())
+    total.backward()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - base if cuda else peak_rss_bytes() - base
+    return {"ops_impl": ops_impl, "peak_bytes": peak, "seconds": seconds, "loss": float(total.detach())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="r50_coco")
+    parser.add_argument("--size", type=int, default=512, help="square image side (pixels)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--proposals", type=int, default=500)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but no CUDA device is available")
+    rows = []
+    for ops_impl in ("fused", "reference"):
+        code = ("import json, sys, torch; from benchmarks.training_memory import measure; "
+                f"torch.set_num_threads({args.threads}); "
+                f"print(json.dumps(measure({ops_impl!r}, {args.preset!r}, {args.size}, {args.batch}, "
+                f"{args.proposals}, {args.device!r})))")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                             timeout=3600)
+        if out.returncode != 0:
+            raise RuntimeError(f"the {ops_impl} run failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    fused, reference = rows
+    print(f"{args.preset}, {args.batch} × {args.size}², {args.proposals} proposals, {args.device}, "
+          f"{args.threads} threads, torch {torch.__version__}")
+    print("| ops_impl | peak memory | step time | loss |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['ops_impl']} | {row['peak_bytes'] / 2**20:.0f} MiB | {row['seconds']:.2f} s | {row['loss']:.4f} |")
+    print(f"fused / reference peak memory: {fused['peak_bytes'] / reference['peak_bytes']:.2f}; "
+          f"step time: {fused['seconds'] / reference['seconds']:.2f}")
+    print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
