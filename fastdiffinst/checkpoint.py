@@ -163,3 +163,80 @@ def load_backbone_weights(model: nn.Module, source: Mapping[str, Any] | str | os
     """Loads ImageNet weights into ``model.backbone.bottom_up`` strictly (FPN, mask branch and head
     keep their initialisation)."""
     load_into(model.backbone.bottom_up, backbone_state_dict(source), "the backbone weights")
+
+
+# ------------------------------------------------------------------------------------------------
+# Our model files
+
+MODEL_FORMAT = "fastdiffinst-model"
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
+    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
+    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
+    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
+    "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
+    "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then an atomic rename: ``path`` is
+    either the old file or the complete new one, never half-written."""
+    import tempfile
+
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def save_model(model: nn.Module, path: str | os.PathLike, class_names: list[str] | None = None,
+               extra: Mapping[str, Any] | None = None) -> None:
+    """Writes ``model`` (weights + configuration + class names) to ``path`` atomically; ``extra``
+    entries (e.g. training state) are stored beside them."""
+    from fastdiffinst.config import config_to_dict
+
+    payload = {"format": MODEL_FORMAT, "version": 1, "config": config_to_dict(model.cfg),
+               "model": model.state_dict(), "class_names": list(class_names) if class_names is not None else None}
+    payload.update(extra or {})
+    atomic_save(payload, path)
+
+
+def load_model(path: str | os.PathLike, preset: str | None = None, ops_impl: str = "fused",
+               device: str | torch.device = "cpu") -> tuple[nn.Module, list[str]]:
+    """``(model in eval mode, class names)`` from our model file, or from an official DiffusionInst
+    checkpoint with ``preset`` naming its configuration (e.g. ``"r50_coco"``)."""
+    from fastdiffinst.config import config_from_dict, get_config
+    from fastdiffinst.modeling import DiffusionInst
+
+    data = _read(path)
+    if isinstance(data, Mapping) and data.get("format") == MODEL_FORMAT:
+        try:
+            cfg = config_from_dict(data["config"])
+        except (KeyError, ValueError, TypeError) as error:
+            raise CheckpointError(f"{path}: the stored configuration is not valid: {error}") from None
+        model = DiffusionInst(cfg, ops_impl=ops_impl)
+        load_into(model, data["model"], f"{path}")
+        names = data.get("class_names")
+    else:
+        if preset is None:
+            raise CheckpointError(f"{path} is not a fastdiffinst model file: for an official DiffusionInst checkpoint "
+                                  f"name its configuration (--config r50_coco, r101_coco, swinb_coco, r50_lvis, ...)")
+        model = DiffusionInst(get_config(preset), ops_impl=ops_impl)
+        load_official(model, data)
+        names = list(COCO_CLASSES) if model.cfg.num_classes == len(COCO_CLASSES) else None
+    names = list(names) if names else [f"class {i}" for i in range(model.cfg.num_classes)]
+    if len(names) != model.cfg.num_classes:
+        raise CheckpointError(f"{path}: {len(names)} class names for {model.cfg.num_classes} classes")
+    return model.to(device).eval(), names

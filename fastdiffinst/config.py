@@ -339,3 +339,29 @@ def override(cfg: ModelConfig, assignments: list[str]) -> ModelConfig:
             raise ValueError(f"config override {path}: {error}") from None
         cfg = replace_path(cfg, path, value)
     return cfg
+
+
+def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """A plain (json- and pickle-safe) dict of ``cfg``."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """The inverse of :func:`config_to_dict`; unknown fields raise ``ValueError``."""
+    def build(kind: type, values: dict[str, Any], where: str) -> Any:
+        if not isinstance(values, dict):
+            raise ValueError(f"config {where or 'root'} must be a mapping, got {type(values).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(kind)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"config {where or 'root'} has unknown fields {unknown}")
+        kwargs = {}
+        for name, value in values.items():
+            default = getattr(kind(), name)
+            if dataclasses.is_dataclass(default):
+                kwargs[name] = build(type(default), value, f"{where}.{name}".lstrip("."))
+            else:
+                kwargs[name] = tuple(value) if isinstance(default, tuple) else value
+        return kind(**kwargs)
+
+    return build(ModelConfig, data, "").validate()

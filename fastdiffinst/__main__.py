@@ -1,0 +1,5 @@
+import sys
+
+from fastdiffinst.cli import main
+
+sys.exit(main())

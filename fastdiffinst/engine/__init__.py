@@ -1,0 +1,1 @@
+"""Running DiffusionInst: COCO/LVIS evaluation (``evaluation``) and the demo's pictures (``demo``)."""
