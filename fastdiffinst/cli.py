@@ -109,8 +109,9 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.synthetic is not None:
         if args.synthetic < 1:
             raise ValueError(f"--synthetic needs a positive count, got {args.synthetic}")
-        dataset = dataset_from_spec("synthetic", "val")
-        inputs = [(f"synthetic-{i:05d}", dataset.load_image(i)) for i in range(min(args.synthetic, len(dataset)))]
+        # The first N images of the validation split (every image depends only on its index).
+        dataset = dataset_from_spec(f"synthetic:{args.synthetic}", "val")
+        inputs = [(f"synthetic-{i:05d}", dataset.load_image(i)) for i in range(len(dataset))]
     else:
         inputs = [(path.stem, path) for path in image_files(args.input)]
     generator = torch.Generator().manual_seed(args.seed)
