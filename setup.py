@@ -105,7 +105,8 @@ setup(
     install_requires=["torch>=2.11", "numpy>=1.24"],
     extras_require={
         "vision": ["torchvision>=0.26"],
-        "data": ["pycocotools>=2.0.7"],
+        "data": ["pycocotools>=2.0.7", "pillow>=10"],
+        "lvis": ["lvis>=0.5.3"],
         "extra": ["tqdm>=4.66", "matplotlib>=3.8"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "torchvision>=0.26"],
     },
