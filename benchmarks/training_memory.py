@@ -1,5 +1,7 @@
 """Peak memory and time of one DiffusionInst training step (forward + backward), on the fused ops
-vs the official formulations, each in a fresh process (DESIGN §7).
+vs the official formulations, each with and without recomputation (``DiffusionInst(recompute=)``;
+the defaults are fused + recomputation and the official formulation without), each in a fresh
+process (DESIGN §7).
 
     python benchmarks/training_memory.py                       # r50_coco, 2 × 512², 500 proposals
     python benchmarks/training_memory.py --preset tiny --size 256 --batch 4
@@ -46,14 +48,14 @@ def _batch(size: int, batch: int, num_classes: int):
     return images, targets
 
 
-def measure(ops_impl: str, preset: str, size: int, batch: int, proposals: int, device: str) -> dict:
+def measure(ops_impl: str, recompute: bool, preset: str, size: int, batch: int, proposals: int, device: str) -> dict:
     """One training step in this process -> peak bytes above the inputs, seconds, total loss."""
     from fastdiffinst.config import get_config, replace_path
     from fastdiffinst.modeling import DiffusionInst
 
     torch.manual_seed(0)
     cfg = replace_path(get_config(preset), "num_proposals", proposals)
-    model = DiffusionInst(cfg, ops_impl=ops_impl).to(device).train()
+    model = DiffusionInst(cfg, ops_impl=ops_impl, recompute=recompute).to(device).train()
     images, targets = _batch(size, batch, cfg.num_classes)
     cuda = device.startswith("cuda")
     if cuda:
@@ -70,7 +72,8 @@ def measure(ops_impl: str, preset: str, size: int, batch: int, proposals: int, d
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() - base if cuda else peak_rss_bytes() - base
-    return {"ops_impl": ops_impl, "peak_bytes": peak, "seconds": seconds, "loss": float(total.detach())}
+    return {"ops_impl": ops_impl, "recompute": recompute, "peak_bytes": peak, "seconds": seconds,
+            "loss": float(total.detach())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but no CUDA device is available")
     rows = []
-    for ops_impl in ("fused", "reference"):
+    for ops_impl, recompute in (("fused", True), ("reference", False), ("fused", False), ("reference", True)):
         code = ("import json, sys, torch; from benchmarks.training_memory import measure; "
                 f"torch.set_num_threads({args.threads}); "
-                f"print(json.dumps(measure({ops_impl!r}, {args.preset!r}, {args.size}, {args.batch}, "
+                f"print(json.dumps(measure({ops_impl!r}, {recompute}, {args.preset!r}, {args.size}, {args.batch}, "
                 f"{args.proposals}, {args.device!r})))")
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
@@ -96,14 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         if out.returncode != 0:
             raise RuntimeError(f"the {ops_impl} run failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    fused, reference = rows
+    fused, reference = rows[:2]
     print(f"{args.preset}, {args.batch} × {args.size}², {args.proposals} proposals, {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}")
-    print("| ops_impl | peak memory | step time | loss |\n|---|---|---|---|")
+    print("| ops_impl | recompute | peak memory | step time | loss |\n|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['ops_impl']} | {row['peak_bytes'] / 2**20:.0f} MiB | {row['seconds']:.2f} s | {row['loss']:.4f} |")
-    print(f"fused / reference peak memory: {fused['peak_bytes'] / reference['peak_bytes']:.2f}; "
-          f"step time: {fused['seconds'] / reference['seconds']:.2f}")
+        print(f"| {row['ops_impl']} | {row['recompute']} | {row['peak_bytes'] / 2**20:.0f} MiB | "
+              f"{row['seconds']:.2f} s | {row['loss']:.4f} |")
+    print(f"defaults, fused / reference: peak memory {fused['peak_bytes'] / reference['peak_bytes']:.2f}, "
+          f"step time {fused['seconds'] / reference['seconds']:.2f}")
     print(json.dumps(rows))
     return 0
 

@@ -38,6 +38,14 @@ SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alph
 _RENAMES = (("head.mask_refine.", "mask_branch.mask_refine."), ("head.mask_head.", "mask_branch.mask_head."))
 
 
+def official_to_ours(name: str) -> str:
+    """The name of an official parameter or buffer in our model."""
+    for old, new in _RENAMES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
 class CheckpointError(ValueError):
     """A checkpoint that does not fit the model or the expected format."""
 
@@ -94,11 +102,7 @@ def convert_official(source: Mapping[str, Any] | str | os.PathLike) -> dict[str,
                 raise CheckpointError(f"schedule buffer {name!r} differs from the cosine schedule (T = 1000) this "
                                       f"implementation uses")
             continue
-        for old, new in _RENAMES:
-            if name.startswith(old):
-                name = new + name[len(old):]
-                break
-        out[name] = value
+        out[official_to_ours(name)] = value
     return out
 
 

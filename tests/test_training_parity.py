@@ -8,18 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastdiffinst.checkpoint import official_to_ours as ours
 from model_fixture import assert_close_rel, fixture, official_model, replay
 
-# Official parameter names -> ours (the mask branch lives in ``mask_branch`` here).
-RENAMES = (("head.mask_refine.", "mask_branch.mask_refine."), ("head.mask_head.", "mask_branch.mask_head."))
 LAST_LAYERS = ("controller", "mask_head.4", "class_logits", "bboxes_delta", "time_mlp")
-
-
-def ours(name: str) -> str:
-    for old, new in RENAMES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
 
 
 @pytest.fixture(scope="module", params=["fused", "reference"])

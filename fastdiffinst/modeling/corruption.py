@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fastdiffinst import ops
-from fastdiffinst.modeling.sampler import DrawFn
+from fastdiffinst.modeling.sampler import DrawFn, checked_draw
 from fastdiffinst.modeling.targets import TrainingTargets
 from fastdiffinst.reference.box_diffusion import DiffusionSchedule, official_training_boxes
 
@@ -33,10 +33,7 @@ def official_order_draws(draws: DrawFn, counts: list[int], num_proposals: int,
     select = torch.full((batch, num_proposals), -1, dtype=torch.int64, device=device)
 
     def draw(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        value = draws(shape, dtype, device)
-        if tuple(value.shape) != shape or value.dtype != dtype:
-            raise ValueError(f"draws hook returned {value.dtype} {tuple(value.shape)}, expected {dtype} {shape}")
-        return value.to(device)
+        return checked_draw(draws, shape, dtype, device)
 
     for b, count in enumerate(counts):
         if count > num_proposals:

@@ -96,7 +96,8 @@ class DiffusionInst(nn.Module):
         compile: ``torch.compile`` the backbone, the mask branch and the decoder (``fullgraph``).
     """
 
-    def __init__(self, cfg: ModelConfig, ops_impl: str = "fused", compile: bool = False) -> None:
+    def __init__(self, cfg: ModelConfig, ops_impl: str = "fused", compile: bool = False,
+                 recompute: bool | None = None) -> None:
         super().__init__()
         self.cfg = cfg.validate()
         head_cfg = cfg.head
@@ -114,7 +115,7 @@ class DiffusionInst(nn.Module):
         self.criterion = SetCriterion(cfg)
         self._schedules: dict[torch.device, DiffusionSchedule] = {}
         self.ops_impl = "fused"
-        self.set_ops_impl(ops_impl)
+        self.set_ops_impl(ops_impl, recompute)
         self.compiled = bool(compile)
         # A plain dict, so the compiled wrappers are not registered as submodules (their
         # parameters would appear twice in the state dict).
@@ -126,27 +127,32 @@ class DiffusionInst(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Configuration
 
-    def set_ops_impl(self, ops_impl: str) -> None:
+    def set_ops_impl(self, ops_impl: str, recompute: bool | None = None) -> None:
         """Switches between our kernels (``"fused"``) and the official formulations
-        (``"reference"``) for the same weights. The fused path also trains with recomputation of
-        the backbone's trainable stages, the decoder stages and DynamicConv (chunks of
-        :data:`DYNAMIC_CONV_CHUNK` proposals) instead of storing their activations."""
+        (``"reference"``) for the same weights.
+
+        ``recompute`` (default: on for ``"fused"``, off for ``"reference"``, which reproduces the
+        official code's memory use) makes training recompute the backbone's trainable stages, the
+        decoder stages and DynamicConv (chunks of :data:`DYNAMIC_CONV_CHUNK` proposals) in the
+        backward instead of storing their activations: exact (same losses and gradients), about half
+        the training memory, a second forward of those parts."""
         if ops_impl not in OPS_IMPLS:
             raise ValueError(f"ops_impl must be one of {OPS_IMPLS}, got {ops_impl!r}")
-        head_cfg = self.cfg.head
         fused = ops_impl == "fused"
+        recompute = fused if recompute is None else bool(recompute)
+        head_cfg = self.cfg.head
         pooler = FusedRoIPooler if fused else OfficialRoIPooler
         self.head.box_pooler = pooler(head_cfg.pooler_resolution, self.head.box_pooler.scales,
                                       head_cfg.pooler_sampling_ratio)
-        # Training on the fused path recomputes the backbone stages and the decoder instead of
-        # storing them (as the fused mask head recomputes its activations): their activations and
-        # DynamicConv's generated filters dominate training memory. The mask branch is stored: its
-        # BatchNorm would update its running statistics again when recomputed.
-        self.head.recompute_stages = fused
-        self.backbone.bottom_up.recompute = fused
+        # The backbone's and the decoder's activations and DynamicConv's generated filters dominate
+        # training memory; the mask branch is always stored (its BatchNorm would update its running
+        # statistics again when recomputed).
+        self.head.recompute_stages = recompute
+        self.backbone.bottom_up.recompute = recompute
         for stage in self.head.head_series:
-            stage.inst_interact.recompute_chunk = DYNAMIC_CONV_CHUNK if fused else None
+            stage.inst_interact.recompute_chunk = DYNAMIC_CONV_CHUNK if recompute else None
         self.ops_impl = ops_impl
+        self.recompute = recompute
 
     def schedule(self, device: torch.device) -> DiffusionSchedule:
         """The float64 cosine schedule on ``device`` (kept out of the buffers: it is derived, and
@@ -316,12 +322,13 @@ class DiffusionInst(nn.Module):
             generator: source of the box corruption's (and the federated loss's) random draws.
             draws: the official-order draw hook, for replaying the official code.
 
-        Raises ``FloatingPointError`` naming the terms that are not finite.
+        Raises ``FloatingPointError`` naming the terms that are not finite (on the fused path,
+        non-finite predicted boxes stop earlier, in the next stage's RoIAlign: "rois must be finite").
         """
         losses = self.training_outputs(images, targets, generator, draws).losses
         values = torch.stack([v.detach() for v in losses.values()])
         if not bool(torch.isfinite(values).all()):
-            bad = {name: float(v) for name, v in losses.items() if not bool(torch.isfinite(v))}
+            bad = {name: float(v.detach()) for name, v in losses.items() if not bool(torch.isfinite(v))}
             raise FloatingPointError(f"non-finite training losses: {bad}")
         return losses
 
@@ -330,7 +337,7 @@ class DiffusionInst(nn.Module):
         """The training forward with its intermediates (see :meth:`losses`)."""
         batch = self.preprocess(images)
         prepared = prepare_targets(targets, batch.image_sizes, tuple(batch.tensor.shape[2:]), self.cfg.num_classes,
-                                   self.device)
+                                   self.device, batch.tensor.dtype)
         fused = self.ops_impl == "fused"
         boxes, t = noisy_proposals(prepared, batch.images_whwh, self.cfg.num_proposals,
                                    self.schedule(batch.tensor.device), self.cfg.sampler.snr_scale, fused,

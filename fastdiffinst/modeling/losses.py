@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
 
 from fastdiffinst import ops
 from fastdiffinst.config import ModelConfig
@@ -31,17 +32,6 @@ from fastdiffinst.reference.box_diffusion import box_cxcywh_to_xyxy
 
 # (num_samples,) -> sampled negative classes: the federated loss's draw (generator or replay hook).
 ClassSampler = Callable[[Tensor, int], Tensor]
-
-
-def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
-    """Elementwise focal loss (RetinaNet; fvcore's ``sigmoid_focal_loss``)."""
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss
 
 
 def paired_giou(boxes: Tensor, gt_boxes: Tensor) -> Tensor:
@@ -68,7 +58,13 @@ def federated_classes(target_classes: Tensor, num_classes: int, num_fed_classes:
     if len(present) < num_fed_classes:
         prob[:num_classes] = weights.float()
         prob[present] = 0
-        present = torch.cat([present, sample(prob, num_fed_classes - len(present))])
+        count = num_fed_classes - len(present)
+        sampled = sample(prob, count)
+        if sampled.shape != (count,) or bool(((sampled < 0) | (sampled >= num_classes)).any()) \
+                or len(torch.unique(sampled)) != count:
+            raise ValueError(f"the federated loss needs {count} distinct negative classes in [0, {num_classes}), "
+                             f"got {sampled.tolist()}")
+        present = torch.cat([present, sampled])
     mask = present.new_zeros(num_classes + 1)
     mask[present] = 1
     return mask[:num_classes].float()
@@ -94,10 +90,16 @@ class SetCriterion(nn.Module):
             raise ValueError("the federated loss is off in this configuration (loss.use_fed_loss)")
         if image_counts.shape != (self.num_classes,):
             raise ValueError(f"image_counts must be [{self.num_classes}], got {tuple(image_counts.shape)}")
+        if not bool(torch.isfinite(image_counts).all()) or bool((image_counts < 0).any()):
+            raise ValueError("image_counts must be finite and non-negative")
+        if int((image_counts > 0).sum()) < self.cfg.fed_loss_num_classes:
+            raise ValueError(f"the federated loss samples {self.cfg.fed_loss_num_classes} classes, but only "
+                             f"{int((image_counts > 0).sum())} have images")
         self.fed_loss_cls_weights.copy_(image_counts.float() ** self.cfg.fed_loss_freq_weight_power)
 
     def forward(self, class_logits: Tensor, boxes: Tensor, kernels: Tensor, mask_feats: Tensor,
-                targets: TrainingTargets, fused: bool, sample_classes: ClassSampler) -> tuple[dict[str, Tensor], list[list[Match]]]:
+                targets: TrainingTargets, fused: bool,
+                sample_classes: ClassSampler) -> tuple[dict[str, Tensor], list[list[Match]]]:
         """Losses of all stages from the stacks ``[S, B, N, ·]`` -> (loss dict, matches per stage
         in the official order: the last stage, then stages 0, 1, ...)."""
         stages = class_logits.shape[0]
@@ -135,7 +137,9 @@ class SetCriterion(nn.Module):
                                               sample_classes)
         losses = {"loss_ce": cfg.class_weight * focal.sum() / max(num_matched, 1)}
         if num_matched == 0:
-            zero = boxes.sum() * 0
+            # Zeros in the graph of every predicted tensor, so that every parameter gets a (zero)
+            # gradient: DDP needs one from each rank.
+            zero = (boxes.sum() + kernels.sum() + mask_feats.sum()) * 0
             return {**losses, "loss_bbox": zero, "loss_giou": zero, "loss_masks": zero}
 
         pred = boxes[selected]  # image-major, query order: the order of gt_rows
@@ -147,12 +151,9 @@ class SetCriterion(nn.Module):
         losses["loss_giou"] = cfg.giou_weight * (1 - paired_giou(pred, gt_boxes)).sum() / num_matched
 
         params = kernels[selected]
-        if fused:
-            sums = ops.dynamic_mask_dice_sums(mask_feats, params, image_index, targets.masks, gt_rows,
-                                              channels=self.mask_channels, num_layers=self.mask_layers)
-        else:
-            sums = reference_mask_head.dynamic_mask_dice_sums(mask_feats, params, image_index, targets.masks, gt_rows,
-                                                              channels=self.mask_channels, num_layers=self.mask_layers)
+        dice_sums = ops.dynamic_mask_dice_sums if fused else reference_mask_head.dynamic_mask_dice_sums
+        sums = dice_sums(mask_feats, params, image_index, targets.masks, gt_rows, channels=self.mask_channels,
+                         num_layers=self.mask_layers)
         dice = reference_mask_head.dice_loss_from_sums(sums)
         losses["loss_masks"] = cfg.mask_weight * dice.sum() / num_matched
         return losses

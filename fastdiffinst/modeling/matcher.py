@@ -13,8 +13,9 @@
    code does; in rare cases a query then stays matched to two GTs and the lower GT index wins.
 
 Ties between equal costs go to the lower query index (a stable sort; ``torch.topk`` leaves them
-unspecified). The repair loop is bounded by the number of queries (the official loop is not);
-a GT still without a query after that simply stays unmatched.
+unspecified). The repair loop is bounded by the number of queries (the official loop is not and
+never ends when there are more GTs than queries); a GT still without a query after that stays
+unmatched (``query_per_gt`` -1).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from fastdiffinst.reference.box_diffusion import box_xyxy_to_cxcywh
 @dataclass
 class Match:
     """``selected [N]`` bool (queries with a GT), ``gt_index [n_sel]`` int64 (the GT of each
-    selected query, in query order), ``query_per_gt [G]`` int64 (each GT's cheapest matched query)."""
+    selected query, in query order), ``query_per_gt [G]`` int64 (each GT's cheapest matched query;
+    -1 for a GT the bounded repair loop left without one)."""
 
     selected: Tensor
     gt_index: Tensor
@@ -105,7 +107,8 @@ def dynamic_k_assign(cost: Tensor, ious: Tensor, ota_k: int) -> Match:
     selected = matching.sum(1) > 0
     gt_index = matching[selected].argmax(dim=1)
     masked = torch.where(matching > 0, cost, torch.full_like(cost, float("inf")))
-    return Match(selected, gt_index, masked.argmin(dim=0))
+    query_per_gt = torch.where(matching.sum(0) > 0, masked.argmin(dim=0), -1)
+    return Match(selected, gt_index, query_per_gt)
 
 
 @torch.no_grad()

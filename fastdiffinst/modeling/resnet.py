@@ -111,8 +111,8 @@ class ResNet(nn.Module):
     ``out_channels`` channels.
 
     With ``recompute`` set (the model's fused path), training stores only the input of each
-    trainable stage and recomputes the stage in the backward (FrozenBN has no running statistics,
-    so the recomputation is exact)."""
+    trainable stage and recomputes the stage in the backward (FrozenBN never updates its
+    statistics, so the recomputation is exact)."""
 
     size_divisibility = 32
     recompute = False

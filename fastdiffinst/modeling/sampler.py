@@ -33,6 +33,15 @@ from fastdiffinst.reference.box_diffusion import DiffusionSchedule, ddim_time_pa
 DrawFn = Callable[[tuple[int, ...], torch.dtype, torch.device], Tensor]
 
 
+def checked_draw(draws: DrawFn, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``draws(shape, dtype, device)``, checked to have that shape and dtype, on ``device``."""
+    value = draws(shape, dtype, device)
+    if not isinstance(value, Tensor) or tuple(value.shape) != shape or value.dtype != dtype:
+        got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"draws hook returned {got}, expected {dtype} {shape}")
+    return value.to(device)
+
+
 @dataclass
 class HeadOutput:
     """The decoder's outputs for every stage: ``class_logits [S, B, N, K]``, ``boxes [S, B, N, 4]``
@@ -102,10 +111,7 @@ class OfficialDraws(DrawSource):
         return self._draw((1, num, 4), torch.float32)
 
     def _draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        value = self.draws(shape, dtype, self.device)
-        if tuple(value.shape) != shape or value.dtype != dtype:
-            raise ValueError(f"draws hook returned {value.dtype} {tuple(value.shape)}, expected {dtype} {shape}")
-        return value.to(self.device)
+        return checked_draw(self.draws, shape, dtype, self.device)
 
     def step(self, step: int, keep: Tensor, state_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         num = keep.shape[1]

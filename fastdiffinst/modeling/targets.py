@@ -2,8 +2,9 @@
 
 Each image's target is ``{"boxes": [G, 4] absolute xyxy in the image's pixels, "labels": [G] int64
 in [0, K), "masks": [G, h, w]}`` (bool, uint8 or float; foreground where > 0.5), with (h, w) the
-image's size. Boxes are clipped to the image; instances whose clipped box has no area are dropped
-(as the official data pipeline filters empty instances). Reversed boxes, non-finite values,
+image's size. Boxes are clipped to the image; instances whose clipped box is at most 1e-5 wide or
+high, or whose mask is empty, are dropped (detectron2's ``filter_empty_instances``, which the
+official data pipeline applies). Reversed boxes, non-finite values,
 out-of-range labels and masks of another size raise ``ValueError`` naming the image and the field.
 """
 
@@ -19,6 +20,8 @@ from fastdiffinst.reference.box_diffusion import box_xyxy_to_cxcywh
 
 # GT masks are sampled at the mask features' pixel centres: rows and columns 2, 6, 10, ... (spec §4.4).
 MASK_STRIDE = 4
+# Boxes at most this wide or high are empty (detectron2 ``Boxes.nonempty``).
+EMPTY_BOX = 1e-5
 
 
 @dataclass
@@ -50,8 +53,8 @@ class TrainingTargets:
         return [t.labels.numel() for t in self.images]
 
 
-def _check_image(b: int, target: object, image_size: tuple[int, int], num_classes: int,
-                 device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+def _check_image(b: int, target: object, image_size: tuple[int, int], num_classes: int, device: torch.device,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     if not isinstance(target, Mapping) or not {"boxes", "labels", "masks"} <= set(target):
         raise ValueError(f"targets[{b}] must be a dict with 'boxes', 'labels' and 'masks'")
     boxes, labels, masks = target["boxes"], target["labels"], target["masks"]
@@ -70,27 +73,32 @@ def _check_image(b: int, target: object, image_size: tuple[int, int], num_classe
                          f"got {tuple(masks.shape)}")
     if count and not bool(torch.isfinite(boxes).all()):
         raise ValueError(f"targets[{b}]['boxes'] must be finite")
-    if count and bool(((labels < 0) | (labels >= num_classes)).any()):
-        raise ValueError(f"targets[{b}]['labels'] must be in [0, {num_classes}), got {labels.tolist()}")
+    bad = (labels < 0) | (labels >= num_classes)
+    if count and bool(bad.any()):
+        raise ValueError(f"targets[{b}]['labels'] must be in [0, {num_classes}), got {labels[bad][:10].tolist()}")
     if count and bool(((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).any()):
         raise ValueError(f"targets[{b}]['boxes'] must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1")
-    return boxes.to(device, torch.float32), labels.to(device), masks.to(device)
+    return boxes.to(device, dtype), labels.to(device), masks.to(device)
 
 
 def prepare_targets(targets: Sequence[Mapping[str, Tensor]], image_sizes: list[tuple[int, int]],
-                    padded_size: tuple[int, int], num_classes: int, device: torch.device) -> TrainingTargets:
-    """Checks and converts the targets of a batch (see the module docstring)."""
+                    padded_size: tuple[int, int], num_classes: int, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> TrainingTargets:
+    """Checks and converts the targets of a batch (see the module docstring); boxes in ``dtype``
+    (the model's)."""
     if not isinstance(targets, Sequence) or len(targets) != len(image_sizes):
+        length = len(targets) if hasattr(targets, "__len__") else "?"
         raise ValueError(f"targets must be a list with one dict per image ({len(image_sizes)}), "
-                         f"got {type(targets).__name__} of length {len(targets) if hasattr(targets, '__len__') else '?'}")
+                         f"got {type(targets).__name__} of length {length}")
     map_h, map_w = padded_size[0] // MASK_STRIDE, padded_size[1] // MASK_STRIDE
     start = MASK_STRIDE // 2
     images, masks, offsets, offset = [], [], [], 0
     for b, (target, (h, w)) in enumerate(zip(targets, image_sizes)):
-        boxes, labels, gt_masks = _check_image(b, target, (h, w), num_classes, device)
-        whwh = torch.tensor([w, h, w, h], dtype=torch.float32, device=device)
+        boxes, labels, gt_masks = _check_image(b, target, (h, w), num_classes, device, dtype)
+        whwh = torch.tensor([w, h, w, h], dtype=dtype, device=device)
         boxes = torch.minimum(boxes.clamp(min=0), whwh)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        keep = ((boxes[:, 2] - boxes[:, 0] > EMPTY_BOX) & (boxes[:, 3] - boxes[:, 1] > EMPTY_BOX)
+                & (gt_masks.flatten(1) != 0).any(dim=1))
         if not bool(keep.all()):
             boxes, labels, gt_masks = boxes[keep], labels[keep], gt_masks[keep]
         sampled = gt_masks[:, start::MASK_STRIDE, start::MASK_STRIDE] > 0.5
