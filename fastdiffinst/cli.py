@@ -1,5 +1,7 @@
-"""``python -m fastdiffinst {eval,demo}``.
+"""``python -m fastdiffinst {train,eval,demo}``.
 
+    python -m fastdiffinst train --config tiny --data synthetic --out runs/tiny [--resume] [key=value ...]
+    torchrun --nproc_per_node 8 -m fastdiffinst train --config r50_coco --data coco:/datasets/coco --out runs/r50
     python -m fastdiffinst eval --checkpoint model.pth --data synthetic [--out DIR]
     python -m fastdiffinst eval --checkpoint model_final.pth --config r50_coco --data coco:/datasets/coco
     python -m fastdiffinst demo --checkpoint model.pth --input photo.jpg --out pictures/
@@ -35,6 +37,27 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m fastdiffinst", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train a model (one process, or many under torchrun)")
+    train.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="preset (default tiny)")
+    train.add_argument("--data", default="synthetic", help="synthetic | synthetic:N | coco:ROOT | lvis:ROOT")
+    train.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics.jsonl, loss.png)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pth")
+    train.add_argument("--compile", action="store_true", help="torch.compile the backbone, mask branch and head")
+    train.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (autocast)")
+    train.add_argument("--ops-impl", choices=["fused", "reference"], default="fused")
+    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    train.add_argument("--iterations", type=int, help="solver.max_iter")
+    train.add_argument("--batch-size", type=int, help="solver.ims_per_batch (all processes together)")
+    train.add_argument("--lr", type=float, help="solver.base_lr")
+    train.add_argument("--seed", type=int, help="solver.seed")
+    train.add_argument("--log-period", type=int, default=20)
+    train.add_argument("--eval-period", type=int, default=0, help="iterations between evaluations (0: at the end)")
+    train.add_argument("--eval-limit", type=int, help="evaluate on the first N validation images")
+    train.add_argument("--checkpoint-period", type=int, default=500)
+    train.add_argument("--threads", type=int, help="CPU threads")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="config fields, e.g. head.num_stages=3")
     evaluate = commands.add_parser("eval", help="COCO-style AP of a checkpoint")
     _common(evaluate)
     evaluate.add_argument("--data", default="synthetic", help="synthetic | synthetic:N | coco:ROOT | lvis:ROOT")
@@ -71,6 +94,32 @@ def _writable(folder: Path) -> Path:
     except OSError as error:
         raise OSError(f"cannot write to the output folder {folder}: {error.strerror or error}") from None
     return folder
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from fastdiffinst.config import get_config, override
+    from fastdiffinst.engine import distributed
+    from fastdiffinst.engine.evaluation import format_metrics
+    from fastdiffinst.engine.train import Trainer, TrainOptions
+
+    fields = list(args.overrides)
+    for flag, path in (("iterations", "solver.max_iter"), ("batch_size", "solver.ims_per_batch"),
+                       ("lr", "solver.base_lr"), ("seed", "solver.seed")):
+        if getattr(args, flag) is not None:
+            fields.append(f"{path}={getattr(args, flag)}")
+    cfg = override(get_config(args.config), fields)
+    device = distributed.setup(args.device)
+    try:
+        options = TrainOptions(out=args.out, data=args.data, ops_impl=args.ops_impl, amp=args.amp,
+                               compile=args.compile, resume=args.resume, device=device, num_workers=args.workers,
+                               log_period=args.log_period, eval_period=args.eval_period, eval_limit=args.eval_limit,
+                               checkpoint_period=args.checkpoint_period, progress=not args.no_progress)
+        metrics = Trainer(cfg, options).train()
+        if metrics is not None:
+            print(format_metrics(metrics))
+    finally:
+        distributed.teardown()
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -133,7 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     from fastdiffinst.data import DatasetError
 
     try:
-        return {"eval": run_eval, "demo": run_demo}[args.command](args)
-    except (CheckpointError, DatasetError, FileNotFoundError, OSError, ValueError, RuntimeError) as error:
+        return {"train": run_train, "eval": run_eval, "demo": run_demo}[args.command](args)
+    except KeyboardInterrupt as interrupt:
+        print(f"interrupted: {interrupt}" if str(interrupt) else "interrupted", file=sys.stderr)
+        return 130
+    except (CheckpointError, DatasetError, FileNotFoundError, OSError, ValueError, RuntimeError,
+            FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -44,6 +44,7 @@ class ResNetConfig:
     num_groups: int = 1
     width_per_group: int = 64
     freeze_at: int = 2  # 0 = nothing frozen, 1 = the stem, 2 = stem and res2, ...
+    norm: str = "FrozenBN"  # or "GN" (GroupNorm), for training from scratch
 
 
 @dataclass
@@ -144,9 +145,16 @@ class SolverConfig:
 
 @dataclass
 class InputConfig:
-    """Test-time resize and normalisation (spec §1.1, §5); images are padded to a multiple of the
-    backbone's size divisibility (32)."""
+    """Resizing and normalisation (spec §1.1, §5, §6); images are padded to a multiple of the
+    backbone's size divisibility (32). Training: flip + a shortest edge from ``min_size_train``
+    (longest ≤ ``max_size_train``), or, with probability 0.5 when ``crop`` is on, flip + a shortest
+    edge from ``crop_resize`` + a random crop of ``crop_size`` (low, high) px + the same resize."""
 
+    min_size_train: tuple[int, ...] = tuple(range(480, 801, 32))
+    max_size_train: int = 1333
+    crop: bool = True
+    crop_resize: tuple[int, ...] = (400, 500, 600)
+    crop_size: tuple[int, int] = (384, 600)
     min_size_test: int = 800
     max_size_test: int = 1333
     pixel_mean: tuple[float, float, float] = PIXEL_MEAN
@@ -178,6 +186,8 @@ class ModelConfig:
             raise ValueError(f"config: backbone.resnet.depth must be one of {sorted(RESNET_BLOCKS)}, "
                              f"got {self.backbone.resnet.depth}")
         resnet = self.backbone.resnet
+        if resnet.norm not in ("FrozenBN", "GN"):
+            raise ValueError(f"config: backbone.resnet.norm must be 'FrozenBN' or 'GN', got {resnet.norm!r}")
         if self.backbone.name == "resnet" and resnet.depth < 50 and resnet.num_groups != 1:
             raise ValueError(f"config: backbone.resnet.num_groups must be 1 for ResNet-{resnet.depth} "
                              f"(basic blocks have no grouped conv), got {resnet.num_groups}")
@@ -265,11 +275,13 @@ def _tiny() -> ModelConfig:
     """A ResNet-18 model small enough to train on 2 CPU cores (images <= 256 px)."""
     cfg = ModelConfig(num_classes=8, num_proposals=100)
     cfg.backbone = BackboneConfig(resnet=ResNetConfig(depth=18, stem_out_channels=32, res2_out_channels=32,
-                                                      freeze_at=0), fpn_channels=64)
+                                                      freeze_at=0, norm="GN"), fpn_channels=64)
     cfg.head = HeadConfig(hidden_dim=64, num_attention_heads=4, dim_feedforward=256, num_stages=3, dim_dynamic=16,
                           mask_branch_channels=64, mask_tower_convs=2)
-    cfg.input = InputConfig(min_size_test=256, max_size_test=256)
-    cfg.solver = SolverConfig(ims_per_batch=4, base_lr=2e-4, steps=(4000,), max_iter=5000, warmup_iters=100)
+    cfg.input = InputConfig(min_size_train=(160, 192, 224, 256), max_size_train=320, crop_resize=(160, 192, 224),
+                            crop_size=(128, 224), min_size_test=224, max_size_test=320)
+    # Tuned on the synthetic set: 3000 iterations of 4 images take about 18 minutes on 2 CPU cores.
+    cfg.solver = SolverConfig(ims_per_batch=4, base_lr=4e-4, steps=(2400,), max_iter=3000, warmup_iters=100)
     return cfg
 
 

@@ -140,11 +140,13 @@ TRAIN_SIZES = tuple(range(480, 801, 32))
 
 def official_train_transform(sizes: Sequence[int] = TRAIN_SIZES, max_size: int = 1333,
                              crop_sizes: Sequence[int] = (400, 500, 600), crop: tuple[int, int] = (384, 600),
-                             generator: torch.Generator | None = None) -> Transform:
+                             generator: torch.Generator | None = None, enable_crop: bool = True) -> Transform:
     """The official ``DiffusionInstDatasetMapper`` policy (module docstring); the sizes scale down
-    for small data sets (e.g. the synthetic set)."""
+    for small data sets (e.g. the synthetic set); ``enable_crop=False`` keeps only the first branch."""
     flip = RandomFlip(0.5, generator)
     resize_train = ResizeShortestEdge(sizes, max_size, generator)
+    if not enable_crop:
+        return Compose([flip, resize_train])
     # detectron2's resize before the crop has no limit on the long side.
     cropped = Compose([flip, ResizeShortestEdge(crop_sizes, sys.maxsize, generator),
                        RandomCrop(crop[0], crop[1], generator), resize_train])

@@ -9,6 +9,7 @@ size with :func:`aligned_bilinear` and summed; a tower of Conv3×3 → BN → Re
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,10 +28,20 @@ def aligned_bilinear(x: Tensor, factor: int) -> Tensor:
     if factor == 1:
         return x
     h, w = x.shape[2:]
-    x = F.pad(x, (0, 1, 0, 1), mode="replicate")
+    x = _replicate(_replicate(x, 3, 0, 1), 2, 0, 1)
     x = F.interpolate(x, size=(factor * h + 1, factor * w + 1), mode="bilinear", align_corners=True)
-    x = F.pad(x, (factor // 2, 0, factor // 2, 0), mode="replicate")
+    x = _replicate(_replicate(x, 3, factor // 2, 0), 2, factor // 2, 0)
     return x[:, :, :factor * h, :factor * w]
+
+
+def _replicate(x: Tensor, dim: int, before: int, after: int) -> Tensor:
+    """``F.pad(mode="replicate")`` along one dimension, as concatenated edge slices (inductor
+    miscompiles the backward of ``replication_pad2d`` on CPU)."""
+    parts = [x.narrow(dim, 0, 1).expand(*x.shape[:dim], before, *x.shape[dim + 1:])] if before else []
+    parts.append(x)
+    if after:
+        parts.append(x.narrow(dim, x.shape[dim] - 1, 1).expand(*x.shape[:dim], after, *x.shape[dim + 1:]))
+    return torch.cat(parts, dim=dim) if len(parts) > 1 else x
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -10,6 +10,8 @@ carries its norm as the attribute ``norm``, so the keys are detectron2's
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,14 +48,28 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-class ConvNorm(nn.Conv2d):
-    """A bias-free conv followed by its :class:`FrozenBatchNorm2d` (detectron2 ``Conv2d(norm=...)``);
-    ReLU is applied by the caller."""
+NORMS = ("FrozenBN", "GN")
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1) -> None:
+
+def make_norm(norm: str, channels: int) -> nn.Module:
+    """``"FrozenBN"`` (pretrained backbones, detectron2's default) or ``"GN"`` (GroupNorm with 32
+    groups, or fewer when ``channels`` is not a multiple of 32: for training from scratch)."""
+    if norm == "FrozenBN":
+        return FrozenBatchNorm2d(channels)
+    if norm == "GN":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    raise ValueError(f"ResNet norm must be one of {NORMS}, got {norm!r}")
+
+
+class ConvNorm(nn.Conv2d):
+    """A bias-free conv followed by its norm (detectron2 ``Conv2d(norm=...)``); ReLU is applied by
+    the caller."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
+                 norm: str = "FrozenBN") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
                          groups=groups, bias=False)
-        self.norm = FrozenBatchNorm2d(out_channels)
+        self.norm = make_norm(norm, out_channels)
         # detectron2 c2_msra_fill.
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
 
@@ -64,9 +80,9 @@ class ConvNorm(nn.Conv2d):
 class BasicStem(nn.Module):
     """``[B, 3, H, W] -> [B, C, H/4, W/4]``."""
 
-    def __init__(self, out_channels: int) -> None:
+    def __init__(self, out_channels: int, norm: str = "FrozenBN") -> None:
         super().__init__()
-        self.conv1 = ConvNorm(3, out_channels, 7, stride=2)
+        self.conv1 = ConvNorm(3, out_channels, 7, stride=2, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.max_pool2d(F.relu(self.conv1(x)), kernel_size=3, stride=2, padding=1)
@@ -76,13 +92,13 @@ class BottleneckBlock(nn.Module):
     """1×1 → 3×3 (stride, groups) → 1×1, residual, ReLU."""
 
     def __init__(self, in_channels: int, out_channels: int, bottleneck_channels: int, stride: int,
-                 num_groups: int) -> None:
+                 num_groups: int, norm: str = "FrozenBN") -> None:
         super().__init__()
-        self.shortcut = (ConvNorm(in_channels, out_channels, 1, stride=stride)
+        self.shortcut = (ConvNorm(in_channels, out_channels, 1, stride=stride, norm=norm)
                          if in_channels != out_channels or stride != 1 else None)
-        self.conv1 = ConvNorm(in_channels, bottleneck_channels, 1)
-        self.conv2 = ConvNorm(bottleneck_channels, bottleneck_channels, 3, stride=stride, groups=num_groups)
-        self.conv3 = ConvNorm(bottleneck_channels, out_channels, 1)
+        self.conv1 = ConvNorm(in_channels, bottleneck_channels, 1, norm=norm)
+        self.conv2 = ConvNorm(bottleneck_channels, bottleneck_channels, 3, stride=stride, groups=num_groups, norm=norm)
+        self.conv3 = ConvNorm(bottleneck_channels, out_channels, 1, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.conv1(x))
@@ -94,12 +110,12 @@ class BottleneckBlock(nn.Module):
 class BasicBlock(nn.Module):
     """3×3 (stride) → 3×3, residual, ReLU (R-18/34)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, norm: str = "FrozenBN") -> None:
         super().__init__()
-        self.shortcut = (ConvNorm(in_channels, out_channels, 1, stride=stride)
+        self.shortcut = (ConvNorm(in_channels, out_channels, 1, stride=stride, norm=norm)
                          if in_channels != out_channels or stride != 1 else None)
-        self.conv1 = ConvNorm(in_channels, out_channels, 3, stride=stride)
-        self.conv2 = ConvNorm(out_channels, out_channels, 3)
+        self.conv1 = ConvNorm(in_channels, out_channels, 3, stride=stride, norm=norm)
+        self.conv2 = ConvNorm(out_channels, out_channels, 3, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.conv2(F.relu(self.conv1(x)))
@@ -112,7 +128,7 @@ class ResNet(nn.Module):
 
     With ``recompute`` set (the model's fused path), training stores only the input of each
     trainable stage and recomputes the stage in the backward (FrozenBN never updates its
-    statistics, so the recomputation is exact)."""
+    statistics and GroupNorm has none, so the recomputation is exact)."""
 
     size_divisibility = 32
     recompute = False
@@ -122,7 +138,7 @@ class ResNet(nn.Module):
         if cfg.depth not in RESNET_BLOCKS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNET_BLOCKS)}, got {cfg.depth}")
         self.depth = cfg.depth
-        self.stem = BasicStem(cfg.stem_out_channels)
+        self.stem = BasicStem(cfg.stem_out_channels, cfg.norm)
         in_channels, out_channels = cfg.stem_out_channels, cfg.res2_out_channels
         bottleneck = cfg.num_groups * cfg.width_per_group
         self.out_channels: list[int] = []
@@ -133,9 +149,10 @@ class ResNet(nn.Module):
             for b in range(blocks):
                 stride = 2 if index > 0 and b == 0 else 1
                 if cfg.depth >= 50:
-                    stage.append(BottleneckBlock(in_channels, out_channels, bottleneck, stride, cfg.num_groups))
+                    stage.append(BottleneckBlock(in_channels, out_channels, bottleneck, stride, cfg.num_groups,
+                                                 cfg.norm))
                 else:
-                    stage.append(BasicBlock(in_channels, out_channels, stride))
+                    stage.append(BasicBlock(in_channels, out_channels, stride, cfg.norm))
                 in_channels = out_channels
             self.add_module(name, nn.Sequential(*stage))
             self.out_channels.append(out_channels)
