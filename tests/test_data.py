@@ -253,11 +253,23 @@ def test_repeat_factors_and_their_sampler():
     assert 2300 < ones < 2700  # 2.5 / 3.5 of the stream
 
 
-def test_inference_sampler_shards_and_loader_batches(synthetic):
+def test_inference_sampler_shards_and_the_training_stream(synthetic):
     shards = [list(InferenceSampler(10, rank=r, world_size=3)) for r in range(3)]
     assert shards == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
     dataset = InstanceDataset(synthetic / "annotations.json", synthetic / "images")
-    loader = iter(train_loader(dataset, batch_size=2, seed=0))
-    batch = next(loader)
-    assert isinstance(batch, list) and len(batch) == 2 and batch[0]["image"].dtype == torch.uint8
+
+    def augment(generator):
+        return official_train_transform((48, 64), 100, (40, 50), (32, 48), generator)
+
+    def batches(start, workers):
+        loader = iter(train_loader(dataset, 2, augment, seed=0, start=start, num_workers=workers))
+        return [next(loader) for _ in range(3)]
+
+    first = batches(0, 0)
+    assert isinstance(first[0], list) and len(first[0]) == 2 and first[0][0]["image"].dtype == torch.uint8
+    # The same samples with the same augmentation from a worker, and from a resumed position.
+    for a, b in zip(first, batches(0, 1)):
+        assert all(torch.equal(x["image"], y["image"]) and torch.equal(x["masks"], y["masks"]) for x, y in zip(a, b))
+    resumed = batches(2, 0)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(first[1], resumed[0]))
 

@@ -7,10 +7,10 @@ of the command line.
 
 from fastdiffinst.data.coco import DatasetError, InstanceDataset, read_image
 from fastdiffinst.data.loader import (InferenceSampler, RepeatFactorTrainingSampler, TrainingSampler, collate,
-                                      inference_loader, repeat_factors, train_loader)
+                                      repeat_factors, train_loader)
 from fastdiffinst.data.sources import dataset_from_spec
 from fastdiffinst.data.transforms import eval_transform, official_train_transform
 
 __all__ = ["DatasetError", "InferenceSampler", "InstanceDataset", "RepeatFactorTrainingSampler", "TrainingSampler",
-           "collate", "dataset_from_spec", "eval_transform", "inference_loader", "official_train_transform",
+           "collate", "dataset_from_spec", "eval_transform", "official_train_transform",
            "read_image", "repeat_factors", "train_loader"]

@@ -7,6 +7,8 @@
   images containing c, ``t = 0.001``), with stochastic rounding each epoch.
 * :class:`InferenceSampler` — contiguous shards of ``range(size)``, one per rank.
 
+:func:`train_loader` is the training stream: any of these samplers, each sample augmented with a
+generator seeded by its position in the stream (so runs resume exactly, with or without workers).
 Batches are lists of samples (:func:`collate`): the model pads images to a multiple of 32 and keeps
 the unpadded sizes (``DiffusionInst.preprocess``).
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -106,30 +108,49 @@ class InferenceSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _seed_worker(worker_id: int) -> None:
-    # Transforms draw from torch's generator, which DataLoader seeds per worker; numpy and random
-    # are seeded from it too, for user transforms that use them.
-    import random
+class AugmentedSamples(Dataset):
+    """``dataset`` items keyed by ``(position, index)``: the augmentation of the sample at
+    ``position`` in the training stream draws from a generator seeded by ``(seed, position)``, so
+    it depends neither on the workers nor on where a run was resumed."""
 
-    import numpy as np
+    def __init__(self, dataset: Dataset, make_transform: Callable[[torch.Generator], Callable[[dict], dict]] | None,
+                 seed: int) -> None:
+        self.dataset, self.make_transform, self.seed = dataset, make_transform, seed
 
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        position, index = key
+        sample = self.dataset[index]
+        if self.make_transform is None:
+            return sample
+        return self.make_transform(torch.Generator().manual_seed(self.seed * 1_000_003 + position))(sample)
 
 
-def train_loader(dataset: Dataset, batch_size: int, sampler: Sampler[int] | None = None, num_workers: int = 0,
-                 seed: int = 0) -> DataLoader:
-    """An infinite loader of ``batch_size`` samples per process (lists, see :func:`collate`)."""
+class PositionedSampler(Sampler[tuple[int, int]]):
+    """``(position, index)`` pairs of a training stream (an infinite sampler), from ``start`` on."""
+
+    def __init__(self, sampler: Sampler[int], start: int = 0) -> None:
+        self.sampler, self.start = sampler, start
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        stream = iter(self.sampler)
+        for _ in range(self.start):
+            next(stream)
+        for position, index in enumerate(stream, start=self.start):
+            yield position, index
+
+
+def train_loader(dataset: Dataset, batch_size: int,
+                 make_transform: Callable[[torch.Generator], Callable[[dict], dict]] | None = None,
+                 sampler: Sampler[int] | None = None, seed: int = 0, start: int = 0, num_workers: int = 0) -> DataLoader:
+    """An infinite loader of ``batch_size``-sample lists (:func:`collate`) from ``sampler`` (default
+    :class:`TrainingSampler`), its first ``start`` samples skipped (resuming), each sample augmented
+    by ``make_transform(generator)`` with a generator seeded by its position in the stream."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sampler = sampler if sampler is not None else TrainingSampler(len(dataset), seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
+    return DataLoader(AugmentedSamples(dataset, make_transform, seed), batch_size=batch_size,
+                      sampler=PositionedSampler(sampler, start), num_workers=num_workers, collate_fn=collate,
                       persistent_workers=num_workers > 0)
-
-
-def inference_loader(dataset: Dataset, batch_size: int = 1, num_workers: int = 0) -> DataLoader:
-    """This rank's shard of ``dataset`` in order."""
-    return DataLoader(dataset, batch_size=batch_size, sampler=InferenceSampler(len(dataset)), num_workers=num_workers,
-                      collate_fn=collate)

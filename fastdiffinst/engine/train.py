@@ -2,8 +2,8 @@
 COCO evaluation, atomic checkpoints, exact resume, and DDP under ``torchrun``.
 
 Every random draw of iteration i is a function of ``(seed, i, rank)`` — the sampler's stream of
-sample positions, each sample's augmentation (seeded by its position in the stream) and the
-model's box draws — so a run killed and resumed from its last checkpoint ends in the same state
+sample positions, each sample's augmentation (seeded by its position in the stream,
+:func:`fastdiffinst.data.train_loader`) and the model's box draws — so a run killed and resumed from its last checkpoint ends in the same state
 as an uninterrupted one (single process; with workers too). SIGINT/SIGTERM save a checkpoint at
 the end of the current iteration and stop.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -27,12 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastdiffinst.checkpoint import CheckpointError, atomic_save, save_model
+from fastdiffinst.checkpoint import CheckpointError, save_model
 from fastdiffinst.config import ModelConfig, config_to_dict
-from fastdiffinst.data.coco import InstanceDataset
-from fastdiffinst.data.loader import TrainingSampler, collate
+from fastdiffinst.data.loader import RepeatFactorTrainingSampler, TrainingSampler, repeat_factors, train_loader
 from fastdiffinst.data.transforms import official_train_transform
 from fastdiffinst.engine import distributed
 
@@ -61,39 +58,6 @@ def train_transform(cfg: ModelConfig, generator: torch.Generator):
     inputs = cfg.input
     return official_train_transform(inputs.min_size_train, inputs.max_size_train, inputs.crop_resize,
                                     inputs.crop_size, generator, enable_crop=inputs.crop)
-
-
-class AugmentedSamples(Dataset):
-    """``dataset`` items keyed by ``(position, index)``: the augmentation of the sample at
-    ``position`` in the training stream draws from a generator seeded by ``(seed, position)``, so
-    it does not depend on workers or on where a run was resumed."""
-
-    def __init__(self, dataset: InstanceDataset, cfg: ModelConfig, seed: int) -> None:
-        self.dataset, self.cfg, self.seed = dataset, cfg, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        position, index = key
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + position)
-        return train_transform(self.cfg, generator)(self.dataset[index])
-
-
-class PositionedSampler(Sampler[tuple[int, int]]):
-    """``(position, index)`` pairs of a rank's training stream, from ``start`` on."""
-
-    def __init__(self, sampler: TrainingSampler, start: int) -> None:
-        self.sampler, self.start = sampler, start
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        stream = iter(self.sampler)
-        for _ in range(self.start):
-            next(stream)
-        position = self.start
-        for index in stream:
-            yield position, index
-            position += 1
 
 
 def lr_factor(iteration: int, cfg) -> float:
@@ -206,10 +170,14 @@ class Trainer:
 
     def _loader(self) -> Iterator[list[dict]]:
         seed = self.cfg.solver.seed
-        sampler = TrainingSampler(len(self.train_set), seed=seed, rank=self.rank, world_size=self.world)
-        positioned = PositionedSampler(sampler, self.iteration * self.batch)
-        loader = DataLoader(AugmentedSamples(self.train_set, self.cfg, seed + self.rank), batch_size=self.batch,
-                            sampler=positioned, num_workers=self.options.num_workers, collate_fn=collate)
+        if self.options.data.startswith("lvis:"):  # LVIS trains with repeat-factor sampling (t = 0.001)
+            factors = repeat_factors([self.train_set.image_labels(i) for i in range(len(self.train_set))])
+            sampler = RepeatFactorTrainingSampler(factors, seed=seed, rank=self.rank, world_size=self.world)
+        else:
+            sampler = TrainingSampler(len(self.train_set), seed=seed, rank=self.rank, world_size=self.world)
+        loader = train_loader(self.train_set, self.batch, lambda g: train_transform(self.cfg, g), sampler,
+                              seed=seed + self.rank, start=self.iteration * self.batch,
+                              num_workers=self.options.num_workers)
         return iter(loader)
 
     def _step(self, batch: list[dict]) -> dict[str, float]:
