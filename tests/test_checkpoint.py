@@ -104,7 +104,7 @@ def _torchvision_stages(net, x):
 def _model_with_backbone(depth: int) -> DiffusionInst:
     cfg = override(get_config("tiny"), [f"backbone.resnet.depth={depth}", "backbone.resnet.stem_out_channels=64",
                                         f"backbone.resnet.res2_out_channels={64 if depth < 50 else 256}",
-                                        "backbone.resnet.freeze_at=2"])
+                                        "backbone.resnet.freeze_at=2", "backbone.resnet.norm=FrozenBN"])
     return DiffusionInst(cfg).eval()
 
 
