@@ -22,6 +22,7 @@ import os
 import pickle
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -182,6 +183,19 @@ COCO_CLASSES = (
     "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
     "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink",
     "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush")
+
+
+def ensure_writable(folder: str | os.PathLike) -> Path:
+    """Creates ``folder`` and checks that files can be written in it (``OSError`` naming it)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise OSError(f"cannot write to the output folder {folder}: {error.strerror or error}") from None
+    return folder
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:

@@ -85,17 +85,6 @@ def _load(args: argparse.Namespace):
     return model, names
 
 
-def _writable(folder: Path) -> Path:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise OSError(f"cannot write to the output folder {folder}: {error.strerror or error}") from None
-    return folder
-
-
 def run_train(args: argparse.Namespace) -> int:
     from fastdiffinst.config import get_config, override
     from fastdiffinst.engine import distributed
@@ -123,10 +112,11 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from fastdiffinst.checkpoint import ensure_writable
     from fastdiffinst.data import dataset_from_spec
     from fastdiffinst.engine import evaluation
 
-    out = _writable(args.out) if args.out is not None else None
+    out = ensure_writable(args.out) if args.out is not None else None
     model, _ = _load(args)
     dataset = dataset_from_spec(args.data, args.split)
     lvis = args.data.startswith("lvis:")
@@ -150,10 +140,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from fastdiffinst.checkpoint import ensure_writable
     from fastdiffinst.data import dataset_from_spec, read_image
     from fastdiffinst.engine.demo import draw_instances, image_files, predict_image
 
-    out = _writable(args.out)
+    out = ensure_writable(args.out)
     model, names = _load(args)
     if args.synthetic is not None:
         if args.synthetic < 1:

@@ -132,3 +132,20 @@ def torchvision_roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_si
     kept = torchvision.ops.roi_align(input, rois[keep], output_size, spatial_scale, sampling_ratio, aligned)
     out = kept.new_zeros((rois.shape[0], *kept.shape[1:]))
     return out.index_put((keep.nonzero().squeeze(1),), kept)
+
+
+def assert_same_training_step(model_a, model_b, images, targets, seed: int, loss_tol: tuple[float, float],
+                              grad_rel_l2: float) -> None:
+    """The same losses (rtol, atol) and gradients (relative L2 per parameter) from one training
+    forward + backward of two models on the same batch and draws."""
+    a = model_a(images, targets, generator=torch.Generator().manual_seed(seed))
+    b = model_b(images, targets, generator=torch.Generator().manual_seed(seed))
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=loss_tol[0], atol=loss_tol[1], msg=name)
+    sum(a.values()).backward()
+    sum(b.values()).backward()
+    for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+        if p.grad is not None:
+            error = float((q.grad - p.grad).norm() / p.grad.norm().clamp(min=1e-12))
+            assert error <= grad_rel_l2, f"{name}: relative L2 {error:.2e} > {grad_rel_l2}"

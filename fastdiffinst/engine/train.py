@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiffinst.checkpoint import CheckpointError, save_model
+from fastdiffinst.checkpoint import CheckpointError, ensure_writable, save_model
 from fastdiffinst.config import ModelConfig, config_to_dict
 from fastdiffinst.data.loader import RepeatFactorTrainingSampler, TrainingSampler, repeat_factors, train_loader
 from fastdiffinst.data.transforms import official_train_transform
@@ -114,7 +114,7 @@ class Trainer:
         self.batch = solver.ims_per_batch // self.world
         self.out = options.out
         if self.rank == 0:
-            _check_writable(self.out)
+            ensure_writable(self.out)
         self.train_set = dataset_from_spec(options.data, "train")
         self.val_set = dataset_from_spec(options.data, "val")
         if cfg.num_classes != self.train_set.num_classes:
@@ -274,16 +274,6 @@ class Trainer:
         if self.rank == 0:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
         return metrics
-
-
-def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise OSError(f"cannot write to the output folder {folder}: {error.strerror or error}") from None
 
 
 def _trim_metrics(path: Path, iteration: int) -> None:
