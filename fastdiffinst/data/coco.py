@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from fastdiffinst.reference.box_diffusion import clip_boxes, nonempty_instances
+
 
 class DatasetError(ValueError):
     """Bad dataset files or entries."""
@@ -197,18 +199,14 @@ class InstanceDataset(Dataset):
             if x + w <= 0 or y + h <= 0 or x >= width or y >= height:
                 raise DatasetError(f"{self.annotation_file}: annotation {ann.get('id')} of image {entry['id']} lies "
                                    f"outside its {width}×{height} image (bbox {ann['bbox']})")
-            box = [max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)]
-            mask = annotation_to_mask(ann, height, width)
-            if box[2] <= box[0] or box[3] <= box[1] or not mask.any():
-                continue  # an empty instance, as detectron2's filter_empty_instances
-            boxes.append(box)
+            boxes.append([x, y, x + w, y + h])
             labels.append(self.category_to_label[ann["category_id"]])
-            masks.append(mask)
+            masks.append(annotation_to_mask(ann, height, width))
+        boxes = clip_boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), height, width)
+        masks = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.uint8)
+        keep = nonempty_instances(boxes, masks)  # detectron2's filter_empty_instances
         sample = {
-            "image": image,
-            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(labels, dtype=torch.int64),
-            "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, height, width), dtype=torch.uint8),
-            "image_id": entry["id"], "height": height, "width": width,
+            "image": image, "boxes": boxes[keep], "labels": torch.tensor(labels, dtype=torch.int64)[keep],
+            "masks": masks[keep], "image_id": entry["id"], "height": height, "width": width,
         }
         return self.transform(sample) if self.transform is not None else sample

@@ -144,7 +144,8 @@ class PositionedSampler(Sampler[tuple[int, int]]):
 
 def train_loader(dataset: Dataset, batch_size: int,
                  make_transform: Callable[[torch.Generator], Callable[[dict], dict]] | None = None,
-                 sampler: Sampler[int] | None = None, seed: int = 0, start: int = 0, num_workers: int = 0) -> DataLoader:
+                 sampler: Sampler[int] | None = None, seed: int = 0, start: int = 0,
+                 num_workers: int = 0) -> DataLoader:
     """An infinite loader of ``batch_size``-sample lists (:func:`collate`) from ``sampler`` (default
     :class:`TrainingSampler`), its first ``start`` samples skipped (resuming), each sample augmented
     by ``make_transform(generator)`` with a generator seeded by its position in the stream."""

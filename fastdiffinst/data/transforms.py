@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import InterpolationMode, resize
 
+from fastdiffinst.reference.box_diffusion import clip_boxes, nonempty_instances
+
 Sample = dict
 Transform = Callable[[Sample], Sample]
 
@@ -33,7 +35,7 @@ def _uniform_int(low: int, high: int, generator: torch.Generator | None) -> int:
 
 def _drop_empty(sample: Sample) -> Sample:
     boxes, masks = sample["boxes"], sample["masks"]
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & (masks.flatten(1) != 0).any(dim=1)
+    keep = nonempty_instances(boxes, masks)
     if bool(keep.all()):
         return sample
     return {**sample, "boxes": boxes[keep], "labels": sample["labels"][keep], "masks": masks[keep]}
@@ -63,13 +65,18 @@ def shortest_edge_size(height: int, width: int, short: int, max_size: int) -> tu
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def _resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear with antialiasing (detectron2 resizes images with PIL's bilinear filter)."""
+    return resize(image, list(size), InterpolationMode.BILINEAR, antialias=True)
+
+
 def resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
     """Image bilinear (antialiased), masks nearest, boxes scaled."""
     height, width = sample["image"].shape[1:]
     new_h, new_w = size
     if (new_h, new_w) == (height, width):
         return sample
-    image = resize(sample["image"], [new_h, new_w], InterpolationMode.BILINEAR, antialias=True)
+    image = _resize_image(sample["image"], size)
     masks = sample["masks"]
     if masks.shape[0]:
         masks = F.interpolate(masks[:, None].float(), size=(new_h, new_w), mode="nearest-exact")[:, 0].to(masks.dtype)
@@ -106,9 +113,8 @@ class RandomCrop:
         crop_w = _uniform_int(min(width, self.low), min(width, self.high), self.generator)
         y0 = _uniform_int(0, height - crop_h, self.generator)
         x0 = _uniform_int(0, width - crop_w, self.generator)
-        boxes = sample["boxes"] - torch.tensor([x0, y0, x0, y0], dtype=sample["boxes"].dtype)
-        limits = torch.tensor([crop_w, crop_h, crop_w, crop_h], dtype=boxes.dtype)
-        boxes = torch.minimum(boxes.clamp(min=0), limits)
+        shift = torch.tensor([x0, y0, x0, y0], dtype=sample["boxes"].dtype)
+        boxes = clip_boxes(sample["boxes"] - shift, crop_h, crop_w)
         return _drop_empty({**sample, "image": sample["image"][:, y0:y0 + crop_h, x0:x0 + crop_w],
                             "masks": sample["masks"][:, y0:y0 + crop_h, x0:x0 + crop_w], "boxes": boxes})
 
@@ -156,9 +162,7 @@ def official_train_transform(sizes: Sequence[int] = TRAIN_SIZES, max_size: int =
 def resize_for_test(image: torch.Tensor, short: int = 800, max_size: int = 1333) -> torch.Tensor:
     """An image ``uint8 [3, H, W]`` resized as :func:`eval_transform` resizes samples."""
     size = shortest_edge_size(int(image.shape[1]), int(image.shape[2]), short, max_size)
-    if tuple(image.shape[1:]) == size:
-        return image
-    return resize(image, list(size), InterpolationMode.BILINEAR, antialias=True)
+    return image if tuple(image.shape[1:]) == size else _resize_image(image, size)
 
 
 def eval_transform(short: int = 800, max_size: int = 1333) -> Transform:

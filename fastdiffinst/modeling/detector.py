@@ -94,6 +94,8 @@ class DiffusionInst(nn.Module):
         cfg: a :class:`fastdiffinst.config.ModelConfig` (see ``fastdiffinst.config.get_config``).
         ops_impl: ``"fused"`` (our kernels) or ``"reference"`` (the official formulations).
         compile: ``torch.compile`` the backbone, the mask branch and the decoder (``fullgraph``).
+        recompute: train with recomputation instead of stored activations (see
+            :meth:`set_ops_impl`; default on for ``"fused"``).
     """
 
     def __init__(self, cfg: ModelConfig, ops_impl: str = "fused", compile: bool = False,
@@ -116,7 +118,6 @@ class DiffusionInst(nn.Module):
         self._schedules: dict[torch.device, DiffusionSchedule] = {}
         self.ops_impl = "fused"
         self.set_ops_impl(ops_impl, recompute)
-        self.compiled = bool(compile)
         # A plain dict, so the compiled wrappers are not registered as submodules (their
         # parameters would appear twice in the state dict).
         self._runners = {"backbone": self.backbone, "mask_branch": self.mask_branch, "head": self.head}
@@ -152,7 +153,6 @@ class DiffusionInst(nn.Module):
         for stage in self.head.head_series:
             stage.inst_interact.recompute_chunk = DYNAMIC_CONV_CHUNK if recompute else None
         self.ops_impl = ops_impl
-        self.recompute = recompute
 
     def schedule(self, device: torch.device) -> DiffusionSchedule:
         """The float64 cosine schedule on ``device`` (kept out of the buffers: it is derived, and

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdiffinst.modeling.mask_branch import aligned_bilinear
+from fastdiffinst.reference.box_diffusion import clip_boxes
 
 # Full-resolution temporaries of one mask chunk stay under this (the result itself is apart).
 MASK_CHUNK_BUDGET_BYTES = 192 * 2**20
@@ -84,9 +85,7 @@ def scale_and_clip_boxes(boxes: Tensor, image_size: tuple[int, int], output_size
     """Boxes of the resized image (h, w) -> the output size (H, W), clipped to it."""
     (h, w), (out_h, out_w) = image_size, output_size
     scale = boxes.new_tensor([out_w / w, out_h / h, out_w / w, out_h / h])
-    boxes = boxes * scale
-    limits = boxes.new_tensor([out_w, out_h, out_w, out_h])
-    return torch.minimum(boxes.clamp(min=0), limits)
+    return clip_boxes(boxes * scale, out_h, out_w)
 
 
 def mask_chunk_size(padded_size: tuple[int, int], output_size: tuple[int, int]) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastdiffinst.reference.box_diffusion import box_xyxy_to_cxcywh
+from fastdiffinst.reference.box_diffusion import box_xyxy_to_cxcywh, clip_boxes, nonempty_instances
 
 # GT masks are sampled at the mask features' pixel centres: rows and columns 2, 6, 10, ... (spec §4.4).
 MASK_STRIDE = 4
@@ -96,9 +96,8 @@ def prepare_targets(targets: Sequence[Mapping[str, Tensor]], image_sizes: list[t
     for b, (target, (h, w)) in enumerate(zip(targets, image_sizes)):
         boxes, labels, gt_masks = _check_image(b, target, (h, w), num_classes, device, dtype)
         whwh = torch.tensor([w, h, w, h], dtype=dtype, device=device)
-        boxes = torch.minimum(boxes.clamp(min=0), whwh)
-        keep = ((boxes[:, 2] - boxes[:, 0] > EMPTY_BOX) & (boxes[:, 3] - boxes[:, 1] > EMPTY_BOX)
-                & (gt_masks.flatten(1) != 0).any(dim=1))
+        boxes = clip_boxes(boxes, h, w)
+        keep = nonempty_instances(boxes, gt_masks, EMPTY_BOX)
         if not bool(keep.all()):
             boxes, labels, gt_masks = boxes[keep], labels[keep], gt_masks[keep]
         sampled = gt_masks[:, start::MASK_STRIDE, start::MASK_STRIDE] > 0.5

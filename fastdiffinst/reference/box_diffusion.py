@@ -89,6 +89,19 @@ def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
     return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
 
 
+def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
+    """Absolute xyxy boxes ``[..., 4]`` clipped to the image ``[0, width] × [0, height]``."""
+    limits = boxes.new_tensor([width, height, width, height])
+    return torch.minimum(boxes.clamp(min=0), limits)
+
+
+def nonempty_instances(boxes: Tensor, masks: Tensor, threshold: float = 0.0) -> Tensor:
+    """``[G]`` bool: instances whose box is wider and higher than ``threshold`` and whose mask
+    ``[G, H, W]`` has a pixel (detectron2's ``filter_empty_instances``)."""
+    return ((boxes[:, 2] - boxes[:, 0] > threshold) & (boxes[:, 3] - boxes[:, 1] > threshold)
+            & (masks.flatten(1) != 0).any(dim=1))
+
+
 def signal_to_boxes(x: Tensor, images_whwh: Tensor, scale: float = SIGNAL_SCALE) -> Tensor:
     """Diffusion-space boxes [B, N, 4] -> absolute xyxy boxes: clamp, map to [0, 1], × whwh [B, 4]."""
     x = torch.clamp(x, min=-scale, max=scale)
