@@ -6,20 +6,38 @@ reference and its ``torch.compile`` form, on the same draws.
   collate function builds it) for the fused op and the batched reference.
 * ddim_step_boxes: one step 999 -> 749, eta = 1, B in {1, 8}, N = 500, about half the proposals
   kept. The official code handles batch 1, so its baseline is a loop over the images.
+
+The smoke profile (tests) runs the same code with N = 20 and batches {2} / {1}. Throughput: the
+bytes the fused op reads and writes over its time, against the copy bandwidth of the same run
+(these ops are small: their time is per-call overhead, which the percentage makes plain).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-from benchmarks.harness import fmt_ms, time_fn
+from benchmarks.harness import comparison_row, rate_note, time_fn
 from fastdiffinst.ops import ddim_step_boxes, draw_ddim_noise, draw_q_sample_inputs, q_sample_boxes
 from fastdiffinst.reference import box_diffusion as bd
 
-NUM_PROPOSALS, SCALE = 500, 2.0
+SCALE = 2.0
 SCHEDULE = bd.cosine_schedule()
+
+
+@dataclass(frozen=True)
+class Sizes:
+    proposals: int
+    q_sample_batches: tuple[int, ...]
+    ddim_batches: tuple[int, ...]
+    repeats: int
+    warmup: int = 2
+
+
+PROFILES = {"smoke": Sizes(20, (2,), (1,), 1, 0), "quick": Sizes(500, (2, 16), (1, 8), 10),
+            "full": Sizes(500, (2, 16), (1, 8), 20)}
 
 
 def _gt_lists(batch, generator):
@@ -33,18 +51,19 @@ def _gt_lists(batch, generator):
     return counts, boxes, padded, whwh
 
 
-def run(device: str, profile: str, progress) -> list[dict]:
+def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
+    sizes = PROFILES[profile]
+    num = sizes.proposals
     generator = torch.Generator().manual_seed(0)
-    repeats = 10 if profile == "quick" else 20
     rows = []
     sa, s1a, ac = (x.to(device) for x in (SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod,
                                           SCHEDULE.alphas_cumprod))
     schedule = bd.DiffusionSchedule(**{k: getattr(SCHEDULE, k).to(device) for k in bd.DiffusionSchedule.__dataclass_fields__})
 
-    for batch in (2, 16):
+    for batch in sizes.q_sample_batches:
         counts, boxes, padded, whwh = _gt_lists(batch, generator)
         boxes, padded, whwh = [b.to(device) for b in boxes], padded.to(device), whwh.to(device)
-        draws = draw_q_sample_inputs(counts, NUM_PROPOSALS, generator, device=device)
+        draws = draw_q_sample_inputs(counts, num, generator, device=device)
         counts_t = torch.tensor(counts, device=device)
         args = (padded, counts_t, *draws, sa, s1a, SCALE, whwh)
 
@@ -52,22 +71,25 @@ def run(device: str, profile: str, progress) -> list[dict]:
             return q_sample_boxes(*args)
 
         def official():
-            return bd.official_training_boxes(boxes, whwh, NUM_PROPOSALS, *draws, schedule, SCALE)
+            return bd.official_training_boxes(boxes, whwh, num, *draws, schedule, SCALE)
 
         def batched(fn):
             return lambda: fn(*args)
 
         err = (fused() - official()).abs().max().item()
-        rows += _compare("q_sample_boxes", f"B={batch} N={NUM_PROPOSALS} GT 0-60", fused, official,
-                         batched(bd.q_sample_boxes), bd.q_sample_boxes, batched, device, repeats, err, progress)
+        # Reads the GT batch and the draws, writes [B, N, 4] fp32.
+        traffic = sum(t.numel() * t.element_size() for t in (padded, *draws)) + batch * num * 16
+        rows += _compare("q_sample_boxes", f"B={batch} N={num} GT 0-60", fused, official,
+                         batched(bd.q_sample_boxes), bd.q_sample_boxes, batched, device, sizes, err, traffic,
+                         ceilings, progress)
 
-    for batch in (1, 8):
+    for batch in sizes.ddim_batches:
         whwh = torch.tensor([[1216.0, 800.0, 1216.0, 800.0]] * batch, device=device)
-        x_t = torch.randn(batch, NUM_PROPOSALS, 4, generator=generator).to(device)
-        pred = (bd.box_cxcywh_to_xyxy(torch.rand(batch, NUM_PROPOSALS, 4, generator=generator) * 0.6 + 0.2)
+        x_t = torch.randn(batch, num, 4, generator=generator).to(device)
+        pred = (bd.box_cxcywh_to_xyxy(torch.rand(batch, num, 4, generator=generator) * 0.6 + 0.2)
                 .to(device) * whwh[:, None])
-        keep = (torch.rand(batch, NUM_PROPOSALS, generator=generator) < 0.5).to(device)
-        noise, renew = draw_ddim_noise(batch, NUM_PROPOSALS, generator, device=device)
+        keep = (torch.rand(batch, num, generator=generator) < 0.5).to(device)
+        noise, renew = draw_ddim_noise(batch, num, generator, device=device)
         kept = keep.sum(1).tolist()
         args = (x_t, pred, whwh, keep, 999, 749, ac, 1.0, SCALE, noise, renew)
 
@@ -83,38 +105,39 @@ def run(device: str, profile: str, progress) -> list[dict]:
             return lambda: fn(*args)
 
         err = max((fused()[0][b] - o[0]).abs().max().item() for b, o in enumerate(official()))
-        rows += _compare("ddim_step_boxes", f"B={batch} N={NUM_PROPOSALS} 999->749", fused, official,
-                         batched(bd.ddim_step_boxes), bd.ddim_step_boxes, batched, device, repeats, err, progress)
+        # Reads x_t, the predictions, keep and the draws, writes the next x_t (and its boxes).
+        traffic = sum(t.numel() * t.element_size() for t in (x_t, pred, keep, noise, renew)) + 2 * batch * num * 16
+        rows += _compare("ddim_step_boxes", f"B={batch} N={num} 999->749", fused, official,
+                         batched(bd.ddim_step_boxes), bd.ddim_step_boxes, batched, device, sizes, err, traffic,
+                         ceilings, progress)
     return rows
 
 
-def _compare(op, case, fused, official, reference, reference_fn, batched, device, repeats, err, progress):
-    t_fused = time_fn(fused, device, repeats)
+def _compare(op, case, fused, official, reference, reference_fn, batched, device, sizes, err, traffic, ceilings,
+             progress):
+    t_fused = time_fn(fused, device, sizes.repeats, sizes.warmup)
     progress.update(1)
-    t_official = time_fn(official, device, repeats)
+    t_official = time_fn(official, device, sizes.repeats, sizes.warmup)
     progress.update(1)
-    t_reference = time_fn(reference, device, repeats)
+    t_reference = time_fn(reference, device, sizes.repeats, sizes.warmup)
     progress.update(1)
     torch._dynamo.reset()
     start = time.perf_counter()
     compiled = batched(torch.compile(reference_fn, dynamic=False))
     compiled()
     compile_s = time.perf_counter() - start
-    t_compiled = time_fn(compiled, device, repeats)
+    t_compiled = time_fn(compiled, device, sizes.repeats, sizes.warmup)
     progress.update(1)
-    rows = []
-    for baseline, t_base, note in (("official per-image", t_official, f"max abs diff {err:.1e}"),
-                                   ("batched reference", t_reference, ""),
-                                   ("torch.compile(reference)", t_compiled, f"compile {compile_s:.1f} s")):
-        rows.append({
-            "study": "box_diffusion", "op": op, "case": case, "direction": "forward", "baseline": baseline,
-            "ours_ms": fmt_ms(t_fused.median_s), "ours_range_ms": f"{fmt_ms(t_fused.min_s)}-{fmt_ms(t_fused.max_s)}",
-            "baseline_ms": fmt_ms(t_base.median_s),
-            "baseline_range_ms": f"{fmt_ms(t_base.min_s)}-{fmt_ms(t_base.max_s)}",
-            "speedup": f"{t_base.median_s / t_fused.median_s:.2f}x", "x_traffic_floor": "", "max_abs_diff": note,
-            "repeats": repeats,
-        })
-    return rows
+    achieved = traffic / t_fused.median_s / 1e9
+    rate = rate_note(achieved, "GB/s", ceilings["copy_GBps"], "copy")
+    return [comparison_row("box_diffusion", op, case, "forward", baseline, t_fused, t_base, ours_rate=rate,
+                           achieved_GBps=achieved, max_abs_diff=note)
+            for baseline, t_base, note in (("official per-image", t_official, f"max abs diff {err:.1e}"),
+                                           ("batched reference", t_reference, ""),
+                                           ("torch.compile(reference)", t_compiled, f"compile {compile_s:.1f} s"))]
 
 
-STEPS = 16  # timed measurements, for the progress bar
+def steps(profile: str) -> int:
+    """Timed measurements, for the progress bar."""
+    sizes = PROFILES[profile]
+    return 4 * (len(sizes.q_sample_batches) + len(sizes.ddim_batches))

@@ -6,10 +6,14 @@
 # Stages (each writes its files into OUT_DIR as it finishes, so a run cut short still reports):
 #   0. versions.json   python/torch/triton/CUDA/GPU, printed first
 #   1. build.log       the extension built in place with the CUDA kernels (FORCE_CUDA=1)
-#   2. cuda_tests.*    the tests ($GPU_CHECK_TESTS, default: the whole suite, CUDA-marked tests included)
-#   3. bench/          python benchmarks/run.py --device cuda $GPU_CHECK_BENCH_ARGS (JSON + markdown)
-#   4. summary.md      the summary table, printed last
-# Fits in ~5 minutes on an H100/H200 (the visible GPU's architecture only).
+#   2. cuda_tests.*    the tests ($GPU_CHECK_TESTS, default "tests -m cuda": CUDA parity, opcheck,
+#                      compile and the model on CUDA; "tests" runs the whole suite)
+#   3. bench_ops/      python benchmarks/run.py --device cuda --studies mask_head,roi_align,box_diffusion
+#   4. bench_model/    python benchmarks/run.py --device cuda --studies model (inference + training step)
+#      ($GPU_CHECK_BENCH_ARGS is added to both, e.g. "--profile full")
+#   5. summary.md      versions, test counts, both tables and the targets, printed last
+# Fits in ~5 minutes on an H100/H200 (the visible GPU's architecture only); every stage has a
+# timeout ($GPU_CHECK_*_TIMEOUT seconds) so that the summary is always written.
 set -uo pipefail
 OUT="${1:?usage: gpu_check.sh OUT_DIR}"
 mkdir -p "$OUT"
@@ -38,20 +42,18 @@ print(json.dumps(info))
 PYEOF
 
 status "stage 1: build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-detected})"
-if ! timeout 200 "$PY" -m pip install -e . --no-build-isolation --no-deps >"$OUT/build.log" 2>&1; then
+if ! timeout "${GPU_CHECK_BUILD_TIMEOUT:-120}" "$PY" -m pip install -e . --no-build-isolation --no-deps >"$OUT/build.log" 2>&1; then
   status "build failed; tail of build.log:"; tail -40 "$OUT/build.log"; exit 1
 fi
 "$PY" -c "import fastdiffinst._extension as e; assert e.built_with_cuda(), 'extension built without CUDA'; print('extension built with CUDA')" || exit 1
 
-status "stage 2: tests (CUDA-marked ones included)"
+status "stage 2: tests (${GPU_CHECK_TESTS:-tests -m cuda})"
 tests_rc=0
 if "$PY" -c "import pytest" 2>/dev/null; then
-  # The whole suite: the CUDA-marked tests run here, and the rest checks this machine's torch.
   # With pytest-xdist a crashing test is reported and the run goes on (seen on the lent H200 image:
   # any C++ exception from an extension, even a trivial load_inline one, segfaults there).
   parallel=""; "$PY" -c "import xdist" 2>/dev/null && parallel="-n 8"
-  # GPU_CHECK_TESTS narrows the selection when device time is short, e.g. "tests -m cuda".
-  FASTDIFFINST_REQUIRE_EXT=1 timeout "${GPU_CHECK_TEST_TIMEOUT:-150}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests} -q \
+  FASTDIFFINST_REQUIRE_EXT=1 timeout "${GPU_CHECK_TEST_TIMEOUT:-90}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests -m cuda} -q \
     -p no:cacheprovider -rfE $parallel \
     --junitxml="$OUT/cuda_tests.xml" >"$OUT/cuda_tests.log" 2>&1 || tests_rc=$?
   tail -5 "$OUT/cuda_tests.log"
@@ -59,23 +61,30 @@ else
   echo "pytest is not installed here; CUDA tests skipped" | tee "$OUT/cuda_tests.log"; tests_rc=99
 fi
 
-status "stage 3: benchmarks"
-bench_rc=0
-# GPU_CHECK_BENCH_ARGS selects studies/profile, e.g. "--studies mask_head --profile full".
-timeout "${GPU_CHECK_BENCH_TIMEOUT:-200}" "$PY" benchmarks/run.py --device cuda ${GPU_CHECK_BENCH_ARGS:-} \
-  --out "$OUT/bench" >"$OUT/bench.log" 2>&1 || bench_rc=$?
-tail -3 "$OUT/bench.log"
+# GPU_CHECK_BENCH_ARGS is added to both benchmark stages, e.g. "--profile full".
+status "stage 3: op benchmarks"
+ops_rc=0
+timeout "${GPU_CHECK_OPS_TIMEOUT:-80}" "$PY" benchmarks/run.py --device cuda --studies mask_head,roi_align,box_diffusion \
+  ${GPU_CHECK_BENCH_ARGS:-} --out "$OUT/bench_ops" >"$OUT/bench_ops.log" 2>&1 || ops_rc=$?
+tail -3 "$OUT/bench_ops.log"
 
-status "stage 4: summary"
+status "stage 4: model benchmark"
+model_rc=0
+timeout "${GPU_CHECK_MODEL_TIMEOUT:-100}" "$PY" benchmarks/run.py --device cuda --studies model \
+  ${GPU_CHECK_BENCH_ARGS:-} --out "$OUT/bench_model" >"$OUT/bench_model.log" 2>&1 || model_rc=$?
+tail -3 "$OUT/bench_model.log"
+
+status "stage 5: summary"
 {
   echo "# gpu_check summary"
   echo
-  echo "versions: $(cat "$OUT/versions.json" | tr -d '\n')"
+  echo "versions: $(tr -d '\n' <"$OUT/versions.json")"
   echo
-  echo "CUDA tests: exit $tests_rc ($(grep -Eo '[0-9]+ (passed|failed|skipped|error)[^ ]*' "$OUT/cuda_tests.log" | tr '\n' ' '))"
-  echo "benchmarks: exit $bench_rc"
-  echo
-  [ -f "$OUT/bench/results.md" ] && tail -n +3 "$OUT/bench/results.md"
+  echo "CUDA tests: exit $tests_rc ($(grep -Eo '[0-9]+ (passed|failed|skipped|deselected|error)[^ ]*' "$OUT/cuda_tests.log" | tr '\n' ' '))"
+  echo "op benchmarks: exit $ops_rc; model benchmark: exit $model_rc"
+  for stage in bench_ops bench_model; do
+    if [ -f "$OUT/$stage/results.md" ]; then echo; tail -n +3 "$OUT/$stage/results.md"; fi
+  done
 } >"$OUT/summary.md"
 cat "$OUT/summary.md"
-[ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ]
+[ "$tests_rc" = 0 ] && [ "$ops_rc" = 0 ] && [ "$model_rc" = 0 ]

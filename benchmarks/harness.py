@@ -15,6 +15,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -85,6 +86,39 @@ def copy_bandwidth(device: str, mbytes: int = 256) -> float:
     return 2 * n * 4 / t.median_s / 1e9
 
 
+def matmul_tflops(device: str, dtype: torch.dtype, size: int) -> float:
+    """Measured TFLOP/s of a ``size``³ matrix product in ``dtype`` (tensor cores on GPU for bf16;
+    fp32 matmuls run without TF32, torch's default)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    t = time_fn(lambda: a @ b, device, repeats=5)
+    return 2 * size**3 / t.median_s / 1e12
+
+
+def ceilings(device: str, small: bool = False) -> dict:
+    """The machine's measured limits, in this run: copy bandwidth (GB/s), fp32 and bf16 matmul
+    rates (TFLOP/s) and, on GPU, the FP32 FMA rate of the CUDA cores (what the dynamic mask head's
+    8-channel layers can use; ``tl.dot`` needs K >= 16). ``small`` uses small buffers (tests)."""
+    cuda = device.startswith("cuda")
+    size = 256 if small else (8192 if cuda else 2048)
+    out = {
+        "copy_GBps": copy_bandwidth(device, 8 if small else (1024 if cuda else 256)),
+        "fp32_matmul_TFLOPs": matmul_tflops(device, torch.float32, size),
+        # bf16 has no fast path on most CPUs: a smaller product keeps the measurement short.
+        "bf16_matmul_TFLOPs": matmul_tflops(device, torch.bfloat16, size if cuda else size // 2),
+    }
+    if cuda:
+        from benchmarks.fma_peak import fma_peak_gflops
+
+        out["fp32_fma_TFLOPs"] = fma_peak_gflops() / 1e3
+    return out
+
+
+def rate_note(achieved: float, unit: str, ceiling: float, what: str) -> str:
+    """``"123 GB/s = 45% of copy (273 GB/s)"``; ``achieved``/``ceiling`` in ``unit``."""
+    return f"{achieved:.3g} {unit} = {100 * achieved / ceiling:.0f}% of {what} ({ceiling:.3g} {unit})"
+
+
 def git_commit() -> str:
     """The checkout's commit (FASTDIFFINST_COMMIT when the tree travels without .git)."""
     if os.environ.get("FASTDIFFINST_COMMIT"):
@@ -146,6 +180,50 @@ def fmt_ms(seconds: float) -> str:
     return f"{ms:.2f}" if ms >= 1 else f"{ms:.4f}"
 
 
+def comparison_row(study: str, op: str, case: str, direction: str, baseline: str, ours: Timing, base: Timing,
+                   **extra) -> dict:
+    """One table row: our median/min-max against a baseline's, their ratio, and the numbers
+    themselves (``ours_median_s``, ``baseline_median_s``, ``speedup_x``) for plots and checks."""
+    return {
+        "study": study, "op": op, "case": case, "direction": direction, "baseline": baseline,
+        "ours_ms": fmt_ms(ours.median_s), "ours_range_ms": f"{fmt_ms(ours.min_s)}-{fmt_ms(ours.max_s)}",
+        "baseline_ms": fmt_ms(base.median_s), "baseline_range_ms": f"{fmt_ms(base.min_s)}-{fmt_ms(base.max_s)}",
+        "speedup": f"{base.median_s / ours.median_s:.2f}x",
+        "ours_median_s": ours.median_s, "baseline_median_s": base.median_s,
+        "speedup_x": base.median_s / ours.median_s, "repeats": ours.repeats, **extra,
+    }
+
+
+def memory_row(study: str, op: str, case: str, baseline: str, ours_bytes: int, base_bytes: int, **extra) -> dict:
+    """One peak-memory row (``direction`` "peak memory"): MiB side by side and their ratio."""
+    return {
+        "study": study, "op": op, "case": case, "direction": "peak memory", "baseline": baseline,
+        "ours_ms": f"{ours_bytes / 2**20:.1f} MiB", "baseline_ms": f"{base_bytes / 2**20:.1f} MiB",
+        "speedup": _memory_ratio_text(ours_bytes / max(base_bytes, 1)),
+        "ours_peak_bytes": ours_bytes, "baseline_peak_bytes": base_bytes,
+        "memory_ratio": ours_bytes / max(base_bytes, 1), "repeats": 1, **extra,
+    }
+
+
+def _memory_ratio_text(ratio: float) -> str:
+    return f"{ratio:.3f} ({1 / ratio:.0f}x less)" if 0 < ratio < 0.1 else f"{ratio:.2f} of baseline"
+
+
+def in_fresh_process(function: str, *args) -> dict:
+    """``module.function(*args)`` (``function`` = ``"benchmarks.x:f"``, literal args) in a fresh
+    Python with this process's thread count; returns the JSON dict it prints. Peak memory on CPU
+    is only meaningful per process image (DESIGN §7)."""
+    module, name = function.split(":")
+    code = (f"import json, torch; torch.set_num_threads({torch.get_num_threads()}); from {module} import {name}; "
+            f"print(json.dumps({name}(*{args!r})))")
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=3600,
+                         cwd=Path(__file__).resolve().parent.parent)
+    if out.returncode != 0:
+        raise RuntimeError(f"{function}{args} failed in its subprocess:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """A markdown table of ``rows`` with ``columns`` = [(key, header), ...]."""
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
@@ -154,9 +232,18 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: Path, meta: dict, results: list[dict], table: str) -> None:
+def write_results(out_dir: Path, meta: dict, results: list[dict], table: str, targets: str = "",
+                  figures: list[str] = ()) -> None:
+    """results.json (meta + every row) and results.md (stamp, ceilings, table, targets, plots)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    header = (f"# fastdiffinst benchmarks\n\n{meta['date']} · {meta['device']} · torch {meta['torch']} · "
-              f"triton {meta['triton']} · torchvision {meta['torchvision']} · commit {meta['commit']}\n\n")
-    (out_dir / "results.md").write_text(header + table + "\n")
+    lines = [f"# fastdiffinst benchmarks\n\n{meta['date']} · {meta['device']} · torch {meta['torch']} · "
+             f"triton {meta['triton']} · torchvision {meta['torchvision']} · commit {meta['commit']}"
+             f" · profile {meta.get('profile', '?')}\n"]
+    if meta.get("ceilings"):
+        lines.append("Measured ceilings: " + ", ".join(f"{k} {v:.3g}" for k, v in meta["ceilings"].items()) + "\n")
+    lines.append(table + "\n")
+    if targets:
+        lines.append("Targets:\n\n" + targets + "\n")
+    lines += [f"![{name}]({name})\n" for name in figures]
+    (out_dir / "results.md").write_text("\n".join(lines))

@@ -1,10 +1,18 @@
-"""Throughput studies of fastdiffinst: our fused ops vs their baselines, side by side in one run.
+"""Throughput studies of fastdiffinst: our fused ops and the model on them vs their baselines, side
+by side in one run (DESIGN §7).
 
-    python benchmarks/run.py                      # quick profile on CPU, all studies
-    python benchmarks/run.py --profile full --device cuda --studies roi_align --out results/
+    python benchmarks/run.py                      # quick profile (~3 minutes on 2 CPU cores), all studies
+    python benchmarks/run.py --profile full --device cuda --studies model,roi_align --out results/
 
-Prints a table, and writes results.json and results.md to ``--out`` (default
-``benchmarks/results/<stamp>/``), stamped with device, versions and commit.
+Studies: mask_head, roi_align, box_diffusion (each op vs its official formulation and our batched
+reference / torch.compile) and model (DiffusionInst inference and a training step, fused ops vs
+the official formulations). The machine's ceilings (copy bandwidth, fp32/bf16 matmul rates, and on
+GPU the FP32 FMA rate) are measured first, and every op's achieved rate is given against them.
+
+Prints a table and the targets, and writes results.json, results.md and PNG plots to ``--out``
+(default ``benchmarks/results/<stamp>-<device>/``), stamped with device, versions and commit.
+``--profile smoke`` runs every study's code on tiny sizes with one repeat: a check of the code
+path (the tests use it), not a measurement.
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks import box_diffusion_study, harness, mask_head_study, roi_align_study  # noqa: E402
+from benchmarks import box_diffusion_study, harness, mask_head_study, model_study, plots, roi_align_study  # noqa: E402
 
-STUDIES = {"mask_head": mask_head_study, "roi_align": roi_align_study, "box_diffusion": box_diffusion_study}
+STUDIES = {"mask_head": mask_head_study, "roi_align": roi_align_study, "box_diffusion": box_diffusion_study,
+           "model": model_study}
+PROFILES = ("quick", "full", "smoke")
 COLUMNS = [("op", "op"), ("case", "case"), ("direction", "direction"), ("baseline", "baseline"),
            ("ours_ms", "ours ms (median)"), ("ours_range_ms", "ours min-max"), ("baseline_ms", "baseline ms"),
            ("baseline_range_ms", "baseline min-max"), ("speedup", "speed-up"), ("ours_rate", "ours throughput"),
@@ -58,41 +68,79 @@ class _Progress:
             self._bar.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", choices=["quick", "full"], default="quick")
+    parser.add_argument("--profile", choices=PROFILES, default="quick")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated, from {sorted(STUDIES)}")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both sides (default 2)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<stamp>)")
     args = parser.parse_args(argv)
-
-    studies = [s.strip() for s in args.studies.split(",") if s.strip()]
-    unknown = [s for s in studies if s not in STUDIES]
-    if unknown:
-        parser.error(f"unknown studies {unknown}; choose from {sorted(STUDIES)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda was asked for but no CUDA device is available")
+    args.studies = [s.strip() for s in args.studies.split(",") if s.strip()]
+    unknown = [s for s in args.studies if s not in STUDIES]
+    if unknown or not args.studies:
+        parser.error(f"unknown studies {unknown}; choose from {sorted(STUDIES)}" if unknown
+                     else f"--studies is empty; choose from {sorted(STUDIES)}")
+    device_type = args.device.split(":")[0]
+    if device_type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:index], got {args.device!r}")
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device} was asked for but no CUDA device is available "
+                         f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
+        index = torch.device(args.device).index
+        if index is not None and index >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
     if args.threads < 1:
         parser.error("--threads must be >= 1")
-    torch.set_num_threads(args.threads)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"{stamp}-{args.device.replace(':', '')}"
+    from fastdiffinst.checkpoint import ensure_writable
 
+    try:  # before hours of measurements, not after
+        ensure_writable(args.out)
+    except OSError as error:
+        parser.error(f"--out: {error}")
+    return args
+
+
+def targets_summary(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        if "target" in row:
+            value = row["speedup"] if "speedup_x" in row else f"{row['memory_ratio']:.2f} of baseline"
+            verdict = "met" if row["target_met"] else "NOT met"
+            lines.append(f"- {row['case']}, {row['direction']}: {value} (target {row['target']}): {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and torch.device(args.device).index is not None:
+        torch.cuda.set_device(torch.device(args.device))
     meta = harness.stamp(args.device)
-    meta["profile"] = args.profile
+    meta.update(profile=args.profile, studies=args.studies)
     print(f"fastdiffinst benchmarks · {meta['device']} · torch {meta['torch']} · triton {meta['triton']} · "
           f"commit {meta['commit']} · profile {args.profile}")
-    progress = _Progress(sum(STUDIES[s].STEPS for s in studies))
+    meta["ceilings"] = harness.ceilings(args.device, small=args.profile == "smoke")
+    print("measured ceilings: " + ", ".join(f"{k} {v:.3g}" for k, v in meta["ceilings"].items()))
+    progress = _Progress(sum(STUDIES[s].steps(args.profile) for s in args.studies))
     results = []
-    for name in studies:
-        results += STUDIES[name].run(args.device, args.profile, progress)
+    for name in args.studies:
+        results += STUDIES[name].run(args.device, args.profile, progress, meta["ceilings"])
     progress.close()
 
     table = harness.markdown_table(results, COLUMNS)
+    targets = targets_summary(results)
     print(table)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = args.out or ROOT / "benchmarks" / "results" / f"{stamp}-{args.device.replace(':', '')}"
-    harness.write_results(out_dir, meta, results, table)
-    print(f"results written to {out_dir}")
+    if targets:
+        print("\ntargets:\n" + targets)
+    figures, skipped = plots.write_plots(args.out, results)
+    if skipped:
+        print(skipped)
+    harness.write_results(args.out, meta, results, table, targets, [f.name for f in figures])
+    print(f"results written to {args.out}")
     return 0
 
 

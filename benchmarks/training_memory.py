@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks.harness import peak_rss_bytes, rss_bytes  # noqa: E402
+from benchmarks.harness import in_fresh_process, peak_rss_bytes, rss_bytes, time_fn  # noqa: E402
 
 GT_PER_IMAGE = 10
 
@@ -48,8 +46,12 @@ def _batch(size: int, batch: int, num_classes: int):
     return images, targets
 
 
-def measure(ops_impl: str, recompute: bool, preset: str, size: int, batch: int, proposals: int, device: str) -> dict:
-    """One training step in this process -> peak bytes above the inputs, seconds, total loss."""
+def measure(ops_impl: str, recompute: bool, preset: str, size: int, batch: int, proposals: int, device: str,
+            repeats: int = 0, warmup: int = 0) -> dict:
+    """Training steps in this process: the first one's peak bytes above the inputs (model and
+    batch built), its time and total loss; with ``repeats``, the step time by the DESIGN §7
+    protocol (``warmup`` steps first; gradients set to None before each step, as a training loop's
+    ``zero_grad``)."""
     from fastdiffinst.config import get_config, replace_path
     from fastdiffinst.modeling import DiffusionInst
 
@@ -58,6 +60,13 @@ def measure(ops_impl: str, recompute: bool, preset: str, size: int, batch: int, 
     model = DiffusionInst(cfg, ops_impl=ops_impl, recompute=recompute).to(device).train()
     images, targets = _batch(size, batch, cfg.num_classes)
     cuda = device.startswith("cuda")
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        total = sum(model(images, targets, generator=torch.Generator().manual_seed(1)).values())
+        total.backward()
+        return total
+
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -65,15 +74,14 @@ def measure(ops_impl: str, recompute: bool, preset: str, size: int, batch: int, 
     else:
         base = rss_bytes()
     start = time.perf_counter()
-    losses = model(images, targets, generator=torch.Generator().manual_seed(1))
-    total = sum(losses.values())
-    total.backward()
+    total = step()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() - base if cuda else peak_rss_bytes() - base
+    timing = time_fn(step, device, repeats, warmup).as_dict() if repeats else None
     return {"ops_impl": ops_impl, "recompute": recompute, "peak_bytes": peak, "seconds": seconds,
-            "loss": float(total.detach())}
+            "loss": float(total.detach()), "step": timing}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,18 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but no CUDA device is available")
-    rows = []
-    for ops_impl, recompute in (("fused", True), ("reference", False), ("fused", False), ("reference", True)):
-        code = ("import json, sys, torch; from benchmarks.training_memory import measure; "
-                f"torch.set_num_threads({args.threads}); "
-                f"print(json.dumps(measure({ops_impl!r}, {recompute}, {args.preset!r}, {args.size}, {args.batch}, "
-                f"{args.proposals}, {args.device!r})))")
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                             timeout=3600)
-        if out.returncode != 0:
-            raise RuntimeError(f"the {ops_impl} run failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    torch.set_num_threads(args.threads)
+    rows = [in_fresh_process("benchmarks.training_memory:measure", ops_impl, recompute, args.preset, args.size,
+                             args.batch, args.proposals, args.device)
+            for ops_impl, recompute in (("fused", True), ("reference", False), ("fused", False), ("reference", True))]
     fused, reference = rows[:2]
     print(f"{args.preset}, {args.batch} × {args.size}², {args.proposals} proposals, {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}")

@@ -52,11 +52,14 @@ class ImageBatch:
 
 @dataclass
 class Features:
-    """What the sampler reuses across DDIM steps: ``pyramid`` P2–P5 and ``mask_feats
-    [B, 8, Hp/4, Wp/4]``."""
+    """What the sampler reuses across DDIM steps: ``pyramid`` P2–P5, ``mask_feats
+    [B, 8, Hp/4, Wp/4]``, and ``roi_levels``, the levels the RoI pooler reads: on the fused path
+    channels-last copies of the pyramid (the layout the RoIAlign kernels read, made once per batch
+    instead of once per decoder stage and step), otherwise the pyramid itself."""
 
     pyramid: list[Tensor]
     mask_feats: Tensor
+    roi_levels: list[Tensor]
 
 
 @dataclass
@@ -206,12 +209,15 @@ class DiffusionInst(nn.Module):
     def extract_features(self, images: Tensor) -> Features:
         """``[B, 3, Hp, Wp]`` -> P2–P5 and the mask features, computed once."""
         pyramid = self._runners["backbone"](images)
-        return Features(pyramid, self._runners["mask_branch"](pyramid))
+        roi_levels = pyramid
+        if self.ops_impl == "fused":
+            roi_levels = [p.contiguous(memory_format=torch.channels_last) for p in pyramid]
+        return Features(pyramid, self._runners["mask_branch"](pyramid), roi_levels)
 
     def run_head(self, features: Features, boxes: Tensor, t: Tensor) -> HeadOutput:
         """The decoder on ``boxes [B, N, 4]`` at timesteps ``t [B]``. The boxes are cast to the
         features' dtype (fp32) first: the official pooler (``Boxes``) and box decoding do the same."""
-        return HeadOutput(*self._runners["head"](features.pyramid, boxes.to(features.mask_feats.dtype), t))
+        return HeadOutput(*self._runners["head"](features.roi_levels, boxes.to(features.mask_feats.dtype), t))
 
     def mask_logits(self, mask_feats: Tensor, kernels: Tensor, image_index: Tensor, sigmoid: bool = False) -> Tensor:
         """Dynamic mask head: ``kernels [n, P]`` of instances of images ``image_index [n]`` on
@@ -288,11 +294,16 @@ class DiffusionInst(nn.Module):
         output_sizes = self._check_output_sizes(output_sizes, batch.image_sizes)
         features = self.extract_features(batch.tensor)
         steps = self.sample(features, batch.images_whwh, generator=generator, draws=draws)
+        return self.instances(steps, features, batch.image_sizes, output_sizes)
+
+    @torch.no_grad()
+    def instances(self, steps: list[SamplingStep], features: Features, image_sizes: list[tuple[int, int]],
+                  output_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Sampling steps -> per image, the NMS-kept instances at ``output_sizes`` (spec §5)."""
         results = []
         for b, candidates in enumerate(self.candidates(steps)):
             detections = select_detections(candidates, self.cfg.sampler.nms_iou, self.cfg.sampler.use_nms)
-            results.append(self.postprocess(detections, features.mask_feats, b, batch.image_sizes[b],
-                                            output_sizes[b]))
+            results.append(self.postprocess(detections, features.mask_feats, b, image_sizes[b], output_sizes[b]))
         return results
 
     @staticmethod

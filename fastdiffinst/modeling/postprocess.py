@@ -110,7 +110,10 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int],
     """
     out_h, out_w = output_size
     full = aligned_bilinear(mask_probs[:, None].float(), 4)[:, :, :image_size[0], :image_size[1]]
-    resized = F.interpolate(full, size=(out_h, out_w), mode="bilinear", align_corners=False)[:, 0]
+    # At scale 1 this bilinear resize is the identity (sample i reads pixel i exactly): skipped.
+    if (out_h, out_w) != tuple(image_size):
+        full = F.interpolate(full, size=(out_h, out_w), mode="bilinear", align_corners=False)
+    resized = full[:, 0]
     # clip_mask truncates the box to integers and keeps rows y1..y2-1, columns x1..x2-1.
     corners = boxes.to(torch.int64)
     rows = torch.arange(out_h, device=boxes.device)

@@ -1,0 +1,143 @@
+"""benchmarks/run.py end to end on the smoke profile (tiny sizes, one repeat; the JSON, the
+markdown, the plots; every requested study and baseline produced a number), its argument errors,
+gpu_check.sh's syntax, and the pytest-benchmark microbenchmarks run once. Timings are not checked."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import run as bench_run  # noqa: E402
+
+BASELINES = {
+    "mask_head": {"official grouped conv", "bmm", "torch.compile(bmm)"},
+    "roi_align": {"torchvision"},
+    "box_diffusion": {"official per-image", "batched reference", "torch.compile(reference)"},
+    "model": {"reference ops (official)", "reference ops + recomputation"},
+}
+MODEL_DIRECTIONS = {"inference", "inference: images + backbone + FPN + mask branch",
+                    "inference: DDIM sampling (decoder + box ops)",
+                    "inference: post-processing (top-k, NMS, masks, paste)",
+                    "training step (forward + backward)", "peak memory"}
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "run"
+    result = subprocess.run([sys.executable, "benchmarks/run.py", "--profile", "smoke", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_smoke_run_writes_stamped_json_with_every_study_and_baseline(smoke_run):
+    out, _ = smoke_run
+    data = json.loads((out / "results.json").read_text())
+    meta = data["meta"]
+    for key in ("date", "device", "torch", "triton", "torchvision", "python", "commit", "threads", "profile"):
+        assert meta[key] not in (None, ""), key
+    assert meta["profile"] == "smoke" and meta["studies"] == list(bench_run.STUDIES)
+    assert set(meta["ceilings"]) >= {"copy_GBps", "fp32_matmul_TFLOPs", "bf16_matmul_TFLOPs"}
+    assert all(_positive(v) for v in meta["ceilings"].values())
+    rows = data["results"]
+    for study, baselines in BASELINES.items():
+        mine = [r for r in rows if r["study"] == study]
+        assert {r["baseline"] for r in mine} == baselines, study
+        for row in mine:
+            if row["direction"] == "peak memory":
+                assert isinstance(row["ours_peak_bytes"], int) and isinstance(row["baseline_peak_bytes"], int)
+                assert row["baseline_peak_bytes"] > 0 and row["ours_peak_bytes"] >= 0
+            else:
+                assert _positive(row["ours_median_s"]) and _positive(row["baseline_median_s"]), row
+                assert row["speedup_x"] == pytest.approx(row["baseline_median_s"] / row["ours_median_s"])
+    assert {r["direction"] for r in rows if r["study"] == "model"} == MODEL_DIRECTIONS
+    inference = [r for r in rows if r["study"] == "model" and r["direction"] == "inference"]
+    assert sorted(r["n"] for r in inference) == [10, 20]
+    # Every op row states its achieved rate against a ceiling measured in the same run.
+    assert all("% of " in r["ours_rate"] for r in rows if r["study"] != "model" and r["direction"] != "peak memory")
+    # The smoke profile is no measurement: no target verdicts.
+    assert not any("target" in r for r in rows)
+
+
+def test_smoke_run_prints_and_writes_the_table_and_plots(smoke_run):
+    out, stdout = smoke_run
+    header = "| op | case | direction | baseline | ours ms (median) |"
+    assert header in stdout
+    markdown = (out / "results.md").read_text()
+    assert header in markdown and "Measured ceilings:" in markdown
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plots skipped" in stdout
+    else:
+        for name in ("speedup_vs_n.png", "memory.png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"]({name})" in markdown
+
+
+def test_selected_studies_only(tmp_path):
+    assert bench_run.main(["--profile", "smoke", "--studies", "box_diffusion", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert {r["study"] for r in data["results"]} == {"box_diffusion"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--studies", "roi_align,nope"], "unknown studies ['nope']"),
+    (["--studies", ","], "--studies is empty"),
+    (["--device", "tpu"], "--device must be cpu or cuda"),
+    (["--threads", "0"], "--threads must be >= 1"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        bench_run.main(args + ["--out", str(tmp_path)])
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_cuda_requested_without_a_gpu(capsys, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        bench_run.main(["--device", "cuda", "--out", str(tmp_path)])
+    assert error.value.code == 2
+    assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_unwritable_output_folder_fails_before_measuring(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as error:
+        bench_run.main(["--studies", "model", "--out", str(blocker / "results")])
+    assert error.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "cannot write to the output folder" in err
+
+
+def test_gpu_check_script_parses():
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    result = subprocess.run([bash, "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_microbenchmarks_run_once():
+    """The pytest-benchmark suite (not in make test's selection) still runs: each benchmark once."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_microbenchmarks.py", "-q",
+                             "--benchmark-disable", "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "10 passed" in result.stdout, result.stdout[-1000:]
