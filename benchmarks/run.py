@@ -4,8 +4,8 @@ by side in one run (DESIGN §7).
     python benchmarks/run.py                      # quick profile (~3 minutes on 2 CPU cores), all studies
     python benchmarks/run.py --profile full --device cuda --studies model,roi_align --out results/
 
-Studies: mask_head, roi_align, box_diffusion (each op vs its official formulation and our batched
-reference / torch.compile) and model (DiffusionInst inference and a training step, fused ops vs
+Studies: mask_head, roi_align, box_diffusion, paste_masks (each op vs its official formulation and,
+where they exist, our batched reference and torch.compile of it) and model (DiffusionInst inference and a training step, fused ops vs
 the official formulations). The machine's ceilings (copy bandwidth, fp32/bf16 matmul rates, and on
 GPU the FP32 FMA rate) are measured first, and every op's achieved rate is given against them.
 
@@ -28,10 +28,11 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks import box_diffusion_study, harness, mask_head_study, model_study, plots, roi_align_study  # noqa: E402
+from benchmarks import (box_diffusion_study, harness, mask_head_study, model_study, paste_masks_study,  # noqa: E402
+                        plots, roi_align_study)
 
 STUDIES = {"mask_head": mask_head_study, "roi_align": roi_align_study, "box_diffusion": box_diffusion_study,
-           "model": model_study}
+           "paste_masks": paste_masks_study, "model": model_study}
 PROFILES = ("quick", "full", "smoke")
 COLUMNS = [("op", "op"), ("case", "case"), ("direction", "direction"), ("baseline", "baseline"),
            ("ours_ms", "ours ms (median)"), ("ours_range_ms", "ours min-max"), ("baseline_ms", "baseline ms"),

@@ -135,3 +135,17 @@ def test_ddim_step_boxes(benchmark, impl):
                     for b in range(batch)]
     benchmark.group = "ddim_step_boxes B=4 N=500"
     assert benchmark(_sync(fn)) is not None
+
+
+@pytest.mark.parametrize("impl", ["fused", "official chain"])
+def test_paste_masks(benchmark, impl):
+    from fastdiffinst.reference import masks as ref_masks
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(50, 100, 152, generator=g).to(DEVICE)
+    boxes = detection_boxes(50, g, IMAGE).clamp(min=0)
+    boxes = torch.minimum(boxes, torch.tensor([IMAGE[1], IMAGE[0]] * 2)).to(DEVICE)
+    fn = ops.paste_masks if impl == "fused" else ref_masks.paste_masks
+    benchmark.group = "paste_masks N=50 400x608 (no resize)"
+    out = benchmark(_sync(lambda: fn(probs, boxes, IMAGE, IMAGE)))
+    assert out.shape == (50, *IMAGE)

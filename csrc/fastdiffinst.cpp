@@ -60,4 +60,7 @@ TORCH_LIBRARY(fastdiffinst, m) {
       "_dynamic_mask_dice_sums_backward(Tensor grad_sums, Tensor mask_feats, Tensor params, Tensor image_index, "
       "Tensor gt_masks, Tensor gt_index, Tensor? inst_xy, Tensor? inst_soi, int mask_stride, int channels, "
       "int num_layers) -> (Tensor, Tensor)");
+  m.def(
+      "paste_masks(Tensor probs, Tensor boxes, SymInt image_height, SymInt image_width, SymInt output_height, "
+      "SymInt output_width, float threshold) -> Tensor");
 }

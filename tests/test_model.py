@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from fastdiffinst.config import PRESETS, get_config, override, replace_path
 from fastdiffinst.modeling import DiffusionInst, DrawSource, GeneratorDraws, ImageBatch
 from fastdiffinst.modeling.dynamic_head import DynamicConv, SinusoidalTimeEmbedding, apply_deltas
-from fastdiffinst.modeling.mask_branch import MaskBranch, aligned_bilinear
-from fastdiffinst.modeling.postprocess import mask_chunk_size, paste_masks, topk_candidates
+from fastdiffinst import ops
+from fastdiffinst.modeling.mask_branch import MaskBranch
+from fastdiffinst.modeling.postprocess import mask_chunk_size, topk_candidates
+from fastdiffinst.reference import masks as reference_masks
+from fastdiffinst.reference.masks import aligned_bilinear
 from fastdiffinst.modeling.resnet import FrozenBatchNorm2d, ResNet
 from model_fixture import assert_close_rel
 
@@ -289,7 +292,8 @@ def test_topk_candidates_by_hand():
     torch.testing.assert_close(k[0][order], kernels[0][[2, 0, 1]])
 
 
-def test_paste_masks_threshold_and_box_clip():
+@pytest.mark.parametrize("paste_masks", [ops.paste_masks, reference_masks.paste_masks], ids=["fused", "reference"])
+def test_paste_masks_threshold_and_box_clip(paste_masks):
     probs = torch.zeros(2, 4, 4)
     probs[0] = 1.0
     probs[1, 1, 1] = 1.0
@@ -303,15 +307,18 @@ def test_paste_masks_threshold_and_box_clip():
     assert masks[1, 6, 6] and not masks[1, 0, 0] and not masks[1, 12, 12]
 
 
-def test_postprocess_results_do_not_depend_on_the_chunk_size(monkeypatch):
+@pytest.mark.parametrize("ops_impl", ["fused", "reference"])
+def test_postprocess_results_do_not_depend_on_the_chunk_size(monkeypatch, ops_impl):
     import fastdiffinst.modeling.postprocess as postprocess
 
     model = small_model()
+    model.set_ops_impl(ops_impl)
     inputs = images([(90, 125)])
     whole = model(inputs, output_sizes=[(100, 140)], generator=torch.Generator().manual_seed(3))[0]
-    assert mask_chunk_size((96, 128), (100, 140)) >= len(whole["scores"]) > 1  # one chunk by default
+    fused = ops_impl == "fused"
+    assert mask_chunk_size((24, 32), (100, 140), fused) >= len(whole["scores"]) > 1  # one chunk by default
     monkeypatch.setattr(postprocess, "MASK_CHUNK_BUDGET_BYTES", 1)
-    assert mask_chunk_size((96, 128), (100, 140)) == 1
+    assert mask_chunk_size((24, 32), (100, 140), fused) == 1
     chunked = model(inputs, output_sizes=[(100, 140)], generator=torch.Generator().manual_seed(3))[0]
     for key in whole:
         assert torch.equal(whole[key], chunked[key]), key

@@ -19,7 +19,7 @@ ALL_OPS = tuple(sorted(name.split("::")[1] for name in torch._C._dispatch_get_al
                        if name.startswith("fastdiffinst::")))
 TRITON_OPS = tuple(op for op in ALL_OPS if "_triton" in op)
 NATIVE_OPS = tuple(op for op in ALL_OPS if op not in TRITON_OPS)
-PUBLIC_OPS = ("roi_align", "multilevel_roi_align", "q_sample_boxes", "ddim_step_boxes")
+PUBLIC_OPS = ("roi_align", "multilevel_roi_align", "q_sample_boxes", "ddim_step_boxes", "paste_masks")
 
 
 def test_native_ops_discovered():

@@ -24,13 +24,14 @@ from fastdiffinst.modeling.losses import SetCriterion
 from fastdiffinst.modeling.matcher import Match
 from fastdiffinst.modeling.mask_branch import MaskBranch
 from fastdiffinst.modeling.poolers import FusedRoIPooler, OfficialRoIPooler
-from fastdiffinst.modeling.postprocess import (Candidates, mask_chunk_size, paste_masks, scale_and_clip_boxes,
-                                               select_detections, topk_candidates)
+from fastdiffinst.modeling.postprocess import (Candidates, mask_chunk_size, scale_and_clip_boxes, select_detections,
+                                               topk_candidates)
 from fastdiffinst.modeling.resnet import ResNet
 from fastdiffinst.modeling.targets import TrainingTargets, prepare_targets
 from fastdiffinst.modeling.sampler import (DrawFn, DrawSource, GeneratorDraws, HeadOutput, OfficialDraws, SamplingStep,
                                            ddim_sample)
 from fastdiffinst.reference import dynamic_mask_head as reference_mask_head
+from fastdiffinst.reference import masks as reference_masks
 from fastdiffinst.reference.box_diffusion import DiffusionSchedule, cosine_schedule
 
 OPS_IMPLS = ("fused", "reference")
@@ -271,14 +272,22 @@ class DiffusionInst(nn.Module):
         nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         detections, boxes = detections[nonempty], boxes[nonempty]
         n = boxes.shape[0]
-        masks = torch.empty((n,) + tuple(output_size), dtype=torch.bool, device=mask_feats.device)
-        # Chunks of instances bound the full-resolution temporaries (mask_chunk_size).
-        chunk = mask_chunk_size((mask_feats.shape[2] * 4, mask_feats.shape[3] * 4), output_size)
+        fused = self.ops_impl == "fused"
+        paste = ops.paste_masks if fused else reference_masks.paste_masks
+        # Chunks of instances bound the temporaries (mask_chunk_size).
+        chunk = mask_chunk_size(tuple(mask_feats.shape[2:]), output_size, fused)
+        # One chunk: the pasted masks are the result; several: each is copied into place.
+        masks = None if 0 < n <= chunk else torch.empty((n,) + tuple(output_size), dtype=torch.bool,
+                                                        device=mask_feats.device)
         for start in range(0, n, chunk):
             kernels = detections.kernels[start:start + chunk]
             index = torch.full((kernels.shape[0],), image_index, dtype=torch.int64, device=mask_feats.device)
             probs = self.mask_logits(mask_feats, kernels, index, sigmoid=True)
-            masks[start:start + chunk] = paste_masks(probs, boxes[start:start + chunk], image_size, output_size)
+            pasted = paste(probs, boxes[start:start + chunk], image_size, output_size)
+            if masks is None:
+                masks = pasted
+            else:
+                masks[start:start + chunk] = pasted
         return {"boxes": boxes, "scores": detections.scores, "labels": detections.labels, "masks": masks}
 
     # ------------------------------------------------------------------------------------------

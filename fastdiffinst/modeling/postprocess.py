@@ -4,10 +4,11 @@
    box and the filters of each chosen proposal (a proposal can appear under several classes).
 2. :func:`nms_keep` / :func:`select_detections` — class-aware NMS (IoU 0.5) of one image's candidates, in descending
    score order; no score threshold, as the official code.
-3. :func:`paste_masks` — sigmoid masks at stride 4 → aligned ×4 upsampling → crop to the unpadded
-   size → bilinear resize to the output size → threshold 0.5 → zero outside the (truncated) box;
-   :func:`mask_chunk_size` bounds the instances per call so that the full-resolution
-   temporaries stay within a memory budget.
+3. Masks: :func:`fastdiffinst.ops.paste_masks` (fused path) or the official formulation
+   :func:`fastdiffinst.reference.masks.paste_masks` — sigmoid masks at stride 4 → aligned ×4
+   upsampling → crop to the unpadded size → bilinear resize to the output size → threshold 0.5 →
+   zero outside the (truncated) box; :func:`mask_chunk_size` bounds the instances per call of the
+   official formulation so that its full-resolution temporaries stay within a memory budget.
 """
 
 from __future__ import annotations
@@ -16,14 +17,13 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from fastdiffinst.modeling.mask_branch import aligned_bilinear
 from fastdiffinst.reference.box_diffusion import clip_boxes
 
-# Full-resolution temporaries of one mask chunk stay under this (the result itself is apart).
+# The temporaries of one chunk of mask pasting stay under this (the result itself is apart).
 MASK_CHUNK_BUDGET_BYTES = 192 * 2**20
+# Chunks of the official formulation beyond this gain nothing.
 MAX_MASK_CHUNK = 64
 
 
@@ -88,36 +88,13 @@ def scale_and_clip_boxes(boxes: Tensor, image_size: tuple[int, int], output_size
     return clip_boxes(boxes * scale, out_h, out_w)
 
 
-def mask_chunk_size(padded_size: tuple[int, int], output_size: tuple[int, int]) -> int:
-    """Instances per chunk of :func:`paste_masks`: its full-resolution fp32 temporaries (two at
-    the padded size, two at the output size) fit in :data:`MASK_CHUNK_BUDGET_BYTES`."""
-    per_instance = 4 * (2 * padded_size[0] * padded_size[1] + 2 * output_size[0] * output_size[1])
+def mask_chunk_size(mask_size: tuple[int, int], output_size: tuple[int, int], fused: bool) -> int:
+    """Instances per chunk of the mask pasting, so that its temporaries fit in
+    :data:`MASK_CHUNK_BUDGET_BYTES`: the stride-4 fp32 probabilities (``mask_size``) and, for the
+    fused op, its bool result before it joins the others; for the official formulation, four fp32
+    maps per instance (two at the padded size, two at the output size)."""
+    (mask_h, mask_w), (out_h, out_w) = mask_size, output_size
+    if fused:
+        return max(1, MASK_CHUNK_BUDGET_BYTES // (4 * mask_h * mask_w + out_h * out_w))
+    per_instance = 4 * (2 * 16 * mask_h * mask_w + 2 * out_h * out_w)
     return max(1, min(MAX_MASK_CHUNK, MASK_CHUNK_BUDGET_BYTES // per_instance))
-
-
-def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int],
-                output_size: tuple[int, int], threshold: float = 0.5) -> Tensor:
-    """Masks at full resolution, the official ``detector_postprocess`` + ``clip_mask``. Callers
-    bound the instances per call with :func:`mask_chunk_size`.
-
-    Args:
-        mask_probs: ``[n, Hm, Wm]`` sigmoid probabilities at stride 4 of the padded image.
-        boxes: ``[n, 4]`` boxes already scaled and clipped to ``output_size``.
-        image_size: the unpadded resized size (h, w) the model saw.
-        output_size: (H, W) of the result.
-    Returns:
-        ``[n, H, W]`` bool.
-    """
-    out_h, out_w = output_size
-    full = aligned_bilinear(mask_probs[:, None].float(), 4)[:, :, :image_size[0], :image_size[1]]
-    # At scale 1 this bilinear resize is the identity (sample i reads pixel i exactly): skipped.
-    if (out_h, out_w) != tuple(image_size):
-        full = F.interpolate(full, size=(out_h, out_w), mode="bilinear", align_corners=False)
-    resized = full[:, 0]
-    # clip_mask truncates the box to integers and keeps rows y1..y2-1, columns x1..x2-1.
-    corners = boxes.to(torch.int64)
-    rows = torch.arange(out_h, device=boxes.device)
-    cols = torch.arange(out_w, device=boxes.device)
-    inside_rows = (rows[None, :] >= corners[:, 1, None]) & (rows[None, :] < corners[:, 3, None])
-    inside_cols = (cols[None, :] >= corners[:, 0, None]) & (cols[None, :] < corners[:, 2, None])
-    return (resized > threshold) & inside_rows[:, :, None] & inside_cols[:, None, :]

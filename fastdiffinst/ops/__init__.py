@@ -8,6 +8,8 @@
 * :func:`dynamic_mask_head`, :class:`DynamicMaskHead`, :func:`dynamic_mask_dice_sums` — the
   CondInst/DiffusionInst dynamic mask head fused into one kernel (Triton on CUDA, C++ on CPU), with
   the dice sums of training fused in; :func:`dynamic_mask_head_num_params` gives the filter length.
+* :func:`paste_masks` — DiffusionInst's mask post-processing (aligned ×4 upsampling, resize,
+  threshold, box clip) per pixel inside each box, with no full-resolution temporaries.
 * :func:`backend_info`, :func:`use_backend`, :func:`set_input_checks` — dispatch control.
 """
 
@@ -22,6 +24,7 @@ from fastdiffinst.ops.box_diffusion import (
 from fastdiffinst.ops.dynamic_mask_head import DynamicMaskHead, dynamic_mask_dice_sums, dynamic_mask_head
 from fastdiffinst.ops.dynamic_mask_head import num_params as dynamic_mask_head_num_params
 from fastdiffinst.ops.multilevel_roi_align import MultiLevelRoIAlign, multilevel_roi_align
+from fastdiffinst.ops.paste_masks import paste_masks
 from fastdiffinst.ops.roi_align import RoIAlign, roi_align
 from fastdiffinst.reference.box_diffusion import (
     DiffusionSchedule,
@@ -51,6 +54,7 @@ __all__ = [
     "dynamic_mask_head",
     "dynamic_mask_head_num_params",
     "multilevel_roi_align",
+    "paste_masks",
     "q_sample_boxes",
     "roi_align",
     "set_input_checks",

@@ -5,7 +5,7 @@ Also the one home of shared math: the FPN level rule (``levels``), the diffusion
 conversions (``box_diffusion``). Imports nothing else of fastdiffinst.
 """
 
-from fastdiffinst.reference import box_diffusion, dynamic_mask_head
+from fastdiffinst.reference import box_diffusion, dynamic_mask_head, masks
 from fastdiffinst.reference.box_diffusion import (
     DiffusionSchedule,
     box_cxcywh_to_xyxy,
@@ -26,6 +26,7 @@ __all__ = [
     "cosine_schedule",
     "ddim_time_pairs",
     "level_range",
+    "masks",
     "multilevel_roi_align",
     "roi_align",
 ]

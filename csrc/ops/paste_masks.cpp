@@ -1,0 +1,83 @@
+// CPU kernel of paste_masks: DiffusionInst's mask post-processing (aligned ×4 upsampling, crop,
+// bilinear resize, threshold, box clip) per output pixel, computed only inside each instance's
+// box; nothing of size n × H × W exists but the bool result. Arithmetic in
+// ops/common/paste_masks_math.h, shared with the CUDA kernel. Parallel over (instance, row).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "ops/common/paste_masks_math.h"
+#include "ops/paste_masks_host.h"
+
+namespace fastdiffinst {
+namespace {
+
+at::Tensor paste_masks_cpu(const at::Tensor& probs, const at::Tensor& boxes, int64_t image_h, int64_t image_w,
+                           int64_t out_h, int64_t out_w, double threshold) {
+  check_paste_masks_inputs(probs, boxes, image_h, image_w, out_h, out_w, threshold);
+  const int64_t n = probs.size(0), hm = probs.size(1), wm = probs.size(2);
+  auto output = at::empty({n, out_h, out_w}, probs.options().dtype(at::kBool));
+  if (output.numel() == 0) return output;
+  const auto p = probs.contiguous();
+  const auto b = boxes.to(at::kFloat).contiguous();
+  const float* box = b.data_ptr<float>();
+  for (int64_t k = 0; k < 4 * n; ++k)
+    TORCH_CHECK(std::isfinite(box[k]), "paste_masks: boxes must be finite, got ", box[k], " in row ", k / 4);
+
+  // Per-axis sampling plans, shared by every instance: output index -> full-resolution taps,
+  // full-resolution index -> stride-4 taps.
+  const bool resize = out_h != image_h || out_w != image_w;
+  std::vector<paste::Tap> up_rows(image_h), up_cols(image_w), rows(out_h), cols(out_w);
+  for (int64_t i = 0; i < image_h; ++i) up_rows[i] = paste::upsample_tap(i, 4, hm);
+  for (int64_t j = 0; j < image_w; ++j) up_cols[j] = paste::upsample_tap(j, 4, wm);
+  for (int64_t y = 0; y < out_h; ++y) rows[y] = resize ? paste::resize_tap(y, image_h, out_h) : paste::Tap{y, y, 0.f};
+  for (int64_t x = 0; x < out_w; ++x) cols[x] = resize ? paste::resize_tap(x, image_w, out_w) : paste::Tap{x, x, 0.f};
+  const float t = static_cast<float>(threshold);
+  const float* P = p.data_ptr<float>();
+  bool* out = output.data_ptr<bool>();
+
+  at::parallel_for(0, n * out_h, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t inst = task / out_h, y = task % out_h;
+      bool* row = out + task * out_w;
+      const float* corners = box + 4 * inst;
+      int64_t x1, x2, y1, y2;
+      paste::box_span(corners[0], corners[2], out_w, &x1, &x2);
+      paste::box_span(corners[1], corners[3], out_h, &y1, &y2);
+      if (y < y1 || y >= y2 || x1 >= x2) {
+        std::memset(row, 0, out_w);
+        continue;
+      }
+      std::memset(row, 0, x1);
+      std::memset(row + x2, 0, out_w - x2);
+      const float* map = P + inst * hm * wm;
+      const paste::Tap ry = rows[y];
+      const paste::Tap a0 = up_rows[ry.i0], a1 = up_rows[ry.i1];
+      for (int64_t x = x1; x < x2; ++x) {
+        const paste::Tap cx = cols[x];
+        float value;
+        if (!resize) {
+          value = paste::upsampled(map, wm, a0, up_cols[x]);
+        } else {
+          const paste::Tap b0 = up_cols[cx.i0], b1 = up_cols[cx.i1];
+          const float w0 = 1.f - cx.l1, h0 = 1.f - ry.l1;
+          const float top = w0 * paste::upsampled(map, wm, a0, b0) + cx.l1 * paste::upsampled(map, wm, a0, b1);
+          const float bottom = w0 * paste::upsampled(map, wm, a1, b0) + cx.l1 * paste::upsampled(map, wm, a1, b1);
+          value = h0 * top + ry.l1 * bottom;
+        }
+        row[x] = value > t;
+      }
+    }
+  });
+  return output;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdiffinst, CPU, m) { m.impl("paste_masks", TORCH_FN(paste_masks_cpu)); }
+
+}  // namespace fastdiffinst

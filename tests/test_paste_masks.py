@@ -1,0 +1,161 @@
+"""paste_masks: the fused mask post-processing against the official chain
+(fastdiffinst.reference.masks.paste_masks) and a float64 re-computation; edge boxes, empty inputs,
+unwritten outputs, bad input, opcheck, torch.compile, and CUDA against CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdiffinst import ops
+from fastdiffinst.reference import masks as reference
+
+# (Hm, Wm) stride-4 map, (h, w) unpadded image, (H, W) output: identity, up, down, odd/prime sizes.
+CASES = [((16, 20), (61, 77), (61, 77)), ((16, 20), (64, 80), (131, 97)), ((16, 20), (61, 77), (23, 41)),
+         ((7, 11), (25, 41), (29, 37)), ((1, 1), (3, 2), (5, 7)), ((32, 32), (128, 128), (480, 640))]
+
+
+def _inputs(n, mask_size, output_size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.rand(n, *mask_size, generator=g)
+    out_h, out_w = output_size
+    scale = torch.tensor([out_w, out_h, out_w, out_h], dtype=torch.float32)
+    corner = torch.rand(n, 2, generator=g) * 1.3 - 0.15           # some boxes start outside the image
+    size = torch.rand(n, 2, generator=g) * 1.2
+    boxes = torch.cat([corner, corner + size], dim=1) * scale
+    return probs, boxes
+
+
+def _probabilities64(probs, image_size, output_size):
+    """The official chain in float64: the probability of every output pixel."""
+    full = reference.aligned_bilinear(probs[:, None].double(), 4)[:, :, :image_size[0], :image_size[1]]
+    if tuple(output_size) != tuple(image_size):
+        full = F.interpolate(full, size=tuple(output_size), mode="bilinear", align_corners=False)
+    return full[:, 0]
+
+
+def _assert_agrees(masks, probs, boxes, image_size, output_size, threshold=0.5):
+    expected = reference.paste_masks(probs, boxes, image_size, output_size, threshold)
+    assert masks.dtype == torch.bool and masks.shape == expected.shape
+    differ = masks != expected
+    # Only pixels whose probability is within rounding of the threshold may differ.
+    near = (_probabilities64(probs, image_size, output_size) - threshold).abs() < 1e-5
+    assert not (differ & ~near).any(), f"{int((differ & ~near).sum())} pixels differ away from the threshold"
+    return int(differ.sum())
+
+
+@pytest.mark.parametrize("mask_size, image_size, output_size", CASES)
+def test_matches_the_official_chain(mask_size, image_size, output_size):
+    probs, boxes = _inputs(9, mask_size, output_size)
+    masks = ops.paste_masks(probs, boxes, image_size, output_size)
+    assert _assert_agrees(masks, probs, boxes, image_size, output_size) == 0
+    assert masks.any()  # the case exercises something
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.8])
+def test_thresholds(threshold):
+    probs, boxes = _inputs(5, (16, 20), (100, 70), seed=1)
+    masks = ops.paste_masks(probs, boxes, (61, 77), (100, 70), threshold=threshold)
+    _assert_agrees(masks, probs, boxes, (61, 77), (100, 70), threshold)
+
+
+def test_edge_boxes():
+    probs = torch.full((6, 8, 8), 0.9)
+    boxes = torch.tensor([[-5.0, -5.0, 100.0, 100.0],   # covers everything
+                          [10.0, 10.0, 5.0, 5.0],       # reversed: empty
+                          [3.9, 2.2, 3.95, 9.0],        # narrower than a pixel: empty after truncation
+                          [33.0, 0.0, 40.0, 10.0],      # entirely right of the image
+                          [-0.5, -0.5, 0.5, 0.5],       # truncates to [0, 0): empty
+                          [0.0, 0.0, 1.0, 1.0]])        # one pixel
+    masks = ops.paste_masks(probs, boxes, (32, 32), (32, 32))
+    assert masks[0].all() and not masks[1:5].any()
+    assert masks[5].sum() == 1 and masks[5, 0, 0]
+    _assert_agrees(masks, probs, boxes, (32, 32), (32, 32))
+
+
+def test_empty_inputs():
+    out = ops.paste_masks(torch.rand(0, 8, 8), torch.zeros(0, 4), (30, 30), (40, 50))
+    assert out.shape == (0, 40, 50) and out.dtype == torch.bool
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_dtypes_compute_in_fp32_as_the_official_code(dtype):
+    probs, boxes = _inputs(4, (16, 20), (70, 90), seed=2)
+    probs, boxes = probs.to(dtype), boxes.to(dtype)
+    masks = ops.paste_masks(probs, boxes, (61, 77), (70, 90))
+    assert torch.equal(masks, reference.paste_masks(probs, boxes, (61, 77), (70, 90)))
+
+
+def test_every_output_pixel_written():
+    probs, boxes = _inputs(7, (16, 20), (90, 60), seed=3)
+    expected = reference.paste_masks(probs, boxes, (61, 77), (90, 60))
+    with _deterministic():
+        masks = ops.paste_masks(probs, boxes, (61, 77), (90, 60))
+    assert torch.equal(masks, expected)
+
+
+class _deterministic:
+    """Deterministic mode with fresh outputs filled (bool: True), so an unwritten pixel shows."""
+
+    def __enter__(self):
+        self.previous = (torch.are_deterministic_algorithms_enabled(),
+                         torch.utils.deterministic.fill_uninitialized_memory)
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+
+    def __exit__(self, *exc):
+        torch.use_deterministic_algorithms(self.previous[0])
+        torch.utils.deterministic.fill_uninitialized_memory = self.previous[1]
+
+
+def test_model_sized_case_matches():
+    """Instances at the COCO test size, resized to an original 640x427 image."""
+    probs, boxes = _inputs(40, (200, 304), (427, 640), seed=4)
+    masks = ops.paste_masks(probs, boxes, (800, 1199), (427, 640))
+    _assert_agrees(masks, probs, boxes, (800, 1199), (427, 640))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda p, b: ops.paste_masks(p[0], b, (61, 77), (61, 77)), ValueError, "mask_probs must be"),
+    (lambda p, b: ops.paste_masks(p.long(), b, (61, 77), (61, 77)), TypeError, "mask_probs must be a floating-point"),
+    (lambda p, b: ops.paste_masks(p, b[:2], (61, 77), (61, 77)), ValueError, "boxes must be [n, 4] with n = 3"),
+    (lambda p, b: ops.paste_masks(p, b.int(), (61, 77), (61, 77)), TypeError, "boxes must be a floating-point"),
+    (lambda p, b: ops.paste_masks(p, b, (65, 77), (61, 77)), ValueError, "does not cover the 65x77 image"),
+    (lambda p, b: ops.paste_masks(p, b, (61, 77), (0, 77)), ValueError, "output_size must be positive"),
+    (lambda p, b: ops.paste_masks(p, b, (61.0, 77), (61, 77)), TypeError, "image_size must be a pair of ints"),
+    (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), threshold=float("nan")), TypeError, "threshold"),
+    (lambda p, b: ops.paste_masks(p, b.index_fill(0, torch.tensor([1]), float("nan")), (61, 77), (61, 77)),
+     RuntimeError, "boxes must be finite"),
+    (lambda p, b: torch.ops.fastdiffinst.paste_masks(p, b, 65, 77, 61, 77, 0.5), RuntimeError, "does not cover"),
+    (lambda p, b: torch.ops.fastdiffinst.paste_masks(p.double(), b, 61, 77, 61, 77, 0.5), RuntimeError,
+     "probs must be float32"),
+])
+def test_bad_input_is_a_clear_error(call, error, message):
+    probs, boxes = _inputs(3, (16, 20), (61, 77))
+    with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
+        call(probs, boxes)
+
+
+def test_opcheck():
+    probs, boxes = _inputs(4, (7, 11), (29, 37))
+    torch.library.opcheck(torch.ops.fastdiffinst.paste_masks, (probs, boxes, 25, 41, 29, 37, 0.5))
+    torch.library.opcheck(torch.ops.fastdiffinst.paste_masks, (probs[:0], boxes[:0], 25, 41, 29, 37, 0.5))
+
+
+def test_compiles_without_graph_breaks():
+    probs, boxes = _inputs(4, (16, 20), (70, 90))
+    compiled = torch.compile(lambda p, b: ops.paste_masks(p, b, (61, 77), (70, 90)), fullgraph=True,
+                             backend="aot_eager")
+    assert torch.equal(compiled(probs, boxes), ops.paste_masks(probs, boxes, (61, 77), (70, 90)))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mask_size, image_size, output_size", CASES)
+def test_cuda_matches_cpu(mask_size, image_size, output_size):
+    probs, boxes = _inputs(9, mask_size, output_size, seed=5)
+    cpu = ops.paste_masks(probs, boxes, image_size, output_size)
+    cuda = ops.paste_masks(probs.cuda(), boxes.cuda(), image_size, output_size)
+    assert cuda.device.type == "cuda"
+    _assert_agrees(cuda.cpu(), probs, boxes, image_size, output_size)
+    assert int((cuda.cpu() != cpu).sum()) <= int(cpu.numel() * 1e-5)
