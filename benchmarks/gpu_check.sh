@@ -8,12 +8,14 @@
 #   1. build.log       the extension built in place with the CUDA kernels (FORCE_CUDA=1)
 #   2. cuda_tests.*    the tests ($GPU_CHECK_TESTS, default "tests -m cuda": CUDA parity, opcheck,
 #                      compile and the model on CUDA; "tests" runs the whole suite)
-#   3. bench_ops/      python benchmarks/run.py --device cuda --studies mask_head,roi_align,box_diffusion,paste_masks
-#   4. bench_model/    python benchmarks/run.py --device cuda --studies model (inference + training step)
+#   3. bench_ops/      python benchmarks/run.py --device cuda --studies mask_head,roi_align,box_diffusion,
+#                      paste_masks
+#   4. bench_model/    python benchmarks/run.py --device cuda --studies model,model_training
 #      ($GPU_CHECK_BENCH_ARGS is added to both, e.g. "--profile full")
 #   5. summary.md      versions, test counts, both tables and the targets, printed last
-# Fits in ~5 minutes on an H100/H200 (the visible GPU's architecture only); every stage has a
-# timeout ($GPU_CHECK_*_TIMEOUT seconds) so that the summary is always written.
+# Fits in 5 minutes on an H100/H200 (the visible GPU's architecture only): every stage has a
+# timeout ($GPU_CHECK_{BUILD,TEST,OPS,MODEL}_TIMEOUT: 110 + 60 + 60 + 70 s); run.py writes its
+# results after every study, and the summary is written however the script ends.
 set -uo pipefail
 OUT="${1:?usage: gpu_check.sh OUT_DIR}"
 mkdir -p "$OUT"
@@ -41,11 +43,36 @@ json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info))
 PYEOF
 
+# The summary is written however the script ends (build failure, a stage's timeout, success).
+build_rc="not run"; tests_rc="not run"; ops_rc="not run"; model_rc="not run"
+summary() {
+  status "stage 5: summary"
+  {
+    echo "# gpu_check summary"
+    echo
+    echo "versions: $(tr -d '\n' <"$OUT/versions.json" 2>/dev/null)"
+    echo
+    echo "build: exit $build_rc"
+    echo "CUDA tests: exit $tests_rc ($(grep -Eo '[0-9]+ (passed|failed|skipped|deselected|error)[^ ]*' "$OUT/cuda_tests.log" 2>/dev/null | tr '\n' ' '))"
+    echo "op benchmarks: exit $ops_rc; model benchmark: exit $model_rc"
+    for stage in bench_ops bench_model; do
+      # A study cut short by its stage's timeout leaves the studies before it ("complete": false).
+      if [ -f "$OUT/$stage/results.md" ]; then echo; tail -n +3 "$OUT/$stage/results.md"; fi
+    done
+  } >"$OUT/summary.md"
+  cat "$OUT/summary.md"
+}
+trap summary EXIT
+
 status "stage 1: build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-detected})"
-if ! timeout "${GPU_CHECK_BUILD_TIMEOUT:-120}" "$PY" -m pip install -e . --no-build-isolation --no-deps >"$OUT/build.log" 2>&1; then
+build_rc=0
+timeout "${GPU_CHECK_BUILD_TIMEOUT:-110}" "$PY" -m pip install -e . --no-build-isolation --no-deps >"$OUT/build.log" 2>&1 \
+  || build_rc=$?
+if [ "$build_rc" != 0 ]; then
   status "build failed; tail of build.log:"; tail -40 "$OUT/build.log"; exit 1
 fi
-"$PY" -c "import fastdiffinst._extension as e; assert e.built_with_cuda(), 'extension built without CUDA'; print('extension built with CUDA')" || exit 1
+"$PY" -c "import fastdiffinst._extension as e; assert e.built_with_cuda(), 'extension built without CUDA'; print('extension built with CUDA')" \
+  || { build_rc="built without CUDA"; exit 1; }
 
 status "stage 2: tests (${GPU_CHECK_TESTS:-tests -m cuda})"
 tests_rc=0
@@ -53,7 +80,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
   # With pytest-xdist a crashing test is reported and the run goes on (seen on the lent H200 image:
   # any C++ exception from an extension, even a trivial load_inline one, segfaults there).
   parallel=""; "$PY" -c "import xdist" 2>/dev/null && parallel="-n 8"
-  FASTDIFFINST_REQUIRE_EXT=1 timeout "${GPU_CHECK_TEST_TIMEOUT:-90}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests -m cuda} -q \
+  FASTDIFFINST_REQUIRE_EXT=1 timeout "${GPU_CHECK_TEST_TIMEOUT:-60}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests -m cuda} -q \
     -p no:cacheprovider -rfE $parallel \
     --junitxml="$OUT/cuda_tests.xml" >"$OUT/cuda_tests.log" 2>&1 || tests_rc=$?
   tail -5 "$OUT/cuda_tests.log"
@@ -64,27 +91,15 @@ fi
 # GPU_CHECK_BENCH_ARGS is added to both benchmark stages, e.g. "--profile full".
 status "stage 3: op benchmarks"
 ops_rc=0
-timeout "${GPU_CHECK_OPS_TIMEOUT:-80}" "$PY" benchmarks/run.py --device cuda --studies mask_head,roi_align,box_diffusion,paste_masks \
-  ${GPU_CHECK_BENCH_ARGS:-} --out "$OUT/bench_ops" >"$OUT/bench_ops.log" 2>&1 || ops_rc=$?
+timeout "${GPU_CHECK_OPS_TIMEOUT:-60}" "$PY" benchmarks/run.py --device cuda \
+  --studies mask_head,roi_align,box_diffusion,paste_masks ${GPU_CHECK_BENCH_ARGS:-} --out "$OUT/bench_ops" \
+  >"$OUT/bench_ops.log" 2>&1 || ops_rc=$?
 tail -3 "$OUT/bench_ops.log"
 
 status "stage 4: model benchmark"
 model_rc=0
-timeout "${GPU_CHECK_MODEL_TIMEOUT:-100}" "$PY" benchmarks/run.py --device cuda --studies model \
+timeout "${GPU_CHECK_MODEL_TIMEOUT:-70}" "$PY" benchmarks/run.py --device cuda --studies model,model_training \
   ${GPU_CHECK_BENCH_ARGS:-} --out "$OUT/bench_model" >"$OUT/bench_model.log" 2>&1 || model_rc=$?
 tail -3 "$OUT/bench_model.log"
 
-status "stage 5: summary"
-{
-  echo "# gpu_check summary"
-  echo
-  echo "versions: $(tr -d '\n' <"$OUT/versions.json")"
-  echo
-  echo "CUDA tests: exit $tests_rc ($(grep -Eo '[0-9]+ (passed|failed|skipped|deselected|error)[^ ]*' "$OUT/cuda_tests.log" | tr '\n' ' '))"
-  echo "op benchmarks: exit $ops_rc; model benchmark: exit $model_rc"
-  for stage in bench_ops bench_model; do
-    if [ -f "$OUT/$stage/results.md" ]; then echo; tail -n +3 "$OUT/$stage/results.md"; fi
-  done
-} >"$OUT/summary.md"
-cat "$OUT/summary.md"
 [ "$tests_rc" = 0 ] && [ "$ops_rc" = 0 ] && [ "$model_rc" = 0 ]

@@ -1,8 +1,10 @@
 """Timing, stamping and reporting shared by the throughput studies (DESIGN §7).
 
 Protocol: inputs (random draws included) are built before timing and passed to both sides;
-2 warm-ups, then >= 5 timed repeats; median and min-max reported, ratios of medians. CPU timings
-use ``time.perf_counter`` with a fixed thread count; CUDA timings use CUDA events.
+2 warm-ups, then timed repeats (5 by default; the quick profile's slow cases use 3 — the model's
+inference, as its issue asks, and the mask head — and the training step 2 after its cold first
+step; every row records its ``repeats``); median and min-max reported, ratios of medians. CPU
+timings use ``time.perf_counter`` with a fixed thread count; CUDA timings use CUDA events.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ by side in one run (DESIGN §7).
     python benchmarks/run.py --profile full --device cuda --studies model,roi_align --out results/
 
 Studies: mask_head, roi_align, box_diffusion, paste_masks (each op vs its official formulation and,
-where they exist, our batched reference and torch.compile of it) and model (DiffusionInst inference and a training step, fused ops vs
-the official formulations). The machine's ceilings (copy bandwidth, fp32/bf16 matmul rates, and on
+where they exist, our batched reference and torch.compile of it), model (DiffusionInst inference,
+fused ops vs the official formulations, and where its time goes) and model_training (a training
+step: time and peak memory). The machine's ceilings (copy bandwidth, fp32/bf16 matmul rates, and on
 GPU the FP32 FMA rate) are measured first, and every op's achieved rate is given against them.
 
 Prints a table and the targets, and writes results.json, results.md and PNG plots to ``--out``
@@ -20,7 +21,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -31,8 +34,18 @@ import torch  # noqa: E402
 from benchmarks import (box_diffusion_study, harness, mask_head_study, model_study, paste_masks_study,  # noqa: E402
                         plots, roi_align_study)
 
-STUDIES = {"mask_head": mask_head_study, "roi_align": roi_align_study, "box_diffusion": box_diffusion_study,
-           "paste_masks": paste_masks_study, "model": model_study}
+
+
+class Study(NamedTuple):
+    run: Callable[..., list[dict]]       # (device, profile, progress, ceilings) -> rows
+    steps: Callable[[str], int]          # profile -> timed measurements, for the progress bar
+
+
+STUDIES = {name: Study(module.run, module.steps) for name, module in (
+    ("mask_head", mask_head_study), ("roi_align", roi_align_study), ("box_diffusion", box_diffusion_study),
+    ("paste_masks", paste_masks_study))}
+STUDIES["model"] = Study(model_study.run_inference, model_study.inference_steps)
+STUDIES["model_training"] = Study(model_study.run_training, model_study.training_steps)
 PROFILES = ("quick", "full", "smoke")
 COLUMNS = [("op", "op"), ("case", "case"), ("direction", "direction"), ("baseline", "baseline"),
            ("ours_ms", "ours ms (median)"), ("ours_range_ms", "ours min-max"), ("baseline_ms", "baseline ms"),
@@ -130,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.studies:
         results += STUDIES[name].run(args.device, args.profile, progress, meta["ceilings"])
+        # Written after every study, so that a run cut short (gpu_check's stage timeouts) keeps
+        # what it measured; "complete" says whether every requested study finished.
+        meta["complete"] = name == args.studies[-1]
+        harness.write_results(args.out, meta, results, harness.markdown_table(results, COLUMNS),
+                              targets_summary(results))
     progress.close()
 
     table = harness.markdown_table(results, COLUMNS)

@@ -67,6 +67,8 @@ def test_multilevel_roi_align_forward_backward(benchmark, pyramid, impl):
     inputs = [f.clone().requires_grad_() for f in features]
 
     def fn():
+        for f in inputs:
+            f.grad = None
         pooled = (ops.multilevel_roi_align(inputs, rois, 7, SCALES, 2, True) if impl == "fused"
                   else torchvision_pooler(inputs, rois))
         pooled.sum().backward()

@@ -102,12 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     fused, reference = rows[:2]
     print(f"{args.preset}, {args.batch} × {args.size}², {args.proposals} proposals, {args.device}, "
           f"{args.threads} threads, torch {torch.__version__}")
-    print("| ops_impl | recompute | peak memory | step time | loss |\n|---|---|---|---|---|")
+    print("| ops_impl | recompute | peak memory | first step time | loss |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['ops_impl']} | {row['recompute']} | {row['peak_bytes'] / 2**20:.0f} MiB | "
               f"{row['seconds']:.2f} s | {row['loss']:.4f} |")
     print(f"defaults, fused / reference: peak memory {fused['peak_bytes'] / reference['peak_bytes']:.2f}, "
-          f"step time {fused['seconds'] / reference['seconds']:.2f}")
+          f"first step time {fused['seconds'] / reference['seconds']:.2f} (one cold step; "
+          f"benchmarks/run.py --studies model_training times warm steps)")
     print(json.dumps(rows))
     return 0
 

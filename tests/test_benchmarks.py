@@ -23,13 +23,14 @@ BASELINES = {
     "mask_head": {"official grouped conv", "bmm", "torch.compile(bmm)"},
     "roi_align": {"torchvision"},
     "box_diffusion": {"official per-image", "batched reference", "torch.compile(reference)"},
-    "paste_masks": {"official chain (chunks of 16)"},
-    "model": {"reference ops (official)", "reference ops + recomputation"},
+    "paste_masks": {"official chain (chunks of "},
+    "model": {"reference ops (official)"},
+    "model_training": {"reference ops (official)", "reference ops + recomputation"},
 }
-MODEL_DIRECTIONS = {"inference", "inference: images + backbone + FPN + mask branch",
-                    "inference: DDIM sampling (decoder + box ops)",
-                    "inference: post-processing (top-k, NMS, masks, paste)",
-                    "training step (forward + backward)", "peak memory"}
+DIRECTIONS = {"model": {"inference", "inference: images + backbone + FPN + mask branch",
+                        "inference: DDIM sampling (decoder + box ops)",
+                        "inference: post-processing (top-k, NMS, masks, paste)"},
+              "model_training": {"training step (forward + backward)", "peak memory"}}
 
 
 def _positive(value) -> bool:
@@ -57,19 +58,24 @@ def test_smoke_run_writes_stamped_json_with_every_study_and_baseline(smoke_run):
     rows = data["results"]
     for study, baselines in BASELINES.items():
         mine = [r for r in rows if r["study"] == study]
-        assert {r["baseline"] for r in mine} == baselines, study
+        # A baseline named with a prefix ("official chain (chunks of ") varies with the sizes.
+        assert {next((b for b in baselines if r["baseline"].startswith(b)), r["baseline"]) for r in mine} == baselines, \
+            study
         for row in mine:
             if row["direction"] == "peak memory":
                 assert isinstance(row["ours_peak_bytes"], int) and isinstance(row["baseline_peak_bytes"], int)
                 assert row["baseline_peak_bytes"] > 0 and row["ours_peak_bytes"] >= 0
             else:
                 assert _positive(row["ours_median_s"]) and _positive(row["baseline_median_s"]), row
-                assert row["speedup_x"] == pytest.approx(row["baseline_median_s"] / row["ours_median_s"])
-    assert {r["direction"] for r in rows if r["study"] == "model"} == MODEL_DIRECTIONS
+                assert row["repeats"] >= 1 and row["ours_ms"] and row["baseline_ms"]
+    for study, directions in DIRECTIONS.items():
+        assert {r["direction"] for r in rows if r["study"] == study} == directions
+    assert meta["complete"] is True
     inference = [r for r in rows if r["study"] == "model" and r["direction"] == "inference"]
     assert sorted(r["n"] for r in inference) == [10, 20]
     # Every op row states its achieved rate against a ceiling measured in the same run.
-    assert all("% of " in r["ours_rate"] for r in rows if r["study"] != "model" and r["direction"] != "peak memory")
+    assert all("% of " in r["ours_rate"] for r in rows
+               if not r["study"].startswith("model") and r["direction"] != "peak memory")
     # The smoke profile is no measurement: no target verdicts.
     assert not any("target" in r for r in rows)
 

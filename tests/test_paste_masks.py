@@ -74,6 +74,22 @@ def test_edge_boxes():
     _assert_agrees(masks, probs, boxes, (32, 32), (32, 32))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_box_corners_truncate_in_their_own_dtype(dtype):
+    """A corner just below an integer keeps its row/column: no rounding to fp32 first."""
+    probs = torch.ones(2, 4, 4)
+    boxes = torch.tensor([[0.0, 0.0, 4.99999999, 4.99999999], [0.0, 0.0, 5.0, 5.0]], dtype=dtype)
+    masks = ops.paste_masks(probs, boxes, (16, 16), (16, 16))
+    assert torch.equal(masks, reference.paste_masks(probs, boxes, (16, 16), (16, 16)))
+    assert int(masks[0].sum()) == (16 if dtype == torch.float64 else 25) and int(masks[1].sum()) == 25
+
+
+def test_compiles_with_inductor():
+    probs, boxes = _inputs(3, (7, 11), (29, 37))
+    compiled = torch.compile(lambda p, b: ops.paste_masks(p.sigmoid(), b, (25, 41), (29, 37)), fullgraph=True)
+    assert torch.equal(compiled(probs, boxes), ops.paste_masks(probs.sigmoid(), boxes, (25, 41), (29, 37)))
+
+
 def test_empty_inputs():
     out = ops.paste_masks(torch.rand(0, 8, 8), torch.zeros(0, 4), (30, 30), (40, 50))
     assert out.shape == (0, 40, 50) and out.dtype == torch.bool
@@ -124,7 +140,11 @@ def test_model_sized_case_matches():
     (lambda p, b: ops.paste_masks(p, b, (65, 77), (61, 77)), ValueError, "does not cover the 65x77 image"),
     (lambda p, b: ops.paste_masks(p, b, (61, 77), (0, 77)), ValueError, "output_size must be positive"),
     (lambda p, b: ops.paste_masks(p, b, (61.0, 77), (61, 77)), TypeError, "image_size must be a pair of ints"),
-    (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), threshold=float("nan")), TypeError, "threshold"),
+    (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), threshold=float("nan")), ValueError,
+     "threshold must be finite"),
+    (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), threshold=float("inf")), ValueError,
+     "threshold must be finite"),
+    (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), threshold="0.5"), TypeError, "threshold must be a number"),
     (lambda p, b: ops.paste_masks(p, b.index_fill(0, torch.tensor([1]), float("nan")), (61, 77), (61, 77)),
      RuntimeError, "boxes must be finite"),
     (lambda p, b: torch.ops.fastdiffinst.paste_masks(p, b, 65, 77, 61, 77, 0.5), RuntimeError, "does not cover"),
@@ -155,7 +175,8 @@ def test_compiles_without_graph_breaks():
 def test_cuda_matches_cpu(mask_size, image_size, output_size):
     probs, boxes = _inputs(9, mask_size, output_size, seed=5)
     cpu = ops.paste_masks(probs, boxes, image_size, output_size)
-    cuda = ops.paste_masks(probs.cuda(), boxes.cuda(), image_size, output_size)
+    with _deterministic():  # fresh outputs start True: an unwritten pixel would show
+        cuda = ops.paste_masks(probs.cuda(), boxes.cuda(), image_size, output_size)
     assert cuda.device.type == "cuda"
     _assert_agrees(cuda.cpu(), probs, boxes, image_size, output_size)
     assert int((cuda.cpu() != cpu).sum()) <= int(cpu.numel() * 1e-5)

@@ -23,10 +23,10 @@ at::Tensor paste_masks_cpu(const at::Tensor& probs, const at::Tensor& boxes, int
   auto output = at::empty({n, out_h, out_w}, probs.options().dtype(at::kBool));
   if (output.numel() == 0) return output;
   const auto p = probs.contiguous();
-  const auto b = boxes.to(at::kFloat).contiguous();
-  const float* box = b.data_ptr<float>();
+  const auto b = boxes.to(at::kDouble).contiguous();
+  const double* box = b.data_ptr<double>();
   for (int64_t k = 0; k < 4 * n; ++k)
-    TORCH_CHECK(std::isfinite(box[k]), "paste_masks: boxes must be finite, got ", box[k], " in row ", k / 4);
+    TORCH_CHECK(std::isfinite(box[k]), "paste_masks: boxes must be finite, got ", box[k], " in boxes[", k / 4, "]");
 
   // Per-axis sampling plans, shared by every instance: output index -> full-resolution taps,
   // full-resolution index -> stride-4 taps.
@@ -44,7 +44,7 @@ at::Tensor paste_masks_cpu(const at::Tensor& probs, const at::Tensor& boxes, int
     for (int64_t task = begin; task < end; ++task) {
       const int64_t inst = task / out_h, y = task % out_h;
       bool* row = out + task * out_w;
-      const float* corners = box + 4 * inst;
+      const double* corners = box + 4 * inst;
       int64_t x1, x2, y1, y2;
       paste::box_span(corners[0], corners[2], out_w, &x1, &x2);
       paste::box_span(corners[1], corners[3], out_h, &y1, &y2);

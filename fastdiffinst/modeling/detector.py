@@ -55,8 +55,9 @@ class ImageBatch:
 class Features:
     """What the sampler reuses across DDIM steps: ``pyramid`` P2–P5, ``mask_feats
     [B, 8, Hp/4, Wp/4]``, and ``roi_levels``, the levels the RoI pooler reads: on the fused path
-    channels-last copies of the pyramid (the layout the RoIAlign kernels read, made once per batch
-    instead of once per decoder stage and step), otherwise the pyramid itself."""
+    on CPU channels-last copies of the pyramid (the layout the C++ RoIAlign kernels read, made once
+    per batch instead of once per decoder stage and step), otherwise the pyramid itself (the CUDA
+    kernels read NCHW)."""
 
     pyramid: list[Tensor]
     mask_feats: Tensor
@@ -211,7 +212,7 @@ class DiffusionInst(nn.Module):
         """``[B, 3, Hp, Wp]`` -> P2–P5 and the mask features, computed once."""
         pyramid = self._runners["backbone"](images)
         roi_levels = pyramid
-        if self.ops_impl == "fused":
+        if self.ops_impl == "fused" and images.device.type == "cpu":
             roi_levels = [p.contiguous(memory_format=torch.channels_last) for p in pyramid]
         return Features(pyramid, self._runners["mask_branch"](pyramid), roi_levels)
 

@@ -12,6 +12,7 @@ probability is within rounding of the threshold. Not differentiable (inference o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -64,11 +65,14 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: Sequence[int], ou
     if n and (mask_probs.shape[1] * 4 < h or mask_probs.shape[2] * 4 < w or 0 in mask_probs.shape[1:]):
         raise ValueError(f"{_OP}: a {mask_probs.shape[1]}x{mask_probs.shape[2]} stride-4 map does not cover the "
                          f"{h}x{w} image (needs 4·Hm >= h and 4·Wm >= w)")
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or threshold != threshold:
-        raise TypeError(f"{_OP}: threshold must be a finite number, got {threshold!r}")
-    # The CPU kernel checks the values itself; on CUDA the check synchronises, so it is opt-in.
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+        raise TypeError(f"{_OP}: threshold must be a number, got {threshold!r}")
+    if not math.isfinite(threshold):
+        raise ValueError(f"{_OP}: threshold must be finite, got {threshold!r}")
+    # The CPU kernel checks the values itself (RuntimeError); on CUDA the check synchronises, so it
+    # is opt-in, with the same message and type.
     if boxes.device.type != "cpu" and _dispatch.input_checks_enabled() and not bool(torch.isfinite(boxes).all()):
-        raise ValueError(f"{_OP}: boxes must be finite")
+        raise RuntimeError(f"{_OP}: boxes must be finite")
     if _dispatch.resolve(_OP, mask_probs.device.type) == "reference":
         return reference.paste_masks(mask_probs, boxes, (h, w), (out_h, out_w), float(threshold))
     return torch.ops.fastdiffinst.paste_masks(mask_probs.float(), boxes, h, w, out_h, out_w, float(threshold))

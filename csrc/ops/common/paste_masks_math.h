@@ -60,12 +60,13 @@ C10_HOST_DEVICE inline float upsampled(const float* P, int64_t width, Tap r, Tap
 }
 
 // Truncated box corners clamped to [0, size]: the rows/columns [lo, hi) that clip_mask keeps.
-C10_HOST_DEVICE inline void box_span(float a, float b, int64_t size, int64_t* lo, int64_t* hi) {
+// The corners come in float64 so that no box dtype is rounded before its truncation.
+C10_HOST_DEVICE inline void box_span(double a, double b, int64_t size, int64_t* lo, int64_t* hi) {
   // Truncation toward zero (torch's .to(int64)); clamping first keeps the cast defined, and a NaN
   // corner becomes 0 (the CPU kernel rejects non-finite boxes before this).
-  const float fsize = static_cast<float>(size);
-  a = a >= 0.f ? (a <= fsize ? a : fsize) : 0.f;
-  b = b >= 0.f ? (b <= fsize ? b : fsize) : 0.f;
+  const double dsize = static_cast<double>(size);
+  a = a >= 0.0 ? (a <= dsize ? a : dsize) : 0.0;
+  b = b >= 0.0 ? (b <= dsize ? b : dsize) : 0.0;
   *lo = static_cast<int64_t>(a);
   *hi = static_cast<int64_t>(b);
 }

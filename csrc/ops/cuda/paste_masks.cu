@@ -17,13 +17,13 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void paste_masks_kernel(const float* __restrict__ probs, const float* __restrict__ boxes, int64_t n,
+__global__ void paste_masks_kernel(const float* __restrict__ probs, const double* __restrict__ boxes, int64_t n,
                                    int64_t hm, int64_t wm, int64_t image_h, int64_t image_w, int64_t out_h,
                                    int64_t out_w, float threshold, bool* __restrict__ out) {
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= n * out_h * out_w) return;
   const int64_t x = k % out_w, y = (k / out_w) % out_h, inst = k / (out_w * out_h);
-  const float* corners = boxes + 4 * inst;
+  const double* corners = boxes + 4 * inst;
   int64_t x1, x2, y1, y2;
   paste::box_span(corners[0], corners[2], out_w, &x1, &x2);
   paste::box_span(corners[1], corners[3], out_h, &y1, &y2);
@@ -56,10 +56,10 @@ at::Tensor paste_masks_cuda(const at::Tensor& probs, const at::Tensor& boxes, in
   const int64_t total = output.numel();
   if (total == 0) return output;
   const auto p = probs.contiguous();
-  const auto b = boxes.to(at::kFloat).contiguous();
+  const auto b = boxes.to(at::kDouble).contiguous();
   const int64_t blocks = (total + kThreads - 1) / kThreads;
   paste_masks_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      p.data_ptr<float>(), b.data_ptr<float>(), n, probs.size(1), probs.size(2), image_h, image_w, out_h, out_w,
+      p.data_ptr<float>(), b.data_ptr<double>(), n, probs.size(1), probs.size(2), image_h, image_w, out_h, out_w,
       static_cast<float>(threshold), output.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return output;
