@@ -66,7 +66,8 @@ def _grid(size, batch, proposals, steps, compile=False):
 
 
 PROFILES = {
-    "smoke": Profile("tiny", _grid((64, 64), 1, (10, 20), (1,)), InferenceCase((64, 64), 1, 20, 1),
+    "smoke": Profile("tiny", _grid((64, 64), 1, (10, 20), (1,)) + _grid((64, 64), 1, (10,), (2,)),
+                     InferenceCase((64, 64), 1, 20, 1),
                      64, 2, 20, 1, 0, 1, 0),
     "quick": Profile("r50_coco", _grid((512, 512), 1, (100, 500), (1,)), InferenceCase((512, 512), 1, 500, 1),
                      320, 2, 500, 3, 2, 2, 0),
@@ -87,20 +88,24 @@ def training_steps(profile: str) -> int:
     return 4
 
 
-def _images(case: InferenceCase, generator: torch.Generator) -> list[torch.Tensor]:
+def _images(case: InferenceCase) -> list[torch.Tensor]:
+    """The same random images for every case of one size and batch (seeded)."""
+    generator = torch.Generator().manual_seed(0)
     return [torch.randint(0, 256, (3, *case.size), generator=generator, dtype=torch.uint8) for _ in range(case.batch)]
 
 
-def _models(preset: str, proposals: int, compile: bool, device: str, state: dict | None):
-    """The fused and the reference model with the same (seeded random) weights."""
+def _models(preset: str, case: InferenceCase, device: str, state: dict | None, compile: bool | None = None):
+    """The fused and the reference model with the same (seeded random) weights, configured for
+    ``case`` (proposals, DDIM steps, compilation unless ``compile`` says otherwise)."""
     from fastdiffinst.config import get_config, replace_path
     from fastdiffinst.modeling import DiffusionInst
 
-    cfg = replace_path(get_config(preset), "num_proposals", proposals)
+    cfg = replace_path(get_config(preset), "num_proposals", case.proposals)
+    cfg = replace_path(cfg, "sampler.sample_steps", case.steps)
     models = {}
     for impl in ("fused", "reference"):
         torch.manual_seed(0)
-        model = DiffusionInst(cfg, ops_impl=impl, compile=compile)
+        model = DiffusionInst(cfg, ops_impl=impl, compile=case.compile if compile is None else compile)
         if state is not None:
             model.load_state_dict(state)
         models[impl] = model.to(device).eval()
@@ -121,12 +126,11 @@ def run_inference(device: str, profile: str, progress, ceilings: dict) -> list[d
     """The inference cases, then where the time goes."""
     p = PROFILES[profile]
     speed_target = TARGETS["cuda" if device.startswith("cuda") else "cpu"][0]
-    generator = torch.Generator().manual_seed(0)
     rows, state = [], None
     for case in p.inference:
-        models = _models(p.preset, case.proposals, case.compile, device, state)
+        models = _models(p.preset, case, device, state)
         state = models["fused"].state_dict()
-        images = [im.to(device) for im in _images(case, generator)]
+        images = [im.to(device) for im in _images(case)]
 
         def infer(model, images=images):
             return model(images, generator=torch.Generator(device="cpu").manual_seed(1))
@@ -145,13 +149,13 @@ def run_inference(device: str, profile: str, progress, ceilings: dict) -> list[d
         if compile_s:
             note += f"; first call (compile) fused {compile_s['fused']:.0f} s, reference {compile_s['reference']:.0f} s"
         row = comparison_row(STUDY, OP, case.label(p.preset), "inference", BASELINE, timings["fused"],
-                             timings["reference"], n=case.proposals, steps=case.steps, batch=case.batch,
+                             timings["reference"], n=case.proposals, steps=models["fused"].cfg.sampler.sample_steps, batch=case.batch,
                              size=list(case.size), compile=case.compile, max_abs_diff=note)
         if case == p.breakdown and profile != "smoke":
             row.update(target=f">= {speed_target}x", target_met=row["speedup_x"] >= speed_target)
         rows.append(row)
         del models
-    return rows + _breakdown(p, device, generator, state, progress)
+    return rows + _breakdown(p, device, state, progress)
 
 
 def run_training(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
@@ -160,11 +164,11 @@ def run_training(device: str, profile: str, progress, ceilings: dict) -> list[di
     return _training(PROFILES[profile], device, memory_target if profile != "smoke" else None, progress)
 
 
-def _breakdown(p: Profile, device: str, generator: torch.Generator, state: dict | None, progress) -> list[dict]:
+def _breakdown(p: Profile, device: str, state: dict | None, progress) -> list[dict]:
     """The inference case ``p.breakdown`` in three parts, each timed alone on both sides."""
     case = p.breakdown
-    models = _models(p.preset, case.proposals, False, device, state)
-    images = [im.to(device) for im in _images(case, generator)]
+    models = _models(p.preset, case, device, state, compile=False)
+    images = [im.to(device) for im in _images(case)]
     inputs = {}
     for impl, model in models.items():  # each part's inputs, made before timing
         with torch.no_grad():
@@ -200,7 +204,7 @@ def _breakdown(p: Profile, device: str, generator: torch.Generator, state: dict 
             timings[impl] = time_fn(no_grad(make(impl)), device, p.repeats, p.warmup)
             progress.update(1)
         rows.append(comparison_row(STUDY, OP, case.label(p.preset), f"inference: {part}", BASELINE, timings["fused"],
-                                   timings["reference"], n=case.proposals, steps=case.steps, batch=case.batch,
+                                   timings["reference"], n=case.proposals, steps=models["fused"].cfg.sampler.sample_steps, batch=case.batch,
                                    size=list(case.size), compile=False))
     return rows
 
