@@ -14,7 +14,7 @@
 #      ($GPU_CHECK_BENCH_ARGS is added to both, e.g. "--profile full")
 #   5. summary.md      versions, test counts, both tables and the targets, printed last
 # Fits in 5 minutes on an H100/H200 (the visible GPU's architecture only): every stage has a
-# timeout ($GPU_CHECK_{BUILD,TEST,OPS,MODEL}_TIMEOUT: 110 + 60 + 60 + 70 s); run.py writes its
+# timeout ($GPU_CHECK_{BUILD,TEST,OPS,MODEL}_TIMEOUT: 100 + 60 + 70 + 70 s); run.py writes its
 # results after every study, and the summary is written however the script ends.
 set -uo pipefail
 OUT="${1:?usage: gpu_check.sh OUT_DIR}"
@@ -66,7 +66,7 @@ trap summary EXIT
 
 status "stage 1: build (FORCE_CUDA=1, TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-detected})"
 build_rc=0
-timeout "${GPU_CHECK_BUILD_TIMEOUT:-110}" "$PY" -m pip install -e . --no-build-isolation --no-deps >"$OUT/build.log" 2>&1 \
+timeout "${GPU_CHECK_BUILD_TIMEOUT:-100}" "$PY" -m pip install -e . --no-build-isolation --no-deps >"$OUT/build.log" 2>&1 \
   || build_rc=$?
 if [ "$build_rc" != 0 ]; then
   status "build failed; tail of build.log:"; tail -40 "$OUT/build.log"; exit 1
@@ -91,7 +91,7 @@ fi
 # GPU_CHECK_BENCH_ARGS is added to both benchmark stages, e.g. "--profile full".
 status "stage 3: op benchmarks"
 ops_rc=0
-timeout "${GPU_CHECK_OPS_TIMEOUT:-60}" "$PY" benchmarks/run.py --device cuda \
+timeout "${GPU_CHECK_OPS_TIMEOUT:-70}" "$PY" benchmarks/run.py --device cuda \
   --studies mask_head,roi_align,box_diffusion,paste_masks ${GPU_CHECK_BENCH_ARGS:-} --out "$OUT/bench_ops" \
   >"$OUT/bench_ops.log" 2>&1 || ops_rc=$?
 tail -3 "$OUT/bench_ops.log"
