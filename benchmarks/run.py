@@ -88,9 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated, from {sorted(STUDIES)}")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both sides (default 2)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<stamp>)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<stamp>-<device>)")
     args = parser.parse_args(argv)
-    args.studies = [s.strip() for s in args.studies.split(",") if s.strip()]
+    args.studies = list(dict.fromkeys(s.strip() for s in args.studies.split(",") if s.strip()))  # once each
     unknown = [s for s in args.studies if s not in STUDIES]
     if unknown or not args.studies:
         parser.error(f"unknown studies {unknown}; choose from {sorted(STUDIES)}" if unknown
