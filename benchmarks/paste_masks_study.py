@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.harness import comparison_row, rate_note, time_fn
 from benchmarks.roi_align_study import detection_boxes
-from fastdiffinst.modeling.postprocess import mask_chunk_size
+from fastdiffinst.modeling.postprocess import mask_chunk_size, paste_in_chunks
 from fastdiffinst.ops import paste_masks
 from fastdiffinst.reference import masks as reference
 
@@ -35,15 +35,6 @@ class Sizes:
 
 PROFILES = {"smoke": Sizes((64, 96), (40, 60), (5,), 1, 0), "quick": Sizes((800, 1199), (427, 640), (100,), 5),
             "full": Sizes((800, 1199), (427, 640), (100, 300), 5)}
-def _chunked(paste, chunk, probs, boxes, image, output):
-    if probs.shape[0] <= chunk:
-        return paste(probs, boxes, image, output)
-    masks = torch.empty((probs.shape[0],) + tuple(output), dtype=torch.bool, device=probs.device)
-    for start in range(0, probs.shape[0], chunk):
-        masks[start:start + chunk] = paste(probs[start:start + chunk], boxes[start:start + chunk], image, output)
-    return masks
-
-
 def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
     sizes = PROFILES[profile]
     generator = torch.Generator().manual_seed(0)
@@ -60,10 +51,11 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
             chunks = {fused: mask_chunk_size(mask_size, output, fused) for fused in (True, False)}
 
             def ours():
-                return _chunked(paste_masks, chunks[True], probs, boxes, sizes.image, output)
+                return paste_in_chunks(paste_masks, lambda s, e: probs[s:e], boxes, chunks[True], sizes.image, output)
 
             def official():
-                return _chunked(reference.paste_masks, chunks[False], probs, boxes, sizes.image, output)
+                return paste_in_chunks(reference.paste_masks, lambda s, e: probs[s:e], boxes, chunks[False],
+                                       sizes.image, output)
 
             differ = int((ours() != official()).sum())
             t_ours = time_fn(ours, device, sizes.repeats, sizes.warmup)

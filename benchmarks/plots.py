@@ -14,7 +14,6 @@ def write_plots(out_dir: Path, rows: list[dict]) -> tuple[list[Path], str | None
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError:
         return [], "matplotlib is not installed: plots skipped (pip install -r requirements-extra.txt)"
     written = []
@@ -28,7 +27,7 @@ def write_plots(out_dir: Path, rows: list[dict]) -> tuple[list[Path], str | None
         ax.set_xlabel("proposals / instances N")
         ax.set_ylabel("speed-up over the official formulation (×)")
         ax.set_yscale("log")
-        _plain_ticks(ax.yaxis, FuncFormatter, NullFormatter)
+        _plain_ticks(ax.yaxis)
         ax.set_title("fused vs official, medians")
         ax.legend(fontsize=7)
         ax.grid(True, which="both", alpha=0.3)
@@ -42,7 +41,7 @@ def write_plots(out_dir: Path, rows: list[dict]) -> tuple[list[Path], str | None
         ax.barh([i - 0.2 for i in y], [r["ours_peak_bytes"] / 2**20 for r in memory], 0.4, label="fused")
         ax.set_yticks(list(y), labels, fontsize=6)
         ax.set_xscale("log")
-        _plain_ticks(ax.xaxis, FuncFormatter, NullFormatter)
+        _plain_ticks(ax.xaxis)
         ax.set_xlabel("peak memory (MiB, log scale)")
         ax.legend(fontsize=7)
         ax.grid(True, axis="x", which="both", alpha=0.3)
@@ -69,8 +68,10 @@ def _speedup_series(rows: list[dict]) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def _plain_ticks(axis, FuncFormatter, NullFormatter) -> None:
+def _plain_ticks(axis) -> None:
     """Log-scale ticks as plain numbers (1, 10, 100) instead of 10^k, no minor labels."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
 

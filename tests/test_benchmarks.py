@@ -67,7 +67,6 @@ def test_smoke_run_writes_stamped_json_with_every_study_and_baseline(smoke_run):
                 assert row["baseline_peak_bytes"] > 0 and row["ours_peak_bytes"] >= 0
             else:
                 assert _positive(row["ours_median_s"]) and _positive(row["baseline_median_s"]), row
-                assert row["repeats"] >= 1 and row["ours_ms"] and row["baseline_ms"]
     for study, directions in DIRECTIONS.items():
         assert {r["direction"] for r in rows if r["study"] == study} == directions
     assert meta["complete"] is True

@@ -317,7 +317,8 @@ def test_postprocess_results_do_not_depend_on_the_chunk_size(monkeypatch, ops_im
     whole = model(inputs, output_sizes=[(100, 140)], generator=torch.Generator().manual_seed(3))[0]
     fused = ops_impl == "fused"
     assert mask_chunk_size((24, 32), (100, 140), fused) >= len(whole["scores"]) > 1  # one chunk by default
-    monkeypatch.setattr(postprocess, "MASK_CHUNK_BUDGET_BYTES", 1)
+    budget = "FUSED_MASK_CHUNK_BUDGET_BYTES" if fused else "MASK_CHUNK_BUDGET_BYTES"
+    monkeypatch.setattr(postprocess, budget, 1)
     assert mask_chunk_size((24, 32), (100, 140), fused) == 1
     chunked = model(inputs, output_sizes=[(100, 140)], generator=torch.Generator().manual_seed(3))[0]
     for key in whole:

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from utils import deterministic_with_nan_fill
+
 from fastdiffinst import ops
 from fastdiffinst.reference import masks as reference
 
@@ -106,23 +108,9 @@ def test_other_dtypes_compute_in_fp32_as_the_official_code(dtype):
 def test_every_output_pixel_written():
     probs, boxes = _inputs(7, (16, 20), (90, 60), seed=3)
     expected = reference.paste_masks(probs, boxes, (61, 77), (90, 60))
-    with _deterministic():
+    with deterministic_with_nan_fill():  # fresh bool outputs start True
         masks = ops.paste_masks(probs, boxes, (61, 77), (90, 60))
     assert torch.equal(masks, expected)
-
-
-class _deterministic:
-    """Deterministic mode with fresh outputs filled (bool: True), so an unwritten pixel shows."""
-
-    def __enter__(self):
-        self.previous = (torch.are_deterministic_algorithms_enabled(),
-                         torch.utils.deterministic.fill_uninitialized_memory)
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = True
-
-    def __exit__(self, *exc):
-        torch.use_deterministic_algorithms(self.previous[0])
-        torch.utils.deterministic.fill_uninitialized_memory = self.previous[1]
 
 
 def test_model_sized_case_matches():
@@ -139,7 +127,7 @@ def test_model_sized_case_matches():
     (lambda p, b: ops.paste_masks(p, b.int(), (61, 77), (61, 77)), TypeError, "boxes must be a floating-point"),
     (lambda p, b: ops.paste_masks(p, b, (65, 77), (61, 77)), ValueError, "does not cover the 65x77 image"),
     (lambda p, b: ops.paste_masks(p, b, (61, 77), (0, 77)), ValueError, "output_size must be positive"),
-    (lambda p, b: ops.paste_masks(p, b, (61.0, 77), (61, 77)), TypeError, "image_size must be a pair of ints"),
+    (lambda p, b: ops.paste_masks(p, b, (61.0, 77), (61, 77)), TypeError, "image_size must be an int or a pair of ints"),
     (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), threshold=float("nan")), ValueError,
      "threshold must be finite"),
     (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), threshold=float("inf")), ValueError,
@@ -175,7 +163,7 @@ def test_compiles_without_graph_breaks():
 def test_cuda_matches_cpu(mask_size, image_size, output_size):
     probs, boxes = _inputs(9, mask_size, output_size, seed=5)
     cpu = ops.paste_masks(probs, boxes, image_size, output_size)
-    with _deterministic():  # fresh outputs start True: an unwritten pixel would show
+    with deterministic_with_nan_fill():  # fresh bool outputs start True: an unwritten pixel shows
         cuda = ops.paste_masks(probs.cuda(), boxes.cuda(), image_size, output_size)
     assert cuda.device.type == "cuda"
     _assert_agrees(cuda.cpu(), probs, boxes, image_size, output_size)

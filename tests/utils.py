@@ -34,7 +34,8 @@ def assert_close_to_f64(actual: Tensor, expected_f64: Tensor, reduce_len: int = 
 
 @contextlib.contextmanager
 def deterministic_with_nan_fill() -> Iterator[None]:
-    """Deterministic algorithms with fresh outputs filled with NaN, so unwritten elements show up."""
+    """Deterministic algorithms with fresh outputs filled (NaN for floats, True for bools), so
+    unwritten elements show up."""
     import torch.utils.deterministic as det
 
     previous = (torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory)

@@ -24,8 +24,8 @@ from fastdiffinst.modeling.losses import SetCriterion
 from fastdiffinst.modeling.matcher import Match
 from fastdiffinst.modeling.mask_branch import MaskBranch
 from fastdiffinst.modeling.poolers import FusedRoIPooler, OfficialRoIPooler
-from fastdiffinst.modeling.postprocess import (Candidates, mask_chunk_size, scale_and_clip_boxes, select_detections,
-                                               topk_candidates)
+from fastdiffinst.modeling.postprocess import (Candidates, mask_chunk_size, paste_in_chunks, scale_and_clip_boxes,
+                                               select_detections, topk_candidates)
 from fastdiffinst.modeling.resnet import ResNet
 from fastdiffinst.modeling.targets import TrainingTargets, prepare_targets
 from fastdiffinst.modeling.sampler import (DrawFn, DrawSource, GeneratorDraws, HeadOutput, OfficialDraws, SamplingStep,
@@ -275,20 +275,14 @@ class DiffusionInst(nn.Module):
         n = boxes.shape[0]
         fused = self.ops_impl == "fused"
         paste = ops.paste_masks if fused else reference_masks.paste_masks
+
+        def probs_of(start: int, end: int) -> Tensor:
+            index = torch.full((end - start,), image_index, dtype=torch.int64, device=mask_feats.device)
+            return self.mask_logits(mask_feats, detections.kernels[start:end], index, sigmoid=True)
+
         # Chunks of instances bound the temporaries (mask_chunk_size).
         chunk = mask_chunk_size(tuple(mask_feats.shape[2:]), output_size, fused)
-        # One chunk: the pasted masks are the result; several: each is copied into place.
-        masks = None if 0 < n <= chunk else torch.empty((n,) + tuple(output_size), dtype=torch.bool,
-                                                        device=mask_feats.device)
-        for start in range(0, n, chunk):
-            kernels = detections.kernels[start:start + chunk]
-            index = torch.full((kernels.shape[0],), image_index, dtype=torch.int64, device=mask_feats.device)
-            probs = self.mask_logits(mask_feats, kernels, index, sigmoid=True)
-            pasted = paste(probs, boxes[start:start + chunk], image_size, output_size)
-            if masks is None:
-                masks = pasted
-            else:
-                masks[start:start + chunk] = pasted
+        masks = paste_in_chunks(paste, probs_of, boxes, chunk, image_size, output_size)
         return {"boxes": boxes, "scores": detections.scores, "labels": detections.labels, "masks": masks}
 
     # ------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,12 +94,27 @@ def scale_and_clip_boxes(boxes: Tensor, image_size: tuple[int, int], output_size
 
 def mask_chunk_size(mask_size: tuple[int, int], output_size: tuple[int, int], fused: bool) -> int:
     """Instances per chunk of the mask pasting, so that its temporaries fit in
-    :data:`MASK_CHUNK_BUDGET_BYTES` (:data:`FUSED_MASK_CHUNK_BUDGET_BYTES` for the fused op, when
-    smaller): for the fused op the stride-4 fp32 probabilities (``mask_size``) and its bool result
-    before it joins the others; for the official formulation four fp32 maps per instance (two at
-    the padded size, two at the output size)."""
+    :data:`FUSED_MASK_CHUNK_BUDGET_BYTES` for the fused op (the stride-4 fp32 probabilities of
+    ``mask_size`` and its bool result before it joins the others) and in
+    :data:`MASK_CHUNK_BUDGET_BYTES` for the official formulation (four fp32 maps per instance: two
+    at the padded size, two at the output size)."""
     (mask_h, mask_w), (out_h, out_w) = mask_size, output_size
     if fused:
-        return max(1, min(MASK_CHUNK_BUDGET_BYTES, FUSED_MASK_CHUNK_BUDGET_BYTES) // (4 * mask_h * mask_w + out_h * out_w))
+        return max(1, FUSED_MASK_CHUNK_BUDGET_BYTES // (4 * mask_h * mask_w + out_h * out_w))
     per_instance = 4 * (2 * 16 * mask_h * mask_w + 2 * out_h * out_w)
     return max(1, min(MAX_MASK_CHUNK, MASK_CHUNK_BUDGET_BYTES // per_instance))
+
+
+def paste_in_chunks(paste: Callable[..., Tensor], probs_of: Callable[[int, int], Tensor], boxes: Tensor,
+                    chunk: int, image_size: tuple[int, int], output_size: tuple[int, int]) -> Tensor:
+    """``[n, H, W]`` bool masks of ``n = len(boxes)`` instances, ``chunk`` at a time:
+    ``paste(probs_of(start, end), boxes[start:end], image_size, output_size)``. With one chunk its
+    result is the masks; with several, each is copied into place."""
+    n = boxes.shape[0]
+    if 0 < n <= chunk:
+        return paste(probs_of(0, n), boxes, image_size, output_size)
+    masks = torch.empty((n,) + tuple(output_size), dtype=torch.bool, device=boxes.device)
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        masks[start:end] = paste(probs_of(start, end), boxes[start:end], image_size, output_size)
+    return masks

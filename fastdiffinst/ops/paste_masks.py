@@ -27,15 +27,6 @@ _dispatch.register_op(_OP, {"cpp": "fastdiffinst._C kernels (C++ on CPU, CUDA on
                             "reference": "the official chain in plain PyTorch (fastdiffinst.reference.masks)"})
 
 
-def _size(name: str, value: object) -> tuple[int, int]:
-    if (not isinstance(value, Sequence) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
-        raise TypeError(f"{_OP}: {name} must be a pair of ints (h, w), got {value!r}")
-    if value[0] < 1 or value[1] < 1:
-        raise ValueError(f"{_OP}: {name} must be positive, got {tuple(value)}")
-    return int(value[0]), int(value[1])
-
-
 def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: Sequence[int], output_size: Sequence[int],
                 threshold: float = 0.5) -> Tensor:
     """Full-resolution bool masks of ``n`` instances.
@@ -61,7 +52,7 @@ def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: Sequence[int], ou
     n = mask_probs.shape[0]
     if boxes.dim() != 2 or boxes.shape != (n, 4):
         raise ValueError(f"{_OP}: boxes must be [n, 4] with n = {n} (one per mask), got {tuple(boxes.shape)}")
-    (h, w), (out_h, out_w) = _size("image_size", image_size), _size("output_size", output_size)
+    (h, w), (out_h, out_w) = _checks.pair(_OP, "image_size", image_size), _checks.pair(_OP, "output_size", output_size)
     if n and (mask_probs.shape[1] * 4 < h or mask_probs.shape[2] * 4 < w or 0 in mask_probs.shape[1:]):
         raise ValueError(f"{_OP}: a {mask_probs.shape[1]}x{mask_probs.shape[2]} stride-4 map does not cover the "
                          f"{h}x{w} image (needs 4·Hm >= h and 4·Wm >= w)")
