@@ -563,8 +563,10 @@ print(len(out["scores"]), (peak - base - result) / 2**20)
 @pytest.mark.slow
 @pytest.mark.parametrize("ops_impl", ["fused", "reference"])
 def test_postprocess_memory_at_500_instances_on_800x1216(ops_impl):
-    """Peak memory of post-processing 500 instances at 800×1216, beyond its result: ≤ 256 MB (a fresh
-    process; its peak RSS minus the RSS before the call and the returned masks)."""
+    """Peak memory of post-processing 500 instances at 800×1216, beyond its result (a fresh process;
+    its peak RSS minus the RSS before the call and the returned masks): ≤ 256 MB for the official
+    chain (measured 159-162 MiB), ≤ 96 MB for the fused op (measured 59 MiB; 135 MiB when chunks
+    were freed before the next was allocated)."""
     import subprocess
     import sys
 
@@ -572,4 +574,5 @@ def test_postprocess_memory_at_500_instances_on_800x1216(ops_impl):
                          timeout=300, check=True)
     count, extra_mib = run.stdout.split()
     assert int(count) == 500
-    assert float(extra_mib) <= 256, f"post-processing used {float(extra_mib):.0f} MiB beyond its result"
+    limit = 96 if ops_impl == "fused" else 256
+    assert float(extra_mib) <= limit, f"post-processing used {float(extra_mib):.0f} MiB beyond its result"
