@@ -77,7 +77,7 @@ fi
 status "stage 2: tests (${GPU_CHECK_TESTS:-tests -m cuda})"
 tests_rc=0
 if "$PY" -c "import pytest" 2>/dev/null; then
-  # With pytest-xdist a crashing test is reported and the run goes on (seen on the lent H200 image:
+  # With pytest-xdist a crashing test is reported and the run goes on (seen on an H200 image:
   # any C++ exception from an extension, even a trivial load_inline one, segfaults there).
   parallel=""; "$PY" -c "import xdist" 2>/dev/null && parallel="-n 8"
   FASTDIFFINST_REQUIRE_EXT=1 timeout "${GPU_CHECK_TEST_TIMEOUT:-60}" "$PY" -m pytest ${GPU_CHECK_TESTS:-tests -m cuda} -q \

@@ -1,9 +1,9 @@
-"""Timing, stamping and reporting shared by the throughput studies (DESIGN §7).
+"""Timing, stamping and reporting shared by the throughput studies (docs/design.md §7).
 
 Protocol: inputs (random draws included) are built before timing and passed to both sides;
 2 warm-ups, then timed repeats (5 by default; the quick profile's slow cases use 3 — the model's
-inference, as its issue asks, and the mask head — and the training step 2 after its cold first
-step; every row records its ``repeats``); median and min-max reported, ratios of medians. CPU
+inference and the mask head — and the training step 2 after its cold first step; every row
+records its ``repeats``); median and min-max reported, ratios of medians. CPU
 timings use ``time.perf_counter`` with a fixed thread count; CUDA timings use CUDA events.
 """
 
@@ -214,7 +214,7 @@ def _memory_ratio_text(ratio: float) -> str:
 def in_fresh_process(function: str, *args) -> dict:
     """``module.function(*args)`` (``function`` = ``"benchmarks.x:f"``, literal args) in a fresh
     Python with this process's thread count; returns the JSON dict it prints. Peak memory on CPU
-    is only meaningful per process image (DESIGN §7)."""
+    is only meaningful per process image (docs/design.md §7)."""
     module, name = function.split(":")
     code = (f"import json, torch; torch.set_num_threads({torch.get_num_threads()}); from {module} import {name}; "
             f"print(json.dumps({name}(*{args!r})))")

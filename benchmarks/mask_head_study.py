@@ -1,11 +1,11 @@
 """Dynamic-mask-head study: the fused op vs the official grouped-convolution formulation, the bmm
-formulation and ``torch.compile`` of it, on the same inputs (DESIGN §7).
+formulation and ``torch.compile`` of it, on the same inputs (docs/design.md §7).
 
 One 800×1216 image: mask features [1, 8, 200, 304] (stride 4), DiffusionInst filters [N, 153],
 N in {50, 100, 500} (quick profile: {50, 100}; smoke, for tests: N = 3 on 16×24), fp32. Forward
-(logits) and forward+backward (a random upstream gradient). Throughput in GFLOP/s with DESIGN
-§2.1's count (272·N·H·W forward, twice that for the backward) against the machine's ceiling
-measured in the same run: on CPU the fp32 matmul rate, on GPU the FP32 FMA rate of the CUDA cores
+(logits) and forward+backward (a random upstream gradient). Throughput in GFLOP/s with the count
+of docs/design.md §2.1 (272·N·H·W forward, twice that for the backward) against the machine's
+ceiling measured in the same run: on CPU the fp32 matmul rate, on GPU the FP32 FMA rate of the CUDA cores
 (the 8-channel layers cannot use tensor cores: ``tl.dot`` needs K ≥ 16).
 
 Peak memory of a training-style pass (logits -> sigmoid -> dice against stride-4 targets ->

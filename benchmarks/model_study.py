@@ -1,6 +1,6 @@
 """Model study: the whole DiffusionInst on the fused ops vs the same random weights on the official
 formulations (``ops_impl="fused"`` vs ``"reference"``: per-level torchvision RoIAlign, per-image
-float64 DDIM math, grouped-convolution mask head), same images and same random draws (DESIGN §7).
+float64 DDIM math, grouped-convolution mask head), same images and same random draws (docs/design.md §7).
 
 * **Inference** (``model(images)``, eval mode, output at the input size). Quick: ``r50_coco``, one
   512² image, N ∈ {100, 500} proposals, 1 DDIM step, eager, 3 repeats after 2 warm-ups. Full adds
@@ -14,7 +14,7 @@ float64 DDIM math, grouped-convolution mask head), same images and same random d
   honesty about where the memory goes, each side with the other's recomputation setting. Every
   variant runs in a fresh process (``benchmarks.training_memory.measure``).
 
-Targets (the issue's floors, for the quick and full profiles): inference at N = 500 ≥ 1.5× on CPU,
+Targets (floors, for the quick and full profiles): inference at N = 500 ≥ 1.5× on CPU,
 ≥ 2× on GPU; training peak memory ≤ ½ of the reference on CPU, ≤ ⅓ on GPU. Rows carry ``target``
 and ``target_met``.
 The smoke profile (tests) runs the same code on the ``tiny`` preset at 64² with 1 repeat.

@@ -2,7 +2,7 @@
 (``aligned_bilinear`` ×4, crop, bilinear resize, threshold, box clip), each in the chunks the model
 uses (``mask_chunk_size``: 13-20 instances here for the official chain, whose full-resolution
 temporaries bound them; 55-129 for the fused op, whose chunks are then copied into the result), on
-the same stride-4 probabilities and boxes (DESIGN §7).
+the same stride-4 probabilities and boxes (docs/design.md §7).
 
 One 800×1199 test image (mask map 200×304) with N instances, boxes log-uniform as detections
 (``roi_align_study.detection_boxes``): pasted at the model's size (no resize) and resized to the

@@ -1,5 +1,5 @@
 """Throughput studies of fastdiffinst: our fused ops and the model on them vs their baselines, side
-by side in one run (DESIGN §7).
+by side in one run (docs/design.md §7).
 
     python benchmarks/run.py                      # quick profile (~3 minutes on 2 CPU cores), all studies
     python benchmarks/run.py --profile full --device cuda --studies model,roi_align --out results/

@@ -1,7 +1,7 @@
 """Peak memory and time of one DiffusionInst training step (forward + backward), on the fused ops
 vs the official formulations, each with and without recomputation (``DiffusionInst(recompute=)``;
 the defaults are fused + recomputation and the official formulation without), each in a fresh
-process (DESIGN §7).
+process (docs/design.md §7).
 
     python benchmarks/training_memory.py                       # r50_coco, 2 × 512², 500 proposals
     python benchmarks/training_memory.py --preset tiny --size 256 --batch 4
@@ -49,7 +49,7 @@ def _batch(size: int, batch: int, num_classes: int):
 def measure(ops_impl: str, recompute: bool, preset: str, size: int, batch: int, proposals: int, device: str,
             repeats: int = 0, warmup: int = 0) -> dict:
     """Training steps in this process: the first one's peak bytes above the inputs (model and
-    batch built), its time and total loss; with ``repeats``, the step time by the DESIGN §7
+    batch built), its time and total loss; with ``repeats``, the step time by the docs/design.md §7
     protocol (``warmup`` steps first; gradients set to None before each step, as a training loop's
     ``zero_grad``)."""
     from fastdiffinst.config import get_config, replace_path

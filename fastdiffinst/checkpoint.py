@@ -1,4 +1,4 @@
-"""Official checkpoints and ImageNet backbone weights (spec §9). Nothing is downloaded.
+"""Official checkpoints and ImageNet backbone weights (docs/official-model.md §9). Nothing is downloaded.
 
 * :func:`convert_official` maps an official DiffusionInst (detectron2) state dict onto
   :class:`fastdiffinst.modeling.DiffusionInst`: the mask branch moves from ``head.`` to

@@ -1,8 +1,9 @@
-"""Dataclass configs of DiffusionInst and the named presets (DESIGN §4, spec §1 and §6).
+"""Dataclass configs of DiffusionInst and the named presets (docs/design.md §4; the official model:
+docs/official-model.md §1 and §6).
 
 Every size the model uses comes from here. ``get_config(name)`` returns a fresh copy of a preset;
 ``replace_path(cfg, "head.num_stages", 3)`` (or ``override(cfg, ["head.num_stages=3"])``) changes
-one field. The official configs map as follows (spec §6):
+one field. The official configs map as follows (docs/official-model.md §6):
 
 ==================  ===============================================================
 preset              official config
@@ -12,8 +13,8 @@ preset              official config
 ``r101_coco``       ``diffinst.coco.res101.yaml``
 ``swinb_coco``      ``diffinst.coco.swinbase.yaml``
 ``r50_lvis``        ``diffinst.lvis.res50.yaml`` (1203 classes, federated loss)
-``official_small``  the reduced configuration of the golden fixture (shared/reference/fixtures)
-``tiny``            ResNet-18 with reduced widths, trains on 2 CPU cores (set by the training issue)
+``official_small``  the reduced configuration of the golden fixture (tests/data/README.md)
+``tiny``            ResNet-18 with reduced widths, trains on 2 CPU cores in minutes
 ==================  ===============================================================
 """
 
@@ -28,7 +29,7 @@ from fastdiffinst.ops.dynamic_mask_head import MAX_CHANNELS as MAX_MASK_HEAD_CHA
 from fastdiffinst.ops.dynamic_mask_head import MAX_LAYERS as MAX_MASK_HEAD_LAYERS
 from fastdiffinst.reference.box_diffusion import NUM_TIMESTEPS
 
-# torchvision's ImageNet statistics on the 0-255 scale, RGB (spec §1.1).
+# torchvision's ImageNet statistics on the 0-255 scale, RGB (docs/official-model.md §1.1).
 PIXEL_MEAN = (123.675, 116.280, 103.530)
 PIXEL_STD = (58.395, 57.120, 57.375)
 
@@ -96,7 +97,7 @@ class HeadConfig:
 
 @dataclass
 class SamplerConfig:
-    """DDIM sampling and inference (spec §3.4, §5)."""
+    """DDIM sampling and inference (docs/official-model.md §3.4, §5)."""
 
     sample_steps: int = 1
     eta: float = 1.0
@@ -113,7 +114,7 @@ class SamplerConfig:
 
 @dataclass
 class LossConfig:
-    """Matcher and loss weights (spec §4)."""
+    """Matcher and loss weights (docs/official-model.md §4)."""
 
     class_weight: float = 2.0
     l1_weight: float = 5.0
@@ -130,7 +131,8 @@ class LossConfig:
 
 @dataclass
 class SolverConfig:
-    """Training schedule of the official configs (spec §6); IMS_PER_BATCH is the total batch."""
+    """Training schedule of the official configs (docs/official-model.md §6); IMS_PER_BATCH is the
+    total batch."""
 
     ims_per_batch: int = 32
     base_lr: float = 5e-5
@@ -145,7 +147,7 @@ class SolverConfig:
 
 @dataclass
 class InputConfig:
-    """Resizing and normalisation (spec §1.1, §5, §6); images are padded to a multiple of the
+    """Resizing and normalisation (docs/official-model.md §1.1, §5, §6); images are padded to a multiple of the
     backbone's size divisibility (32). Training: flip + a shortest edge from ``min_size_train``
     (longest ≤ ``max_size_train``), or, with probability 0.5 when ``crop`` is on, flip + a shortest
     edge from ``crop_resize`` + a random crop of ``crop_size`` (low, high) px + the same resize."""
@@ -263,7 +265,7 @@ def _r50_lvis() -> ModelConfig:
 
 
 def _official_small() -> ModelConfig:
-    """The golden fixture's configuration (shared/reference/fixtures/README.md §1)."""
+    """The golden fixture's configuration (tests/data/README.md describes the fixture)."""
     cfg = ModelConfig(num_classes=5, num_proposals=32)
     cfg.backbone = BackboneConfig(resnet=ResNetConfig(depth=50, stem_out_channels=16, res2_out_channels=32,
                                                       num_groups=1, width_per_group=8), fpn_channels=64)

@@ -1,11 +1,11 @@
-"""Triton kernels of the dynamic mask head (DESIGN §2.1): forward (logits, probabilities or dice
+"""Triton kernels of the dynamic mask head (docs/design.md §2.1): forward (logits, probabilities or dice
 sums) and backward, which recomputes the activations from the inputs.
 
 Every program handles one instance and a chunk of ``TILES`` pixel tiles of ``BLOCK`` pixels.
 Activations are channel-major ``[channels, BLOCK]`` blocks with the pixels spread over the threads,
 so every channel of a pixel lives in one thread: a layer is a broadcast-multiply and a sum over the
 input-channel axis that stays inside the thread (the channel counts are below ``tl.dot``'s K >= 16,
-DESIGN §8), written as a chain of FMAs. The parameter gradients, sums over pixels (K = BLOCK), are
+docs/design.md §8), written as a chain of FMAs. The parameter gradients, sums over pixels (K = BLOCK), are
 ``tl.dot`` products (``DOT_PRECISION``). Sizes are compile-time constants: ``IN`` inputs of layer 0 (features, plus 2 relative
 coordinates first when ``COORDS``), ``CH`` hidden channels, ``L`` layers, padded to powers of two
 ``CP_IN``/``CP``; ``ACC`` is the accumulation type (fp32, or fp64 for fp64 inputs).
@@ -452,7 +452,7 @@ def _interpreting() -> bool:
 
 # Forward (logits) launch configurations, autotuned per map size on GPU: pixels per tile,
 # tiles per program (the filters are loaded once per program and stay in registers) and warps.
-# The interpreter cannot autotune (DESIGN §8); it runs one tile per program (its programs run one
+# The interpreter cannot autotune (docs/design.md §8); it runs one tile per program (its programs run one
 # after another, so larger programs only add masked-out work on small test maps).
 _FORWARD_CONFIGS = [
     triton.Config({"BLOCK": 128, "TILES": 16}, num_warps=4),

@@ -1,5 +1,6 @@
-"""Official DiffusionInst checkpoint layouts (spec §9.2, §9.3), built from the spec's tables and
-never from our modules: the expected keys and shapes of detectron2 ResNets, Swin-B and the head."""
+"""Official DiffusionInst checkpoint layouts, built from the tables of docs/official-model.md §9.2
+and §9.3 and never from our modules: the expected keys and shapes of detectron2 ResNets, Swin-B and
+the head."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from fastdiffinst.reference.box_diffusion import cosine_schedule
 
 
 def resnet_keys(blocks: list[int]) -> dict[str, tuple]:
-    """spec §9.2: detectron2 ResNet keys (64-wide stem, bottleneck stages)."""
+    """docs/official-model.md §9.2: detectron2 ResNet keys (64-wide stem, bottleneck stages)."""
     keys = {}
 
     def conv(name, shape):
@@ -33,7 +34,7 @@ def resnet_keys(blocks: list[int]) -> dict[str, tuple]:
 
 
 def swin_b_keys() -> dict[str, tuple]:
-    """spec §9.2: Swin-B keys."""
+    """docs/official-model.md §9.2: Swin-B keys."""
     keys = {"patch_embed.proj.weight": (128, 3, 4, 4), "patch_embed.proj.bias": (128,),
             "patch_embed.norm.weight": (128,), "patch_embed.norm.bias": (128,)}
     for i, (depth, heads) in enumerate(zip([2, 2, 18, 2], [4, 8, 16, 32])):
@@ -56,7 +57,7 @@ def swin_b_keys() -> dict[str, tuple]:
 
 
 def head_keys(num_classes: int = 80, stages: int = 6) -> dict[str, tuple]:
-    """spec §9.3."""
+    """docs/official-model.md §9.3."""
     keys = {}
     for i in range(3):
         keys[f"mask_refine.{i}.0.weight"] = (128, 256, 3, 3)

@@ -1,8 +1,9 @@
-"""Official checkpoints (spec §9) and ImageNet backbone weights.
+"""Official checkpoints (docs/official-model.md §9) and ImageNet backbone weights.
 
-Synthetic official state dicts for R-50, R-101 and Swin-B COCO are built here from the spec's
-key and shape tables (not from our modules) and must load strictly after ``convert_official``;
-torchvision ResNets loaded through ``load_backbone_weights`` must compute what torchvision computes.
+Synthetic official state dicts for R-50, R-101 and Swin-B COCO are built here from the key and
+shape tables of docs/official-model.md §9 (not from our modules) and must load strictly after
+``convert_official``; torchvision ResNets loaded through ``load_backbone_weights`` must compute what
+torchvision computes.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def test_synthetic_official_checkpoints_load_strictly(preset, backbone, count):
     config = get_config(preset)
     state = official_state_dict(backbone, config.num_classes)
     if count is not None:
-        assert len(state) == count  # spec §9: 12 buffers + 281 backbone + 312 head (+ LVIS fed-loss weights)
+        # docs/official-model.md §9: 12 buffers + 281 backbone + 312 head (+ LVIS fed-loss weights)
+        assert len(state) == count
     with torch.device("meta"):
         model = DiffusionInst(config)
     converted = convert_official(state)

@@ -2,7 +2,7 @@
 Triton kernels through the interpreter on CPU / compiled on CUDA): parity with the official
 grouped-convolution formulation and a float64 einsum, gradients against autograd through the
 reference, gradcheck, dice sums against the unfused dice, opcheck, torch.compile, fp16/bf16,
-unwritten outputs, determinism, empty inputs and bad input (DESIGN §2.1, §6)."""
+unwritten outputs, determinism, empty inputs and bad input (docs/design.md §2.1, §6)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """``fastdiffinst.ops.multilevel_roi_align`` / ``MultiLevelRoIAlign``: parity with detectron2's
 ``ROIPooler`` written as a per-level composition of ``torchvision.ops.roi_align`` (forward and
 per-level gradients), the FPN level rule and its clamps and boundaries, gradcheck, opcheck,
-torch.compile, determinism, unwritten outputs and input errors (DESIGN §2, §2.2, §6)."""
+torch.compile, determinism, unwritten outputs and input errors (docs/design.md §2, §2.2, §6)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Registration of the native ops: kernels per device, backend selection and reporting, and the
-import footprint of ``fastdiffinst.ops`` (DESIGN §2, §3)."""
+import footprint of ``fastdiffinst.ops`` (docs/design.md §2, §3)."""
 
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def test_kernels_package_installed_under_fastdiffinst():
 
 
 def test_missing_kernel_falls_back_with_one_warning_or_fails_when_required(monkeypatch):
-    """DESIGN §3: without a native kernel an op runs its reference with one clear warning, and with
+    """docs/design.md §3: without a native kernel an op runs its reference with one clear warning, and with
     FASTDIFFINST_REQUIRE_EXT=1 the fallback is an error (so parity tests never compare a reference
     with itself)."""
     monkeypatch.setitem(_dispatch._MISSING, ("roi_align", "cpp", "cpu"), "fastdiffinst._C has no cpu kernel")

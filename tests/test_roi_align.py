@@ -1,6 +1,6 @@
 """``fastdiffinst.ops.roi_align`` / ``RoIAlign``: parity with ``torchvision.ops.roi_align`` (forward
 and backward, every dtype and layout), gradcheck, opcheck, torch.compile, determinism, unwritten
-outputs, autocast and input errors (DESIGN §2, §2.2, §6)."""
+outputs, autocast and input errors (docs/design.md §2, §2.2, §6)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Swin backbone (``fastdiffinst.modeling.swin``): the official Swin-B key names and shapes
-(spec §9.2), output geometry on odd input sizes, window attention and the shifted-window mask
+(docs/official-model.md §9.2), output geometry on odd input sizes, window attention and the shifted-window mask
 against references written here from first principles, torchvision's Swin as an outside oracle,
 stochastic depth, gradients, initialisation and ``torch.compile``."""
 
@@ -33,7 +33,7 @@ def randomize_(module: torch.nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Swin-B checkpoint layout (spec §9.2), built on the meta device
+# Swin-B checkpoint layout (docs/official-model.md §9.2), built on the meta device
 # ---------------------------------------------------------------------------------------------
 
 def test_swin_b_state_dict_matches_spec():

@@ -1,4 +1,4 @@
-// CPU kernels of the dynamic mask head (DESIGN §2.1): forward (logits or probabilities), the dice
+// CPU kernels of the dynamic mask head (docs/design.md §2.1): forward (logits or probabilities), the dice
 // sums of training, and their backward passes, which recompute the activations from the inputs.
 //
 // Work is cut into tiles of kTile pixels: the per-pixel MLP runs on a tile as vector operations

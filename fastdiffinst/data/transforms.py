@@ -1,5 +1,5 @@
-"""Augmentations of instance samples (spec §6): every transform moves the image, the boxes and the
-masks together, so that masks stay aligned with their boxes.
+"""Augmentations of instance samples (docs/official-model.md §6): every transform moves the image,
+the boxes and the masks together, so that masks stay aligned with their boxes.
 
 A sample is the dict of :class:`fastdiffinst.data.coco.InstanceDataset` (``image uint8 [3, H, W]``,
 ``boxes [G, 4]`` xyxy, ``labels [G]``, ``masks uint8 [G, H, W]``; ``height``/``width`` stay the

@@ -1,4 +1,4 @@
-"""Training-time corruption of the GT boxes into the decoder's noisy proposals (spec §3.3).
+"""Training-time corruption of the GT boxes into the decoder's noisy proposals (docs/official-model.md §3.3).
 
 Per image: one timestep t, GT boxes first then placeholder boxes (``N(0.5, 1/6²)``, sizes ≥ 1e-4),
 a random subset of N GT boxes when there are more, the fake box (0.5, 0.5, 1, 1) for an image

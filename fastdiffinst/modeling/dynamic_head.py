@@ -1,4 +1,4 @@
-"""The DiffusionDet decoder with DiffusionInst's controller (spec §1.5, §1.6).
+"""The DiffusionDet decoder with DiffusionInst's controller (docs/official-model.md §1.5, §1.6).
 
 Each of the ``num_stages`` stages pools its boxes from P2–P5, lets the proposals attend to each
 other (per image), mixes each proposal's RoI features with filters generated from its own feature
@@ -205,7 +205,8 @@ class DynamicHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform for every matrix; the focal prior on the class-logit biases (spec §1.6).
+        """Xavier-uniform for every matrix; the focal prior on the class-logit biases
+        (docs/official-model.md §1.6).
 
         The official rule sets every head parameter whose last dimension equals K (or K + 1) to
         the prior; in the official configurations that is only ``class_logits.bias``, which is what

@@ -1,4 +1,4 @@
-"""DiffusionInst's training losses (spec §4): per decoder stage, the dynamic-k matcher, then
+"""DiffusionInst's training losses (docs/official-model.md §4): per decoder stage, the dynamic-k matcher, then
 
 * ``loss_ce`` — sigmoid focal loss (α 0.25, γ 2) over every (query, class), one-hot targets for the
   matched queries, background for the rest; LVIS: restricted to the federated class subset;

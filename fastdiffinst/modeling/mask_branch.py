@@ -1,4 +1,4 @@
-"""DiffusionInst's mask branch (spec §1.4).
+"""DiffusionInst's mask branch (docs/official-model.md §1.4).
 
 P2, P3, P4 each pass Conv3×3 → BatchNorm → ReLU (``mask_refine``); P3 and P4 are upsampled to P2's
 size with :func:`aligned_bilinear` and summed; a tower of Conv3×3 → BN → ReLU blocks and a final

@@ -1,5 +1,5 @@
 """DiffusionDet's dynamic-k matcher (SimOTA-style, one-to-many), exactly as the official code
-(spec §4.1), for one image and one decoder stage.
+(docs/official-model.md §4.1), for one image and one decoder stage.
 
 1. Geometry priors: a query is a candidate of GT g when its box centre lies strictly inside g
    (``in_box``) and strictly inside g's centre region of half-extent ``center_radius`` × (w, h)
@@ -64,7 +64,7 @@ def geometry_priors(boxes: Tensor, gt_boxes: Tensor, center_radius: float) -> tu
 
 def matching_cost(logits: Tensor, boxes: Tensor, gt_labels: Tensor, gt_boxes: Tensor, image_whwh: Tensor,
                   cfg: LossConfig) -> Tensor:
-    """``[N, G]`` cost of assigning query n to GT g (spec §4.1 steps 1–3)."""
+    """``[N, G]`` cost of assigning query n to GT g (docs/official-model.md §4.1 steps 1–3)."""
     fg, in_both = geometry_priors(boxes, gt_boxes, cfg.center_radius)
     cost_class = focal_cost(logits.sigmoid(), gt_labels, cfg.focal_alpha, cfg.focal_gamma)
     cost_bbox = torch.cdist(boxes / image_whwh, gt_boxes / image_whwh, p=1)

@@ -1,4 +1,5 @@
-"""RoI poolers of the decoder: detectron2 ``ROIPooler`` with ``ROIAlignV2`` over P2–P5 (spec §1.5).
+"""RoI poolers of the decoder: detectron2 ``ROIPooler`` with ``ROIAlignV2`` over P2–P5
+(docs/official-model.md §1.5).
 
 * :class:`FusedRoIPooler` — one launch of :func:`fastdiffinst.ops.multilevel_roi_align` (level
   assignment in the kernel, no host synchronisation).

@@ -1,4 +1,4 @@
-"""From decoder outputs to COCO-style instances (spec §5).
+"""From decoder outputs to COCO-style instances (docs/official-model.md §5).
 
 1. :func:`topk_candidates` — top-N over the flattened (proposal × class) sigmoid scores, with the
    box and the filters of each chosen proposal (a proposal can appear under several classes).

@@ -1,4 +1,4 @@
-"""ResNet backbones with detectron2 semantics and parameter names (spec §1.2, §9.2).
+"""ResNet backbones with detectron2 semantics and parameter names (docs/official-model.md §1.2, §9.2).
 
 Stem: 7×7/2 conv → FrozenBN → ReLU → 3×3/2 max-pool (padding 1). Stages res2..res5 of bottleneck
 blocks (R-50/101/152; the stride sits in the 3×3 conv, ``STRIDE_IN_1X1 = False``) or basic blocks

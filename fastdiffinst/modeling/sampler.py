@@ -1,4 +1,4 @@
-"""DDIM sampling of DiffusionInst's boxes (spec §3.4) for any batch size.
+"""DDIM sampling of DiffusionInst's boxes (docs/official-model.md §3.4) for any batch size.
 
 The loop starts from Gaussian boxes, runs the decoder at each (t, t_next) pair, keeps the proposals
 whose best class score passes the renewal threshold, and moves them with the DDIM update while the

@@ -1,5 +1,5 @@
 """Swin Transformer backbone with the semantics and parameter names of DiffusionInst's
-``swintransformer.py`` (the Swin-Transformer-Object-Detection backbone; spec §1.2, §9.2).
+``swintransformer.py`` (the Swin-Transformer-Object-Detection backbone; docs/official-model.md §1.2, §9.2).
 
 Patch embedding (a patch_size-strided conv, then LayerNorm) → four stages of Swin blocks, with
 patch merging (2×2 neighbourhood → LayerNorm → linear 4C → 2C) between them. A block is

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from fastdiffinst.reference.box_diffusion import box_xyxy_to_cxcywh, clip_boxes, nonempty_instances
 
-# GT masks are sampled at the mask features' pixel centres: rows and columns 2, 6, 10, ... (spec §4.4).
+# GT masks are sampled at the mask features' pixel centres: rows and columns 2, 6, 10, ...
+# (docs/official-model.md §4.4).
 MASK_STRIDE = 4
 # Boxes at most this wide or high are empty (detectron2 ``Boxes.nonempty``).
 EMPTY_BOX = 1e-5

@@ -1,5 +1,5 @@
 """Argument checks run in Python before dispatch: clear ``TypeError``/``ValueError`` messages that
-name the argument, what was expected and what was given (DESIGN §2)."""
+name the argument, what was expected and what was given (docs/design.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Backend selection and input-check policy shared by every op (DESIGN §2, §3).
+"""Backend selection and input-check policy shared by every op (docs/design.md §2, §3).
 
 Each op has a default implementation per device and may be forced to another with
 :func:`use_backend`; :func:`backend_info` says which implementation each op uses and why.

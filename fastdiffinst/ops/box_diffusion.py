@@ -1,4 +1,4 @@
-"""Box-diffusion ops of DiffusionDet/DiffusionInst (spec §3) on our C++/CUDA kernels.
+"""Box-diffusion ops of DiffusionDet/DiffusionInst (docs/official-model.md §3) on our C++/CUDA kernels.
 
 * :func:`q_sample_boxes` — training corruption: every image's GT boxes padded to N proposals
   (placeholders from noise, a random subset when there are more GT than proposals, a fake box for
@@ -126,7 +126,7 @@ def _check_q_sample_args(gt_boxes, gt_counts, t, noise, placeholder_noise, selec
 def q_sample_boxes(gt_boxes: Tensor, gt_counts: Tensor, t: Tensor, noise: Tensor, placeholder_noise: Tensor,
                    select_index: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
                    scale: float, images_whwh: Tensor) -> Tensor:
-    """Noisy training proposals from padded GT boxes (spec §3.3), all images at once.
+    """Noisy training proposals from padded GT boxes (docs/official-model.md §3.3), all images at once.
 
     Args:
         gt_boxes: ``[B, G, 4]`` normalised (cx, cy, w, h); rows ``>= gt_counts[b]`` are ignored.
@@ -262,7 +262,7 @@ def _check_ddim_args(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumpr
 def ddim_step_boxes(x_t: Tensor, pred_boxes: Tensor, images_whwh: Tensor, keep: Tensor, t: int, t_next: int,
                     alphas_cumprod: Tensor, eta: float, scale: float, noise: Tensor,
                     renew_noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One DDIM step from ``t`` to ``t_next`` with box renewal (spec §3.4), any batch size.
+    """One DDIM step from ``t`` to ``t_next`` with box renewal (docs/official-model.md §3.4), any batch size.
 
     Args:
         x_t: ``[B, N, 4]`` the current state in the diffusion space.

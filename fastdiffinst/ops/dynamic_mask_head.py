@@ -1,5 +1,5 @@
 """``dynamic_mask_head`` and ``dynamic_mask_dice_sums``: the CondInst / DiffusionInst dynamic mask
-head fused into one kernel (DESIGN §2.1).
+head fused into one kernel (docs/design.md §2.1).
 
 Per pixel ``u`` of instance ``n``'s image ``image_index[n]``: ``z1 = relu(W0 x_u + b0)``, ...,
 ``logit = W_last z + b_last``, with the instance's own filters taken from ``params[n]`` (AdelaiDet
@@ -338,7 +338,7 @@ _LIBRARIES: list = []
 
 def _define_triton_ops() -> None:
     """The Triton kernels as custom ops (a ``triton_op`` cannot be compiled under the interpreter,
-    DESIGN §8), registered for every device: CUDA, and CPU through the interpreter."""
+    docs/design.md §8), registered for every device: CUDA, and CPU through the interpreter."""
     from fastdiffinst.kernels import dynamic_mask_head as kernels
 
     def coords(inst_xy, inst_soi, mask_stride):

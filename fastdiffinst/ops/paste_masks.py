@@ -1,4 +1,4 @@
-"""Mask pasting of DiffusionInst's post-processing (spec §5.4) in one kernel.
+"""Mask pasting of DiffusionInst's post-processing (docs/official-model.md §5.4) in one kernel.
 
 :func:`paste_masks` turns stride-4 mask probabilities into full-resolution bool masks exactly as
 the official ``detector_postprocess`` + ``clip_mask`` do (aligned ×4 upsampling, crop to the

@@ -1,7 +1,7 @@
-"""DiffusionDet box diffusion in plain PyTorch (spec §3): the cosine schedule, box conversions,
-batched references of ``q_sample_boxes`` / ``ddim_step_boxes`` with the semantics of the fused ops,
-and the official formulation (per-image loops, float64 buffers, dynamic shapes) kept as the parity
-oracle and benchmark baseline.
+"""DiffusionDet box diffusion in plain PyTorch (docs/official-model.md §3): the cosine schedule,
+box conversions, batched references of ``q_sample_boxes`` / ``ddim_step_boxes`` with the semantics
+of the fused ops, and the official formulation (per-image loops, float64 buffers, dynamic shapes)
+kept as the parity oracle and benchmark baseline.
 
 Conventions: boxes in the diffusion space are normalised (cx, cy, w, h) mapped to [-scale, scale]
 with ``x = (b * 2 - 1) * scale``; absolute boxes are xyxy in pixels of the unpadded image.

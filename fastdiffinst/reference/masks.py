@@ -1,6 +1,6 @@
 """Mask upsampling and pasting as the official code computes them (CondInst's aligned bilinear
-upsampling; DiffusionInst's ``detector_postprocess`` + ``clip_mask``, spec §5.4): the mask branch
-uses :func:`aligned_bilinear`, and :func:`paste_masks` is the reference of
+upsampling; DiffusionInst's ``detector_postprocess`` + ``clip_mask``, docs/official-model.md
+§5.4): the mask branch uses :func:`aligned_bilinear`, and :func:`paste_masks` is the reference of
 :func:`fastdiffinst.ops.paste_masks`.
 """
 
