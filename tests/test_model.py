@@ -217,8 +217,10 @@ class _SlicedDraws(DrawSource):
 def test_batch_inference_equals_per_image(steps, ops_impl, dtype):
     model = small_model(ops_impl, sampler__sample_steps=steps).to(dtype)
     # float64 shows the semantics are the same; float32 also sees matrix products over B·N rows
-    # rounding differently from N rows, amplified by three stages (scores up to 2e-5).
-    rel = {torch.float32: (1e-5, 3e-5), torch.float64: (1e-10, 1e-10)}[dtype]
+    # rounding differently from N rows, amplified by three stages and the DDIM steps: measured up
+    # to 1.0e-5 (boxes) and 5.3e-5 (scores) with the kernels limited as in tests/data/README.md,
+    # "Drift" (2.7e-6 and 1.2e-5 with the defaults), and at most one flipped mask pixel.
+    rel = {torch.float32: (1e-4, 3e-4), torch.float64: (1e-10, 1e-10)}[dtype]
     batch = model.preprocess(images([(90, 125), (61, 77), (96, 40)]))
     draws = GeneratorDraws(torch.Generator().manual_seed(2), steps)
     x_t = draws.initial(3, 32, batch.tensor.device)
@@ -262,7 +264,7 @@ def test_renewal_moves_kept_proposals_to_the_front_and_renews_the_rest():
     assert torch.equal(first.keep, keep)
     assert 0 < int(keep.sum()) < keep.numel(), "the test needs some proposals kept and some renewed"
     noise, renew = draws.step(0, keep, torch.float64)
-    # The DDIM update of spec §3.4 in float64, from first principles.
+    # The DDIM update of docs/official-model.md §3.4 in float64, from first principles.
     schedule = model.schedule(torch.device("cpu"))
     a, a_next = schedule.alphas_cumprod[999], schedule.alphas_cumprod[499]
     sigma = torch.sqrt((1 - a / a_next) * (1 - a_next) / (1 - a))

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from utils import deterministic_with_nan_fill
+from utils import deterministic_with_nan_fill, official_mask_probabilities64
 
 from fastdiffinst import ops
 from fastdiffinst.reference import masks as reference
@@ -29,20 +28,12 @@ def _inputs(n, mask_size, output_size, seed=0):
     return probs, boxes
 
 
-def _probabilities64(probs, image_size, output_size):
-    """The official chain in float64: the probability of every output pixel."""
-    full = reference.aligned_bilinear(probs[:, None].double(), 4)[:, :, :image_size[0], :image_size[1]]
-    if tuple(output_size) != tuple(image_size):
-        full = F.interpolate(full, size=tuple(output_size), mode="bilinear", align_corners=False)
-    return full[:, 0]
-
-
 def _assert_agrees(masks, probs, boxes, image_size, output_size, threshold=0.5):
     expected = reference.paste_masks(probs, boxes, image_size, output_size, threshold)
     assert masks.dtype == torch.bool and masks.shape == expected.shape
     differ = masks != expected
     # Only pixels whose probability is within rounding of the threshold may differ.
-    near = (_probabilities64(probs, image_size, output_size) - threshold).abs() < 1e-5
+    near = (official_mask_probabilities64(probs, image_size, output_size) - threshold).abs() < 1e-5
     assert not (differ & ~near).any(), f"{int((differ & ~near).sum())} pixels differ away from the threshold"
     return int(differ.sum())
 

@@ -8,9 +8,12 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-# Tolerances against a float64 reference computed on the same (rounded) inputs (DESIGN §6).
+from fastdiffinst.reference.masks import aligned_bilinear
+
+# Tolerances against a float64 reference computed on the same (rounded) inputs (docs/design.md §6).
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {  # dtype -> (rtol, atol)
     torch.float64: (1e-10, 1e-12),
     torch.float32: (1e-5, 1e-5),
@@ -150,3 +153,13 @@ def assert_same_training_step(model_a, model_b, images, targets, seed: int, loss
         if p.grad is not None:
             error = float((q.grad - p.grad).norm() / p.grad.norm().clamp(min=1e-12))
             assert error <= grad_rel_l2, f"{name}: relative L2 {error:.2e} > {grad_rel_l2}"
+
+
+def official_mask_probabilities64(probs: Tensor, image_size: tuple[int, int], output_size: tuple[int, int]) -> Tensor:
+    """The official mask-pasting chain in float64 (aligned ×4 upsampling, crop to ``image_size``,
+    bilinear resize to ``output_size``): the probability of every output pixel, ``[n, H, W]``, before
+    the threshold and the box clip."""
+    full = aligned_bilinear(probs[:, None].double(), 4)[:, :, :image_size[0], :image_size[1]]
+    if tuple(output_size) != tuple(image_size):
+        full = F.interpolate(full, size=tuple(output_size), mode="bilinear", align_corners=False)
+    return full[:, 0]

@@ -1,5 +1,5 @@
-"""DiffusionInst (spec §1, §3, §5): backbone + FPN, mask branch, DiffusionDet decoder with the
-controller, DDIM sampling over boxes, and post-processing to instances.
+"""DiffusionInst (docs/official-model.md §1, §3, §5): backbone + FPN, mask branch, DiffusionDet
+decoder with the controller, DDIM sampling over boxes, and post-processing to instances.
 
 ``DiffusionInst(cfg, ops_impl="fused")`` runs on the fused ops (multi-level RoIAlign, box
 diffusion, dynamic mask head); ``ops_impl="reference"`` runs the same weights on the official
@@ -210,9 +210,12 @@ class DiffusionInst(nn.Module):
 
     def extract_features(self, images: Tensor) -> Features:
         """``[B, 3, Hp, Wp]`` -> P2–P5 and the mask features, computed once."""
-        pyramid = self._runners["backbone"](images)
+        return self.pyramid_features(self._runners["backbone"](images))
+
+    def pyramid_features(self, pyramid: list[Tensor]) -> Features:
+        """P2–P5 -> :class:`Features` (the mask branch and the levels the RoI pooler reads)."""
         roi_levels = pyramid
-        if self.ops_impl == "fused" and images.device.type == "cpu":
+        if self.ops_impl == "fused" and pyramid[0].device.type == "cpu":
             roi_levels = [p.contiguous(memory_format=torch.channels_last) for p in pyramid]
         return Features(pyramid, self._runners["mask_branch"](pyramid), roi_levels)
 
@@ -266,13 +269,12 @@ class DiffusionInst(nn.Module):
 
     def postprocess(self, detections: Candidates, mask_feats: Tensor, image_index: int, image_size: tuple[int, int],
                     output_size: tuple[int, int]) -> dict[str, Tensor]:
-        """One image's NMS-kept detections -> its instances at ``output_size`` (spec §5.4)."""
+        """One image's NMS-kept detections -> its instances at ``output_size`` (docs/official-model.md §5.4)."""
         boxes = scale_and_clip_boxes(detections.boxes.float(), image_size, output_size)
         # Instances whose clipped box is empty are dropped (official ``nonempty``); dropping them
         # before pasting avoids a second full-size copy of the masks.
         nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         detections, boxes = detections[nonempty], boxes[nonempty]
-        n = boxes.shape[0]
         fused = self.ops_impl == "fused"
         paste = ops.paste_masks if fused else reference_masks.paste_masks
 
@@ -303,7 +305,8 @@ class DiffusionInst(nn.Module):
     @torch.no_grad()
     def instances(self, steps: list[SamplingStep], features: Features, image_sizes: list[tuple[int, int]],
                   output_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        """Sampling steps -> per image, the NMS-kept instances at ``output_sizes`` (spec §5)."""
+        """Sampling steps -> per image, the NMS-kept instances at ``output_sizes``
+        (docs/official-model.md §5)."""
         results = []
         for b, candidates in enumerate(self.candidates(steps)):
             detections = select_detections(candidates, self.cfg.sampler.nms_iou, self.cfg.sampler.use_nms)
@@ -328,7 +331,7 @@ class DiffusionInst(nn.Module):
 
     def losses(self, images: Sequence[Tensor] | Tensor, targets: Sequence[Mapping[str, Tensor]],
                generator: torch.Generator | None = None, draws: DrawFn | None = None) -> dict[str, Tensor]:
-        """The training losses of a batch (spec §4; see :mod:`fastdiffinst.modeling.losses`).
+        """The training losses of a batch (docs/official-model.md §4; see :mod:`fastdiffinst.modeling.losses`).
 
         Args:
             images: as :meth:`preprocess`.

@@ -1,4 +1,4 @@
-"""Feature pyramid over a bottom-up backbone (detectron2 ``FPN``, spec §1.3).
+"""Feature pyramid over a bottom-up backbone (detectron2 ``FPN``, docs/official-model.md §1.3).
 
 Lateral 1×1 and output 3×3 convs (with bias, no norm) for levels 2..5, a nearest ×2 top-down path
 with sum fusion, and P6 as a stride-2 max-pool of P5 (detectron2 ``LastLevelMaxPool``; computed
@@ -43,7 +43,10 @@ class FPN(nn.Module):
             self.add_module(f"fpn_output{level}", output)
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        bottom_up = self.bottom_up(images)
+        return self.top_down(self.bottom_up(images))
+
+    def top_down(self, bottom_up: list[Tensor]) -> list[Tensor]:
+        """The bottom-up stage outputs (finest first) -> ``[P2, P3, P4, P5]``."""
         results = []
         prev = None
         for level, feature in zip(reversed(self.levels), reversed(bottom_up)):
