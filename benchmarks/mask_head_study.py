@@ -21,7 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.harness import comparison_row, in_fresh_process, memory_row, peak_rss_bytes, rate_note, rss_bytes, time_fn
+from benchmarks.harness import (
+    comparison_row,
+    in_fresh_process,
+    memory_row,
+    peak_rss_bytes,
+    rate_note,
+    rss_bytes,
+    time_fn,
+)
 from fastdiffinst.ops import dynamic_mask_dice_sums, dynamic_mask_head
 from fastdiffinst.reference import dynamic_mask_head as ref
 
@@ -51,11 +59,16 @@ def _inputs(n: int, size: tuple[int, int], device: str, seed: int = 0):
     return [t.to(device) for t in (feats, params, torch.zeros(n, dtype=torch.int64), grad, gt, gt_index)]
 
 
+def _with_index(fn, image_index):
+    """``fn(f, p, image_index)`` as a function of the features and the filters."""
+    return lambda f, p: fn(f, p, image_index)
+
+
 def _variants(image_index):
     return {
-        "fused": lambda f, p: dynamic_mask_head(f, p, image_index),
-        "official grouped conv": lambda f, p: ref.dynamic_mask_head(f, p, image_index),
-        "bmm": lambda f, p: ref.dynamic_mask_head_bmm(f, p, image_index),
+        "fused": _with_index(dynamic_mask_head, image_index),
+        "official grouped conv": _with_index(ref.dynamic_mask_head, image_index),
+        "bmm": _with_index(ref.dynamic_mask_head_bmm, image_index),
     }
 
 
@@ -76,16 +89,16 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
         compiled_fn = torch.compile(ref.dynamic_mask_head_bmm, dynamic=False)
         compiled_fn(feats, params, image_index)
         compile_fwd_s = time.perf_counter() - start
-        variants["torch.compile(bmm)"] = lambda f, p: compiled_fn(f, p, image_index)
+        variants["torch.compile(bmm)"] = _with_index(compiled_fn, image_index)
         err = (fused(feats, params) - ref.dynamic_mask_head(feats, params, image_index)).abs().max().item()
         for direction in ("forward", "forward+backward"):
             if direction == "forward":
-                def timed(fn):
-                    return lambda: fn(feats, params)
+                def timed(fn, f=feats, p=params):
+                    return lambda: fn(f, p)
             else:
                 f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
 
-                def timed(fn, f=f, p=p):
+                def timed(fn, f=f, p=p, grad=grad):
                     def step():
                         f.grad = p.grad = None
                         fn(f, p).backward(grad)

@@ -149,8 +149,8 @@ def run_inference(device: str, profile: str, progress, ceilings: dict) -> list[d
         if compile_s:
             note += f"; first call (compile) fused {compile_s['fused']:.0f} s, reference {compile_s['reference']:.0f} s"
         row = comparison_row(STUDY, OP, case.label(p.preset), "inference", BASELINE, timings["fused"],
-                             timings["reference"], n=case.proposals, steps=models["fused"].cfg.sampler.sample_steps, batch=case.batch,
-                             size=list(case.size), compile=case.compile, max_abs_diff=note)
+                             timings["reference"], n=case.proposals, steps=models["fused"].cfg.sampler.sample_steps,
+                             batch=case.batch, size=list(case.size), compile=case.compile, max_abs_diff=note)
         if case == p.breakdown and profile != "smoke":
             row.update(target=f">= {speed_target}x", target_met=row["speedup_x"] >= speed_target)
         rows.append(row)
@@ -204,7 +204,8 @@ def _breakdown(p: Profile, device: str, state: dict | None, progress) -> list[di
             timings[impl] = time_fn(no_grad(make(impl)), device, p.repeats, p.warmup)
             progress.update(1)
         rows.append(comparison_row(STUDY, OP, case.label(p.preset), f"inference: {part}", BASELINE, timings["fused"],
-                                   timings["reference"], n=case.proposals, steps=models["fused"].cfg.sampler.sample_steps, batch=case.batch,
+                                   timings["reference"], n=case.proposals,
+                                   steps=models["fused"].cfg.sampler.sample_steps, batch=case.batch,
                                    size=list(case.size), compile=False))
     return rows
 
@@ -224,7 +225,8 @@ def _training(p: Profile, device: str, memory_target: float | None, progress) ->
     loss_note = f"loss fused {fused['loss']:.4f}, reference {reference['loss']:.4f}"
     rows = [comparison_row(TRAINING_STUDY, OP, case, "training step (forward + backward)", BASELINE, timing["fused"],
                            timing["reference"], n=p.train_proposals, max_abs_diff=loss_note)]
-    memory = memory_row(TRAINING_STUDY, OP, case, BASELINE, fused["peak_bytes"], reference["peak_bytes"], n=p.train_proposals,
+    memory = memory_row(TRAINING_STUDY, OP, case, BASELINE, fused["peak_bytes"], reference["peak_bytes"],
+                        n=p.train_proposals,
                         max_abs_diff="defaults: fused recomputes, the reference stores (as the official code)")
     if memory_target is not None:
         memory.update(target=f"<= {memory_target:.2f}", target_met=memory["memory_ratio"] <= memory_target)

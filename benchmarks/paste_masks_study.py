@@ -50,12 +50,12 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
             boxes = torch.minimum(boxes, torch.tensor([output[1], output[0]] * 2)).to(device)
             chunks = {fused: mask_chunk_size(mask_size, output, fused) for fused in (True, False)}
 
-            def ours():
-                return paste_in_chunks(paste_masks, lambda s, e: probs[s:e], boxes, chunks[True], sizes.image, output)
+            def ours(probs=probs, boxes=boxes, chunk=chunks[True], output=output):
+                return paste_in_chunks(paste_masks, lambda s, e: probs[s:e], boxes, chunk, sizes.image, output)
 
-            def official():
-                return paste_in_chunks(reference.paste_masks, lambda s, e: probs[s:e], boxes, chunks[False],
-                                       sizes.image, output)
+            def official(probs=probs, boxes=boxes, chunk=chunks[False], output=output):
+                return paste_in_chunks(reference.paste_masks, lambda s, e: probs[s:e], boxes, chunk, sizes.image,
+                                       output)
 
             differ = int((ours() != official()).sum())
             t_ours = time_fn(ours, device, sizes.repeats, sizes.warmup)
@@ -69,7 +69,8 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
                 "paste_masks", "paste_masks", f"N={n} {height}x{width} {what}", "forward",
                 f"official chain (chunks of {chunks[False]})", t_ours, t_base, n=n,
                 ours_rate=rate_note(achieved, "GB/s", ceilings["copy_GBps"], "copy"), achieved_GBps=achieved,
-                max_abs_diff=f"ours in chunks of {chunks[True]}; {differ} of {n * output[0] * output[1]} pixels differ"))
+                max_abs_diff=f"ours in chunks of {chunks[True]}; "
+                             f"{differ} of {n * output[0] * output[1]} pixels differ"))
     return rows
 
 

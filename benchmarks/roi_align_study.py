@@ -136,7 +136,7 @@ def _compare(op, case, variants, features, rois, grad, device, sizes, ceilings, 
         else:
             inputs = [f.detach().clone().requires_grad_() for f in features]
 
-            def make(fn):
+            def make(fn, inputs=inputs):
                 return lambda: _fwd_bwd(fn, inputs, rois, grad)
         t_ours = time_fn(make(ours), device, sizes.repeats, sizes.warmup)
         progress.update(1)

@@ -31,9 +31,15 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from benchmarks import (box_diffusion_study, harness, mask_head_study, model_study, paste_masks_study,  # noqa: E402
-                        plots, roi_align_study)
-
+from benchmarks import (  # noqa: E402
+    box_diffusion_study,
+    harness,
+    mask_head_study,
+    model_study,
+    paste_masks_study,
+    plots,
+    roi_align_study,
+)
 
 
 class Study(NamedTuple):
@@ -88,7 +94,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated, from {sorted(STUDIES)}")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both sides (default 2)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/<stamp>-<device>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default benchmarks/results/<stamp>-<device>)")
     args = parser.parse_args(argv)
     args.studies = list(dict.fromkeys(s.strip() for s in args.studies.split(",") if s.strip()))  # once each
     unknown = [s for s in args.studies if s not in STUDIES]

@@ -16,7 +16,7 @@ import torch
 
 _LOAD_ERROR: Exception | None = None
 try:
-    from fastdiffinst import _C  # noqa: F401  (imported for its registrations)
+    from fastdiffinst import _C
 except ImportError as error:  # pragma: no cover - exercised only on broken installs
     _C = None
     _LOAD_ERROR = error

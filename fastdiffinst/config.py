@@ -174,7 +174,7 @@ class ModelConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
     input: InputConfig = field(default_factory=InputConfig)
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         """Raises ``ValueError`` naming the field when the configuration cannot build a model."""
         def positive(name: str, value: int) -> None:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -218,7 +218,8 @@ class ModelConfig:
         sampler = self.sampler
         positive("sampler.sample_steps", sampler.sample_steps)
         if sampler.sample_steps > NUM_TIMESTEPS:
-            raise ValueError(f"config: sampler.sample_steps must be at most {NUM_TIMESTEPS}, got {sampler.sample_steps}")
+            raise ValueError(f"config: sampler.sample_steps must be at most {NUM_TIMESTEPS}, "
+                             f"got {sampler.sample_steps}")
         # eta in [0, 1] keeps 1 - ᾱ_next - σ² >= 0 at every DDIM step.
         for name, low, high in (("eta", 0.0, 1.0), ("renewal_threshold", 0.0, 1.0), ("nms_iou", 0.0, 1.0)):
             value = getattr(sampler, name)

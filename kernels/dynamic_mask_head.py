@@ -5,10 +5,11 @@ Every program handles one instance and a chunk of ``TILES`` pixel tiles of ``BLO
 Activations are channel-major ``[channels, BLOCK]`` blocks with the pixels spread over the threads,
 so every channel of a pixel lives in one thread: a layer is a broadcast-multiply and a sum over the
 input-channel axis that stays inside the thread (the channel counts are below ``tl.dot``'s K >= 16,
-docs/design.md §8), written as a chain of FMAs. The parameter gradients, sums over pixels (K = BLOCK), are
-``tl.dot`` products (``DOT_PRECISION``). Sizes are compile-time constants: ``IN`` inputs of layer 0 (features, plus 2 relative
-coordinates first when ``COORDS``), ``CH`` hidden channels, ``L`` layers, padded to powers of two
-``CP_IN``/``CP``; ``ACC`` is the accumulation type (fp32, or fp64 for fp64 inputs).
+docs/design.md §8), written as a chain of FMAs. The parameter gradients, sums over pixels
+(K = BLOCK), are ``tl.dot`` products (``DOT_PRECISION``). Sizes are compile-time constants: ``IN``
+inputs of layer 0 (features, plus 2 relative coordinates first when ``COORDS``), ``CH`` hidden
+channels, ``L`` layers, padded to powers of two ``CP_IN``/``CP``; ``ACC`` is the accumulation type
+(fp32, or fp64 for fp64 inputs).
 
 Parameter layout (AdelaiDet): all weights, then all biases, each weight row-major ``[out, in]``;
 the same as ``csrc/ops/common/dynamic_mask_head_math.h``.
@@ -39,42 +40,42 @@ _DICE = tl.constexpr(DICE)
 
 
 @triton.jit
-def _weight_offset(l: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr):
-    """Offset of layer l's weight matrix in an instance's parameter vector."""
-    if l == 0:
+def _weight_offset(layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr):
+    """Offset of ``layer``'s weight matrix in an instance's parameter vector."""
+    if layer == 0:
         return 0
-    return IN * CH + (l - 1) * CH * CH
+    return IN * CH + (layer - 1) * CH * CH
 
 
 @triton.jit
-def _bias_offset(l: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr):
+def _bias_offset(layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr):
     if L == 1:
         return IN
-    return IN * CH + (L - 2) * CH * CH + CH + l * CH
+    return IN * CH + (L - 2) * CH * CH + CH + layer * CH
 
 
 @triton.jit
-def _layer_block(l: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr,
+def _layer_block(layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr,
                  CP: tl.constexpr):
-    """Where layer l lives in an instance's parameter vector, as zero-padded blocks: offsets and masks
+    """Where ``layer`` lives in an instance's parameter vector, as zero-padded blocks: offsets and masks
     of its weights ``[CPO, CPI]`` and bias ``[CPO]``. CPI is CP_IN for layer 0 and CP after it; CPO
     is CP, or 2 for the last layer (its single output is row 0)."""
-    FAN_IN: tl.constexpr = IN if l == 0 else CH
-    FAN_OUT: tl.constexpr = 1 if l == L - 1 else CH
-    CPI: tl.constexpr = CP_IN if l == 0 else CP
-    CPO: tl.constexpr = 2 if l == L - 1 else CP
+    FAN_IN: tl.constexpr = IN if layer == 0 else CH
+    FAN_OUT: tl.constexpr = 1 if layer == L - 1 else CH
+    CPI: tl.constexpr = CP_IN if layer == 0 else CP
+    CPO: tl.constexpr = 2 if layer == L - 1 else CP
     o = tl.arange(0, CPO)
     i = tl.arange(0, CPI)
-    w_offsets = _weight_offset(l, IN, CH, L) + o[:, None] * FAN_IN + i[None, :]
+    w_offsets = _weight_offset(layer, IN, CH, L) + o[:, None] * FAN_IN + i[None, :]
     w_mask = (o[:, None] < FAN_OUT) & (i[None, :] < FAN_IN)
-    return w_offsets, w_mask, _bias_offset(l, IN, CH, L) + o, o < FAN_OUT
+    return w_offsets, w_mask, _bias_offset(layer, IN, CH, L) + o, o < FAN_OUT
 
 
 @triton.jit
-def _load_layer(p_ptr, l: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr,
+def _load_layer(p_ptr, layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr,
                 CP: tl.constexpr, ACC: tl.constexpr):
-    """Layer l's weights and bias (the blocks of :func:`_layer_block`), zero-padded."""
-    w_offsets, w_mask, b_offsets, b_mask = _layer_block(l, IN, CH, L, CP_IN, CP)
+    """``layer``'s weights and bias (the blocks of :func:`_layer_block`), zero-padded."""
+    w_offsets, w_mask, b_offsets, b_mask = _layer_block(layer, IN, CH, L, CP_IN, CP)
     w = tl.load(p_ptr + w_offsets, mask=w_mask, other=0.0)
     b = tl.load(p_ptr + b_offsets, mask=b_mask, other=0.0)
     return w.to(ACC), b.to(ACC)
@@ -102,10 +103,10 @@ def _load_all(p_ptr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN:
 
 
 @triton.jit
-def _store_layer_grad(g_ptr, gw, gb, l: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr,
+def _store_layer_grad(g_ptr, gw, gb, layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr,
                       CP_IN: tl.constexpr, CP: tl.constexpr):
-    """Stores layer l's weight and bias gradients (the blocks of :func:`_layer_block`)."""
-    w_offsets, w_mask, b_offsets, b_mask = _layer_block(l, IN, CH, L, CP_IN, CP)
+    """Stores ``layer``'s weight and bias gradients (the blocks of :func:`_layer_block`)."""
+    w_offsets, w_mask, b_offsets, b_mask = _layer_block(layer, IN, CH, L, CP_IN, CP)
     tl.store(g_ptr + w_offsets, gw, mask=w_mask)
     tl.store(g_ptr + b_offsets, gb, mask=b_mask)
 
@@ -479,7 +480,8 @@ def _geometry(feats: torch.Tensor, params: torch.Tensor, coords, channels: int, 
     """The kernels' compile-time sizes; checks the filter length, which the kernels trust."""
     batch, c, h, w = feats.shape
     inputs = c + (2 if coords is not None else 0)
-    fan = [(inputs if l == 0 else channels, 1 if l == num_layers - 1 else channels) for l in range(num_layers)]
+    fan = [(inputs if layer == 0 else channels, 1 if layer == num_layers - 1 else channels)
+           for layer in range(num_layers)]
     expected = sum(i * o + o for i, o in fan)
     if params.dim() != 2 or params.shape[1] != expected:
         raise ValueError(f"dynamic_mask_head: params must be [N, {expected}] for {inputs} inputs, {channels} channels "

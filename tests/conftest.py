@@ -15,7 +15,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastdiffinst.ops  # noqa: E402  (after the interpreter switch)
+import fastdiffinst.ops
 
 HAS_CUDA = torch.cuda.is_available()
 

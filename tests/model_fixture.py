@@ -89,8 +89,9 @@ def replay(draws: list[dict]):
         record = next(pending, None)
         assert record is not None, f"an extra draw {shape} {dtype} that the official code did not make"
         value = record["value"]
-        assert tuple(value.shape) == tuple(shape) and value.dtype == dtype, \
-            f"draw {record['role']}: asked for {dtype} {tuple(shape)}, the official code drew {value.dtype} {tuple(value.shape)}"
+        assert tuple(value.shape) == tuple(shape) and value.dtype == dtype, (
+            f"draw {record['role']}: asked for {dtype} {tuple(shape)}, "
+            f"the official code drew {value.dtype} {tuple(value.shape)}")
         return value.clone()
 
     draw.remaining = lambda: sum(1 for _ in pending)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fastdiffinst.ops as fops
-from fastdiffinst.reference import box_diffusion as bd
 from conftest import devices
+from fastdiffinst.reference import box_diffusion as bd
 from model_fixture import fixture as golden_fixture
 from utils import deterministic_with_nan_fill
 
@@ -275,8 +275,8 @@ def test_ddim_matches_golden_fixture(fixture):
     whwh = run["images_whwh"]
     x_t = draws[0]
     n = x_t.shape[1]
-    torch.testing.assert_close(bd.signal_to_boxes(x_t.double(), whwh.double()).float(), run["head_calls"][0]["in_boxes"],
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(bd.signal_to_boxes(x_t.double(), whwh.double()).float(),
+                               run["head_calls"][0]["in_boxes"], rtol=0, atol=1e-4)
     eta_draws = iter(draws[1:])
     for k, (t, t_next) in enumerate(run["ddim_time_pairs"]):
         call = run["head_calls"][k]
@@ -469,8 +469,9 @@ def test_ddim_bad_schedule_eta_and_sizes():
 
 
 def test_empty_batches():
-    out = fops.q_sample_boxes(torch.zeros(0, 0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
-                              torch.zeros(0, 5, 4), torch.zeros(0, 5, 4), torch.zeros(0, 5, dtype=torch.int64),
+    out = fops.q_sample_boxes(torch.zeros(0, 0, 4), torch.zeros(0, dtype=torch.int64),
+                              torch.zeros(0, dtype=torch.int64), torch.zeros(0, 5, 4), torch.zeros(0, 5, 4),
+                              torch.zeros(0, 5, dtype=torch.int64),
                               SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE,
                               torch.zeros(0, 4))
     assert out.shape == (0, 5, 4)

@@ -14,8 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiffinst.checkpoint import (CheckpointError, backbone_state_dict, convert_official, load_backbone_weights,
-                                     load_official)
+from fastdiffinst.checkpoint import (
+    CheckpointError,
+    backbone_state_dict,
+    convert_official,
+    load_backbone_weights,
+    load_official,
+)
 from fastdiffinst.config import get_config, override
 from fastdiffinst.modeling import DiffusionInst
 from model_fixture import fixture
@@ -161,8 +166,10 @@ def test_detectron2_named_pickle_and_caffe2_names(tmp_path):
     # Detectron (Caffe2) pickles: {"blobs": {...}} with Caffe2 names.
     caffe2 = tmp_path / "R-50-caffe2.pkl"
     with open(caffe2, "wb") as f:
-        pickle.dump({"blobs": {"conv1_w": np.zeros((64, 3, 7, 7), np.float32), "res_conv1_bn_s": np.ones(64, np.float32),
-                               "res2_0_branch2a_w": np.zeros((64, 64, 1, 1), np.float32)}, "__author__": "Detectron"}, f)
+        pickle.dump({"blobs": {"conv1_w": np.zeros((64, 3, 7, 7), np.float32),
+                               "res_conv1_bn_s": np.ones(64, np.float32),
+                               "res2_0_branch2a_w": np.zeros((64, 64, 1, 1), np.float32)},
+                     "__author__": "Detectron"}, f)
     with pytest.raises(CheckpointError, match="Caffe2"):
         load_backbone_weights(model, caffe2)
     with pytest.raises(CheckpointError, match="Caffe2"):

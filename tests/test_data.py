@@ -10,9 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiffinst.data import (DatasetError, InferenceSampler, InstanceDataset, RepeatFactorTrainingSampler,
-                               TrainingSampler, dataset_from_spec, official_train_transform, repeat_factors,
-                               eval_transform, train_loader)
+from fastdiffinst.data import (
+    DatasetError,
+    InferenceSampler,
+    InstanceDataset,
+    RepeatFactorTrainingSampler,
+    TrainingSampler,
+    dataset_from_spec,
+    eval_transform,
+    official_train_transform,
+    repeat_factors,
+    train_loader,
+)
 from fastdiffinst.data.synthetic import CLASSES, MIN_VISIBLE_PIXELS, render, shape_mask, write_split
 from fastdiffinst.data.transforms import RandomCrop, RandomFlip, ResizeShortestEdge, shortest_edge_size
 
@@ -87,7 +96,8 @@ def _coco_folder(tmp_path, annotations, images=None, categories=None):
     images = images or [{"id": 1, "file_name": "a.png", "height": 20, "width": 30},
                         {"id": 2, "file_name": "b.png", "height": 16, "width": 16}]
     for entry in images:
-        Image.fromarray(np.full((entry["height"], entry["width"], 3), 100, np.uint8)).save(tmp_path / "images" / entry["file_name"])
+        Image.fromarray(np.full((entry["height"], entry["width"], 3), 100, np.uint8)).save(
+            tmp_path / "images" / entry["file_name"])
     categories = categories or [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}]
     path = tmp_path / "ann.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
@@ -181,7 +191,8 @@ def _random_sample(generator: torch.Generator) -> dict:
     count = int(torch.randint(0, 6, (1,), generator=generator))
     masks = torch.zeros(count, h, w, dtype=torch.uint8)
     for i in range(count):
-        y, x = int(torch.randint(0, h - 4, (1,), generator=generator)), int(torch.randint(0, w - 4, (1,), generator=generator))
+        y = int(torch.randint(0, h - 4, (1,), generator=generator))
+        x = int(torch.randint(0, w - 4, (1,), generator=generator))
         masks[i, y:y + int(torch.randint(3, h - y + 1, (1,), generator=generator)),
               x:x + int(torch.randint(3, w - x + 1, (1,), generator=generator))] = 1
     boxes = torch.tensor([_mask_box(m) for m in masks], dtype=torch.float32).reshape(count, 4)
@@ -199,7 +210,8 @@ def test_masks_stay_aligned_with_boxes_after_every_augmentation(seed):
     for name, transform in transforms.items():
         out = transform(dict(sample))
         h, w = out["image"].shape[1:]
-        assert out["masks"].shape[1:] == (h, w) and out["masks"].shape[0] == out["boxes"].shape[0] == out["labels"].shape[0]
+        assert out["masks"].shape[1:] == (h, w)
+        assert out["masks"].shape[0] == out["boxes"].shape[0] == out["labels"].shape[0]
         assert (out["height"], out["width"]) == (sample["height"], sample["width"])
         for mask, box in zip(out["masks"], out["boxes"]):
             assert mask.any(), name

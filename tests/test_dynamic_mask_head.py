@@ -63,17 +63,17 @@ def _einsum_f64(feats, params, image_index, channels, num_layers, rel):
         x = torch.cat([rx[:, None], ry[:, None], x], dim=1)
     inputs = x.shape[1]
     offset, weights = 0, []
-    for l in range(num_layers):
-        fan_in = inputs if l == 0 else channels
-        fan_out = 1 if l == num_layers - 1 else channels
+    for layer in range(num_layers):
+        fan_in = inputs if layer == 0 else channels
+        fan_out = 1 if layer == num_layers - 1 else channels
         weights.append(params[:, offset:offset + fan_in * fan_out].reshape(-1, fan_out, fan_in))
         offset += fan_in * fan_out
-    for l in range(num_layers):
-        fan_out = 1 if l == num_layers - 1 else channels
+    for layer in range(num_layers):
+        fan_out = 1 if layer == num_layers - 1 else channels
         bias = params[:, offset:offset + fan_out]
         offset += fan_out
-        x = torch.einsum("noi,nihw->nohw", weights[l], x) + bias[:, :, None, None]
-        if l < num_layers - 1:
+        x = torch.einsum("noi,nihw->nohw", weights[layer], x) + bias[:, :, None, None]
+        if layer < num_layers - 1:
             x = x.clamp(min=0)
     return x[:, 0]
 

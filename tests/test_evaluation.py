@@ -121,7 +121,8 @@ def test_model_files_round_trip_and_official_checkpoints_need_a_preset(checkpoin
 def test_eval_cli_end_to_end(checkpoint, split, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FASTDIFFINST_DATA", str(tmp_path / "data"))
     out = tmp_path / "eval"
-    assert main(["eval", "--checkpoint", str(checkpoint), "--data", "synthetic:3", "--out", str(out), "--threads", "2"]) == 0
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", "synthetic:3", "--out", str(out),
+                 "--threads", "2"]) == 0
     printed = capsys.readouterr().out
     assert "| bbox |" in printed and "| segm |" in printed
     metrics = json.loads((out / "metrics.json").read_text())

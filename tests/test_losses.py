@@ -18,7 +18,6 @@ from fastdiffinst.modeling.matcher import dynamic_k_assign, dynamic_k_match
 from fastdiffinst.modeling.targets import prepare_targets
 from utils import assert_same_training_step
 
-
 # ------------------------------------------------------------------------------------------------
 # Matcher
 
@@ -223,7 +222,8 @@ def test_tiny_losses_and_gradients_are_finite():
     images, targets = synthetic_batch([(96, 128), (80, 72)], [3, 2], 8)
     losses = model(images, targets, generator=torch.Generator().manual_seed(0))
     stages = model.cfg.head.num_stages
-    expected = {f"loss_{t}{s}" for t in ("ce", "bbox", "giou", "masks") for s in [""] + [f"_{i}" for i in range(stages - 1)]}
+    expected = {f"loss_{t}{s}" for t in ("ce", "bbox", "giou", "masks")
+                for s in [""] + [f"_{i}" for i in range(stages - 1)]}
     assert set(losses) == expected
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
     sum(losses.values()).backward()
@@ -360,8 +360,8 @@ def test_bad_targets():
     with pytest.raises(TypeError, match="must be a Tensor"):
         run(labels=[0, 1])
     # Boxes beyond the image are clipped; a box with no area left is dropped with its mask.
-    prepared = prepare_targets([{**targets[0], "boxes": torch.tensor([[-5.0, 10.0, 80.0, 30.0], [70.0, 0.0, 90.0, 9.0]])}],
-                               [(64, 64)], (64, 64), 8, torch.device("cpu"))
+    clipped = torch.tensor([[-5.0, 10.0, 80.0, 30.0], [70.0, 0.0, 90.0, 9.0]])
+    prepared = prepare_targets([{**targets[0], "boxes": clipped}], [(64, 64)], (64, 64), 8, torch.device("cpu"))
     assert prepared.images[0].boxes.tolist() == [[0.0, 10.0, 64.0, 30.0]]
     assert prepared.masks.shape == (1, 16, 16) and prepared.counts == [1]
 

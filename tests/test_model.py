@@ -10,15 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastdiffinst import ops
 from fastdiffinst.config import PRESETS, get_config, override, replace_path
 from fastdiffinst.modeling import DiffusionInst, DrawSource, GeneratorDraws, ImageBatch
 from fastdiffinst.modeling.dynamic_head import DynamicConv, SinusoidalTimeEmbedding, apply_deltas
-from fastdiffinst import ops
 from fastdiffinst.modeling.mask_branch import MaskBranch
 from fastdiffinst.modeling.postprocess import mask_chunk_size, topk_candidates
+from fastdiffinst.modeling.resnet import FrozenBatchNorm2d, ResNet
 from fastdiffinst.reference import masks as reference_masks
 from fastdiffinst.reference.masks import aligned_bilinear
-from fastdiffinst.modeling.resnet import FrozenBatchNorm2d, ResNet
 from model_fixture import assert_close_rel
 
 
@@ -287,11 +287,11 @@ def test_topk_candidates_by_hand():
     logits = torch.tensor([[[0.0, 3.0], [2.0, -1.0], [1.0, 4.0]]])
     boxes = torch.arange(12, dtype=torch.float32).view(1, 3, 4)
     kernels = torch.arange(6, dtype=torch.float32).view(1, 3, 2)
-    b, s, l, k, p = topk_candidates(logits, boxes, kernels, 3)
-    order = torch.argsort(s[0], descending=True)
-    assert p[0][order].tolist() == [2, 0, 1] and l[0][order].tolist() == [1, 1, 0]
-    torch.testing.assert_close(b[0][order], boxes[0][[2, 0, 1]])
-    torch.testing.assert_close(k[0][order], kernels[0][[2, 0, 1]])
+    top_boxes, scores, labels, top_kernels, proposals = topk_candidates(logits, boxes, kernels, 3)
+    order = torch.argsort(scores[0], descending=True)
+    assert proposals[0][order].tolist() == [2, 0, 1] and labels[0][order].tolist() == [1, 1, 0]
+    torch.testing.assert_close(top_boxes[0][order], boxes[0][[2, 0, 1]])
+    torch.testing.assert_close(top_kernels[0][order], kernels[0][[2, 0, 1]])
 
 
 @pytest.mark.parametrize("paste_masks", [ops.paste_masks, reference_masks.paste_masks], ids=["fused", "reference"])
@@ -443,16 +443,19 @@ def test_bad_configurations():
     assert cfg.sampler.sample_steps == 4 and cfg.sampler.official_ensemble is True
     for bad, message in [("sampler.eta=1.5", "eta"), ("sampler.sample_steps=1001", "at most 1000"),
                          ("sampler.nms_iou=-1", "nms_iou"), ("head.mask_head_channels=32", "mask_head_channels"),
-                         ("head.mask_head_layers=5", "mask_head_layers"), ("backbone.resnet.num_groups=2", "num_groups"),
-                         ("num_proposals=0", "num_proposals"), ("sampler.sample_steps=x", "sample_steps")]:
+                         ("head.mask_head_layers=5", "mask_head_layers"),
+                         ("backbone.resnet.num_groups=2", "num_groups"), ("num_proposals=0", "num_proposals"),
+                         ("sampler.sample_steps=x", "sample_steps")]:
         with pytest.raises(ValueError, match=message):
             override(get_config("tiny"), [bad])
 
 
 def test_presets_build_and_describe_the_official_configs():
-    assert set(PRESETS) == {"r50_coco", "r50_coco_450k", "r101_coco", "swinb_coco", "r50_lvis", "official_small", "tiny"}
+    assert set(PRESETS) == {"r50_coco", "r50_coco_450k", "r101_coco", "swinb_coco", "r50_lvis", "official_small",
+                            "tiny"}
     r50 = get_config("r50_coco")
-    assert (r50.num_proposals, r50.solver.ims_per_batch, r50.solver.base_lr, r50.solver.max_iter) == (500, 32, 5e-5, 90000)
+    assert r50.num_proposals == 500
+    assert (r50.solver.ims_per_batch, r50.solver.base_lr, r50.solver.max_iter) == (32, 5e-5, 90000)
     assert get_config("r50_lvis").num_classes == 1203 and get_config("r50_lvis").loss.use_fed_loss
     tiny = get_config("tiny")
     assert tiny.backbone.resnet.depth == 18 and tiny.num_proposals <= 100
@@ -465,7 +468,8 @@ def test_swin_and_resnext_backbones_run_end_to_end():
     swin = override(get_config("tiny"), ["backbone.name=swin", "backbone.swin.embed_dim=16",
                                          "backbone.swin.depths=(2,2,2,2)", "backbone.swin.num_heads=(1,2,2,4)"])
     resnext = override(get_config("tiny"), ["backbone.resnet.depth=50", "backbone.resnet.num_groups=4",
-                                            "backbone.resnet.width_per_group=4", "backbone.resnet.res2_out_channels=64"])
+                                            "backbone.resnet.width_per_group=4",
+                                            "backbone.resnet.res2_out_channels=64"])
     for cfg, channels in ((swin, [16, 32, 64, 128]), (resnext, [64, 128, 256, 512])):
         model = DiffusionInst(cfg).eval()
         assert model.backbone.bottom_up.out_channels == channels

@@ -23,8 +23,15 @@ import pytest
 import torch
 
 from fastdiffinst.modeling.postprocess import nms_keep, scale_and_clip_boxes
-from model_fixture import (END_TO_END, INFERENCE_RUNS, assert_close_rel, end_to_end_inference, end_to_end_pairs,
-                           end_to_end_tolerance, relative_error)
+from model_fixture import (
+    END_TO_END,
+    INFERENCE_RUNS,
+    assert_close_rel,
+    end_to_end_inference,
+    end_to_end_pairs,
+    end_to_end_tolerance,
+    relative_error,
+)
 from utils import official_mask_probabilities64
 
 IMPLS = ["fused", "reference"]
@@ -82,10 +89,11 @@ def test_topk_candidates_and_nms(replayed):
         order = torch.argsort(candidates.proposals[part] * 1000 + candidates.labels[part])
         expected = torch.argsort(call["proposal_index"] * 1000 + call["classes"])
         for name, recorded in (("boxes", "boxes"), ("scores", "scores"), ("kernels", "kernels")):
-            assert_close_rel(getattr(candidates, name)[part][order], call[recorded][expected], rel=end_to_end_tolerance(name),
-                             what=f"ensemble {j} {name}")
+            assert_close_rel(getattr(candidates, name)[part][order], call[recorded][expected],
+                             rel=end_to_end_tolerance(name), what=f"ensemble {j} {name}")
     # NMS: the same kept (step, proposal, class) sequence, by descending score.
-    official = [(j, int(p), int(c)) for j, t in enumerate(record["topk"]) for p, c in zip(t["proposal_index"], t["class"])]
+    official = [(j, int(p), int(c)) for j, t in enumerate(record["topk"])
+                for p, c in zip(t["proposal_index"], t["class"])]
     ours = [(i // per_step, int(p), int(c)) for i, (p, c) in enumerate(zip(candidates.proposals, candidates.labels))]
     keep = nms_keep(candidates, 0.5)
     assert [ours[i] for i in keep] == [official[i] for i in record["nms_calls"][0]["keep"]]

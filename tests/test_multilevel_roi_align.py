@@ -14,8 +14,17 @@ from torch import Tensor
 
 import fastdiffinst.ops as fops
 from fastdiffinst import reference
-from utils import (as_rois, assert_close_to_f64, deterministic_with_nan_fill, nan_count, random_boxes, tolerance,
-                   runs_at_two_thread_counts, torchvision_roi_align, with_batch_index)
+from utils import (
+    as_rois,
+    assert_close_to_f64,
+    deterministic_with_nan_fill,
+    nan_count,
+    random_boxes,
+    runs_at_two_thread_counts,
+    tolerance,
+    torchvision_roi_align,
+    with_batch_index,
+)
 
 native = torch.ops.fastdiffinst
 

@@ -15,8 +15,14 @@ import torch
 
 from fastdiffinst.checkpoint import official_to_ours
 from fastdiffinst.modeling.postprocess import scale_and_clip_boxes
-from model_fixture import (INFERENCE_RUNS, assert_close_rel, official_nms_input, recorded_candidates,
-                           teacher_forced_inference, teacher_forced_training)
+from model_fixture import (
+    INFERENCE_RUNS,
+    assert_close_rel,
+    official_nms_input,
+    recorded_candidates,
+    teacher_forced_inference,
+    teacher_forced_training,
+)
 from utils import official_mask_probabilities64
 
 IMPLS = ["fused", "reference"]

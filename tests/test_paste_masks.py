@@ -7,10 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from utils import deterministic_with_nan_fill, official_mask_probabilities64
-
 from fastdiffinst import ops
 from fastdiffinst.reference import masks as reference
+from utils import deterministic_with_nan_fill, official_mask_probabilities64
 
 # (Hm, Wm) stride-4 map, (h, w) unpadded image, (H, W) output: identity, up, down, odd/prime sizes.
 CASES = [((16, 20), (61, 77), (61, 77)), ((16, 20), (64, 80), (131, 97)), ((16, 20), (61, 77), (23, 41)),
@@ -118,7 +117,8 @@ def test_model_sized_case_matches():
     (lambda p, b: ops.paste_masks(p, b.int(), (61, 77), (61, 77)), TypeError, "boxes must be a floating-point"),
     (lambda p, b: ops.paste_masks(p, b, (65, 77), (61, 77)), ValueError, "does not cover the 65x77 image"),
     (lambda p, b: ops.paste_masks(p, b, (61, 77), (0, 77)), ValueError, "output_size must be positive"),
-    (lambda p, b: ops.paste_masks(p, b, (61.0, 77), (61, 77)), TypeError, "image_size must be an int or a pair of ints"),
+    (lambda p, b: ops.paste_masks(p, b, (61.0, 77), (61, 77)), TypeError,
+     "image_size must be an int or a pair of ints"),
     (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), threshold=float("nan")), ValueError,
      "threshold must be finite"),
     (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), threshold=float("inf")), ValueError,

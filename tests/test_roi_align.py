@@ -11,8 +11,17 @@ from torch import Tensor
 
 import fastdiffinst.ops as fops
 from fastdiffinst import reference
-from utils import (as_rois, assert_close_to_f64, deterministic_with_nan_fill, edge_case_boxes, nan_count,
-                   random_boxes, runs_at_two_thread_counts, tolerance, with_batch_index)
+from utils import (
+    as_rois,
+    assert_close_to_f64,
+    deterministic_with_nan_fill,
+    edge_case_boxes,
+    nan_count,
+    random_boxes,
+    runs_at_two_thread_counts,
+    tolerance,
+    with_batch_index,
+)
 from utils import torchvision_roi_align as tv_roi_align
 
 native = torch.ops.fastdiffinst
@@ -552,8 +561,8 @@ def test_batch_index_truncates_toward_zero_like_torchvision():
     x, rois = make_case(9200)
     shifted = rois.clone()
     shifted[:, 0] = torch.where(rois[:, 0] == 0, -0.5, rois[:, 0] + 0.9)
-    torch.testing.assert_close(fops.roi_align(x, shifted, OUT, 1.0, 2, True), fops.roi_align(x, rois, OUT, 1.0, 2, True),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(fops.roi_align(x, shifted, OUT, 1.0, 2, True),
+                               fops.roi_align(x, rois, OUT, 1.0, 2, True), rtol=0, atol=0)
 
 
 def test_native_op_rejects_narrowing_integers():

@@ -13,8 +13,13 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
-from fastdiffinst.modeling.swin import (PatchEmbed, PatchMerging, SwinTransformer, SwinTransformerBlock,
-                                        shifted_window_mask)
+from fastdiffinst.modeling.swin import (
+    PatchEmbed,
+    PatchMerging,
+    SwinTransformer,
+    SwinTransformerBlock,
+    shifted_window_mask,
+)
 from official_keys import swin_b_keys
 
 SMALL = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=7)

@@ -96,9 +96,9 @@ void check_positive_sizes(const Float64Reader& whwh, const char* op) {
   for (int64_t b = 0; 4 * b < whwh.numel(); ++b) {
     double image_whwh[4];
     whwh.row4(b, image_whwh);
-    TORCH_CHECK(image_whwh[0] > 0 && image_whwh[1] > 0 && image_whwh[2] > 0 && image_whwh[3] > 0, op,
-                ": images_whwh[", b, "] must hold positive sizes, got (", image_whwh[0], ", ", image_whwh[1], ", ",
-                image_whwh[2], ", ", image_whwh[3], ")");
+    TORCH_CHECK(image_whwh[0] > 0 && image_whwh[1] > 0 && image_whwh[2] > 0 && image_whwh[3] > 0, op, ": images_whwh[",
+                b, "] must hold positive sizes, got (", image_whwh[0], ", ", image_whwh[1], ", ", image_whwh[2], ", ",
+                image_whwh[3], ")");
   }
 }
 
@@ -161,8 +161,8 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
     const int64_t available = count_p[b] > 0 ? count_p[b] : 1;
     for (int64_t i = 0; i < s.proposals; ++i) {
       const int64_t sel = sel_p[b * s.proposals + i];
-      TORCH_CHECK(sel >= -1 && sel < available, op, ": select_index[", b, ", ", i, "] must be -1 or in [0, ",
-                  available, "), got ", sel);
+      TORCH_CHECK(sel >= -1 && sel < available, op, ": select_index[", b, ", ", i, "] must be -1 or in [0, ", available,
+                  "), got ", sel);
     }
     for (int64_t g = 0; g < count_p[b]; ++g) {
       double box[4];
@@ -180,8 +180,8 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
   check_finite(draws, s.proposals, op, "placeholder_noise");
 
   auto out = at::empty({s.batch, s.proposals, 4}, gt_boxes.options().dtype(at::kDouble));
-  const QSampleImages images{gt, eps, draws, whwh, sa, s1a, count_p, t_p, sel_p, s.max_gt, s.proposals, scale,
-                             out.data_ptr<double>()};
+  const QSampleImages images{
+      gt, eps, draws, whwh, sa, s1a, count_p, t_p, sel_p, s.max_gt, s.proposals, scale, out.data_ptr<double>()};
   at::parallel_for(0, s.batch, std::max<int64_t>(1, kGrain / std::max<int64_t>(s.proposals, 1)),
                    [&](int64_t begin, int64_t end) { q_sample_images(images, begin, end); });
   return out;

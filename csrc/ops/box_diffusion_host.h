@@ -32,16 +32,14 @@ inline void check_scale(double scale, const char* op) {
   TORCH_CHECK(std::isfinite(scale) && scale > 0, op, ": scale must be positive and finite, got ", scale);
 }
 
-inline QSampleSizes check_q_sample_inputs(const at::Tensor& gt_boxes, const at::Tensor& gt_counts,
-                                          const at::Tensor& t, const at::Tensor& noise,
-                                          const at::Tensor& placeholder_noise, const at::Tensor& select_index,
-                                          const at::Tensor& sqrt_alphas_cumprod,
+inline QSampleSizes check_q_sample_inputs(const at::Tensor& gt_boxes, const at::Tensor& gt_counts, const at::Tensor& t,
+                                          const at::Tensor& noise, const at::Tensor& placeholder_noise,
+                                          const at::Tensor& select_index, const at::Tensor& sqrt_alphas_cumprod,
                                           const at::Tensor& sqrt_one_minus_alphas_cumprod, double scale,
                                           const at::Tensor& images_whwh) {
   constexpr const char* op = "q_sample_boxes";
   check_scale(scale, op);
-  TORCH_CHECK(gt_boxes.dim() == 3 && gt_boxes.size(2) == 4, op, ": gt_boxes must be [B, G, 4], got ",
-              gt_boxes.sizes());
+  TORCH_CHECK(gt_boxes.dim() == 3 && gt_boxes.size(2) == 4, op, ": gt_boxes must be [B, G, 4], got ", gt_boxes.sizes());
   TORCH_CHECK(noise.dim() == 3 && noise.size(2) == 4, op, ": noise must be [B, N, 4], got ", noise.sizes());
   const QSampleSizes s{gt_boxes.size(0), gt_boxes.size(1), noise.size(1), sqrt_alphas_cumprod.numel()};
   check_shape(gt_counts, {s.batch}, op, "gt_counts");
@@ -56,8 +54,8 @@ inline QSampleSizes check_q_sample_inputs(const at::Tensor& gt_boxes, const at::
   TORCH_CHECK(gt_counts.scalar_type() == at::kLong && t.scalar_type() == at::kLong &&
                   select_index.scalar_type() == at::kLong,
               op, ": gt_counts, t and select_index must be int64");
-  for (const auto* x : {&gt_boxes, &noise, &placeholder_noise, &sqrt_alphas_cumprod, &sqrt_one_minus_alphas_cumprod,
-                        &images_whwh})
+  for (const auto* x :
+       {&gt_boxes, &noise, &placeholder_noise, &sqrt_alphas_cumprod, &sqrt_one_minus_alphas_cumprod, &images_whwh})
     check_float(*x, op, "gt_boxes, noise, placeholder_noise, the schedule and images_whwh");
   for (const auto* x : {&gt_counts, &t, &noise, &placeholder_noise, &select_index, &sqrt_alphas_cumprod,
                         &sqrt_one_minus_alphas_cumprod, &images_whwh})

@@ -147,13 +147,13 @@ FASTDIFFINST_FORCE_INLINE void mlp_backward_tile(const Layout& layout, const acc
 // The fp32 and fp64 entry points, compiled per ISA (AVX-512, AVX2+FMA, baseline); the tile math is
 // force-inlined into each clone. The sizes are fixed at compile time for the common heads
 // (DiffusionInst 8→8→8→1, CondInst 10→8→8→1) and read from the layout otherwise.
-#define FASTDIFFINST_WITH_DIMS(layout, CALL)                                 \
-  if ((layout).channels == 8 && (layout).layers == 3 && (layout).inputs == 8) { \
-    CALL(8, 8, 3);                                                           \
+#define FASTDIFFINST_WITH_DIMS(layout, CALL)                                            \
+  if ((layout).channels == 8 && (layout).layers == 3 && (layout).inputs == 8) {         \
+    CALL(8, 8, 3);                                                                      \
   } else if ((layout).channels == 8 && (layout).layers == 3 && (layout).inputs == 10) { \
-    CALL(10, 8, 3);                                                          \
-  } else {                                                                   \
-    CALL(0, 0, 0);                                                           \
+    CALL(10, 8, 3);                                                                     \
+  } else {                                                                              \
+    CALL(0, 0, 0);                                                                      \
   }
 
 FASTDIFFINST_CPU_CLONES_AVX512
@@ -273,8 +273,7 @@ Problem make_problem(const char* op, const at::Tensor& feats, const at::Tensor& 
   TORCH_CHECK(params.dim() == 2, op, ": params must be [N, P], got shape ", params.sizes());
   TORCH_CHECK(feats.scalar_type() == params.scalar_type(), op, ": params must have the dtype of mask_feats (",
               feats.scalar_type(), "), got ", params.scalar_type());
-  TORCH_CHECK(image_index.scalar_type() == at::kLong && image_index.dim() == 1 &&
-                  image_index.size(0) == params.size(0),
+  TORCH_CHECK(image_index.scalar_type() == at::kLong && image_index.dim() == 1 && image_index.size(0) == params.size(0),
               op, ": image_index must be an int64 tensor [N] with N = params.shape[0] = ", params.size(0),
               ", got dtype ", image_index.scalar_type(), " and shape ", image_index.sizes());
   TORCH_CHECK(inst_xy.has_value() == inst_soi.has_value(), op,
@@ -283,8 +282,8 @@ Problem make_problem(const char* op, const at::Tensor& feats, const at::Tensor& 
               mask_head::kMaxChannels, "], got ", channels);
   TORCH_CHECK(num_layers >= 1 && num_layers <= mask_head::kMaxLayers, op, ": num_layers must be in [1, ",
               mask_head::kMaxLayers, "], got ", num_layers);
-  TORCH_CHECK(feats.size(1) >= 1 && feats.size(1) <= mask_head::kMaxFeatureChannels, op,
-              ": mask_feats must have 1 to ", mask_head::kMaxFeatureChannels, " channels, got ", feats.size(1));
+  TORCH_CHECK(feats.size(1) >= 1 && feats.size(1) <= mask_head::kMaxFeatureChannels, op, ": mask_feats must have 1 to ",
+              mask_head::kMaxFeatureChannels, " channels, got ", feats.size(1));
   Problem p;
   p.batch = feats.size(0);
   p.feature_channels = feats.size(1);
@@ -297,8 +296,8 @@ Problem make_problem(const char* op, const at::Tensor& feats, const at::Tensor& 
   p.layout = Layout{static_cast<int>(p.feature_channels) + (coords ? mask_head::kCoordChannels : 0),
                     static_cast<int>(channels), static_cast<int>(num_layers)};
   TORCH_CHECK(params.size(1) == p.layout.num_params(), op, ": params must have P = ", p.layout.num_params(),
-              " columns for ", p.layout.inputs, " inputs, ", channels, " channels and ", num_layers,
-              " layers, got ", params.size(1));
+              " columns for ", p.layout.inputs, " inputs, ", channels, " channels and ", num_layers, " layers, got ",
+              params.size(1));
   p.feats = feats.contiguous();
   p.params = params.contiguous();
   p.image_index = image_index.contiguous();
@@ -312,8 +311,8 @@ Problem make_problem(const char* op, const at::Tensor& feats, const at::Tensor& 
     const auto acc = feats.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
     TORCH_CHECK(inst_xy->dim() == 2 && inst_xy->size(0) == p.instances && inst_xy->size(1) == 2, op,
                 ": inst_xy must be [N, 2] with N = ", p.instances, ", got shape ", inst_xy->sizes());
-    TORCH_CHECK(inst_soi->dim() == 1 && inst_soi->size(0) == p.instances, op, ": inst_soi must be [N] with N = ",
-                p.instances, ", got shape ", inst_soi->sizes());
+    TORCH_CHECK(inst_soi->dim() == 1 && inst_soi->size(0) == p.instances, op,
+                ": inst_soi must be [N] with N = ", p.instances, ", got shape ", inst_soi->sizes());
     TORCH_CHECK(at::isFloatingType(inst_xy->scalar_type()) && at::isFloatingType(inst_soi->scalar_type()), op,
                 ": inst_xy and inst_soi must be floating-point tensors");
     p.inst_xy = inst_xy->to(acc).contiguous();
@@ -371,9 +370,11 @@ inline void load_params(const Problem& p, int64_t n, acc_t* dst) {
   for (int k = 0; k < p.layout.num_params(); ++k) dst[k] = static_cast<acc_t>(src[k]);
 }
 
+// Room for one instance's flat parameters, for the largest head supported.
+constexpr int kMaxParams =
+    mask_head::kMaxInputs * kMaxHidden + (mask_head::kMaxLayers - 1) * kMaxHidden * (kMaxHidden + 1) + kMaxHidden + 1;
 template <typename acc_t>
-using ParamBuffer = std::array<acc_t, mask_head::kMaxInputs * kMaxHidden + (mask_head::kMaxLayers - 1) * kMaxHidden *
-                                                                            (kMaxHidden + 1) + kMaxHidden + 1>;
+using ParamBuffer = std::array<acc_t, kMaxParams>;
 
 // Runs the MLP of every (instance, chunk) task; `epilogue(n, chunk, p0, count, logit)` consumes
 // each tile's logits (lanes >= count are padding).
@@ -444,8 +445,8 @@ DiceTargets make_targets(const char* op, const Problem& p, const at::Tensor& gt_
   DiceTargets d{gt_masks.contiguous(), gt_index.contiguous(), gt_masks.size(0)};
   const int64_t* idx = d.index.data_ptr<int64_t>();
   for (int64_t n = 0; n < p.instances; ++n) {
-    TORCH_CHECK(idx[n] >= -1 && idx[n] < d.count, op, ": gt_index[", n, "] = ", idx[n],
-                " is out of range [-1, ", d.count, ") (-1 = no target)");
+    TORCH_CHECK(idx[n] >= -1 && idx[n] < d.count, op, ": gt_index[", n, "] = ", idx[n], " is out of range [-1, ",
+                d.count, ") (-1 = no target)");
   }
   return d;
 }
@@ -466,11 +467,11 @@ inline void load_target(const DiceTargets& d, int64_t pixels, int64_t n, int64_t
   }
 }
 
-at::Tensor dynamic_mask_dice_sums_cpu(const at::Tensor& feats, const at::Tensor& params,
-                                      const at::Tensor& image_index, const at::Tensor& gt_masks,
-                                      const at::Tensor& gt_index, const std::optional<at::Tensor>& inst_xy,
-                                      const std::optional<at::Tensor>& inst_soi, int64_t mask_stride,
-                                      int64_t channels, int64_t num_layers) {
+at::Tensor dynamic_mask_dice_sums_cpu(const at::Tensor& feats, const at::Tensor& params, const at::Tensor& image_index,
+                                      const at::Tensor& gt_masks, const at::Tensor& gt_index,
+                                      const std::optional<at::Tensor>& inst_xy,
+                                      const std::optional<at::Tensor>& inst_soi, int64_t mask_stride, int64_t channels,
+                                      int64_t num_layers) {
   const char* op = "dynamic_mask_dice_sums";
   const Problem p = make_problem(op, feats, params, image_index, inst_xy, inst_soi, mask_stride, channels, num_layers);
   const DiceTargets d = make_targets(op, p, gt_masks, gt_index);
@@ -481,8 +482,7 @@ at::Tensor dynamic_mask_dice_sums_cpu(const at::Tensor& feats, const at::Tensor&
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "dynamic_mask_dice_sums_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       double* sums = partial.data_ptr<double>();
-      for_each_logit_tile<scalar_t, acc_t>(p, [&](int64_t n, int64_t chunk, int64_t p0, int count,
-                                                  const acc_t* logit) {
+      for_each_logit_tile<scalar_t, acc_t>(p, [&](int64_t n, int64_t chunk, int64_t p0, int count, const acc_t* logit) {
         alignas(64) acc_t g[kTile], prob[kTile], pg[kTile], pp[kTile];
         load_target(d, p.pixels, n, p0, count, g);
         sigmoid_tile(logit, prob);
@@ -571,8 +571,8 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_head_backward_cpu(
     int64_t channels, int64_t num_layers, bool sigmoid) {
   const char* op = "_dynamic_mask_head_backward";
   const Problem p = make_problem(op, feats, params, image_index, inst_xy, inst_soi, mask_stride, channels, num_layers);
-  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == p.instances && grad.size(1) == p.height && grad.size(2) == p.width,
-              op, ": grad must be [N, H, W] = [", p.instances, ", ", p.height, ", ", p.width, "], got shape ",
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == p.instances && grad.size(1) == p.height && grad.size(2) == p.width, op,
+              ": grad must be [N, H, W] = [", p.instances, ", ", p.height, ", ", p.width, "], got shape ",
               grad.sizes());
   TORCH_CHECK(grad.scalar_type() == feats.scalar_type(), op, ": grad must have the dtype of mask_feats (",
               feats.scalar_type(), "), got ", grad.scalar_type());
@@ -581,17 +581,17 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_head_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "dynamic_mask_head_backward_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* gy = g.data_ptr<scalar_t>();
-    result = backward_impl<scalar_t, acc_t>(p, [&](int64_t n, int64_t p0, int count, const acc_t* logit,
-                                                   acc_t* dlogit) {
-      const scalar_t* src = gy + n * p.pixels + p0;
-      for (int t = 0; t < count; ++t) dlogit[t] = static_cast<acc_t>(src[t]);
-      zero_padding(count, dlogit);
-      if (sigmoid) {
-        alignas(64) acc_t prob[kTile];
-        sigmoid_tile(logit, prob);
-        for (int t = 0; t < kTile; ++t) dlogit[t] *= prob[t] * (acc_t(1) - prob[t]);
-      }
-    });
+    result =
+        backward_impl<scalar_t, acc_t>(p, [&](int64_t n, int64_t p0, int count, const acc_t* logit, acc_t* dlogit) {
+          const scalar_t* src = gy + n * p.pixels + p0;
+          for (int t = 0; t < count; ++t) dlogit[t] = static_cast<acc_t>(src[t]);
+          zero_padding(count, dlogit);
+          if (sigmoid) {
+            alignas(64) acc_t prob[kTile];
+            sigmoid_tile(logit, prob);
+            for (int t = 0; t < kTile; ++t) dlogit[t] *= prob[t] * (acc_t(1) - prob[t]);
+          }
+        });
   });
   return result;
 }
@@ -610,18 +610,18 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_sums_backward_cpu(
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const at::Tensor gs = grad_sums.to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat).contiguous();
     const acc_t* gsum = gs.data_ptr<acc_t>();
-    result = backward_impl<scalar_t, acc_t>(p, [&](int64_t n, int64_t p0, int count, const acc_t* logit,
-                                                   acc_t* dlogit) {
-      // d/dp of (gA Σ p g + gB Σ p²) = gA g + 2 gB p; Σ g² does not depend on the logits.
-      const acc_t ga = gsum[3 * n], gb = gsum[3 * n + 1];
-      alignas(64) acc_t target[kTile], prob[kTile];
-      load_target(d, p.pixels, n, p0, count, target);
-      sigmoid_tile(logit, prob);
-      for (int t = 0; t < kTile; ++t) {
-        dlogit[t] = (ga * target[t] + acc_t(2) * gb * prob[t]) * prob[t] * (acc_t(1) - prob[t]);
-      }
-      zero_padding(count, dlogit);
-    });
+    result =
+        backward_impl<scalar_t, acc_t>(p, [&](int64_t n, int64_t p0, int count, const acc_t* logit, acc_t* dlogit) {
+          // d/dp of (gA Σ p g + gB Σ p²) = gA g + 2 gB p; Σ g² does not depend on the logits.
+          const acc_t ga = gsum[3 * n], gb = gsum[3 * n + 1];
+          alignas(64) acc_t target[kTile], prob[kTile];
+          load_target(d, p.pixels, n, p0, count, target);
+          sigmoid_tile(logit, prob);
+          for (int t = 0; t < kTile; ++t) {
+            dlogit[t] = (ga * target[t] + acc_t(2) * gb * prob[t]) * prob[t] * (acc_t(1) - prob[t]);
+          }
+          zero_padding(count, dlogit);
+        });
   });
   return result;
 }

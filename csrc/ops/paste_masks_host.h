@@ -9,15 +9,14 @@
 
 namespace fastdiffinst {
 
-inline void check_paste_masks_inputs(const at::Tensor& probs, const at::Tensor& boxes, int64_t image_h,
-                                     int64_t image_w, int64_t out_h, int64_t out_w, double threshold) {
+inline void check_paste_masks_inputs(const at::Tensor& probs, const at::Tensor& boxes, int64_t image_h, int64_t image_w,
+                                     int64_t out_h, int64_t out_w, double threshold) {
   constexpr const char* op = "paste_masks";
   TORCH_CHECK(probs.dim() == 3, op, ": probs must be [n, Hm, Wm], got ", probs.sizes());
   TORCH_CHECK(probs.scalar_type() == at::kFloat, op, ": probs must be float32, got ", probs.scalar_type());
   TORCH_CHECK(boxes.dim() == 2 && boxes.size(0) == probs.size(0) && boxes.size(1) == 4, op,
               ": boxes must be [n, 4] with n = ", probs.size(0), ", got ", boxes.sizes());
-  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), op, ": boxes must be floating point, got ",
-              boxes.scalar_type());
+  TORCH_CHECK(at::isFloatingType(boxes.scalar_type()), op, ": boxes must be floating point, got ", boxes.scalar_type());
   TORCH_CHECK(boxes.device() == probs.device(), op, ": boxes are on ", boxes.device(), " but probs on ",
               probs.device());
   TORCH_CHECK(image_h > 0 && image_w > 0 && out_h > 0 && out_w > 0, op,

@@ -105,17 +105,17 @@ struct RoIPlan {
 // Plans RoI k: its level, image and merged taps. `rois` is [K, 5] of coord_t. A RoI that matches no
 // level (level -1, see roi::assign_level) gets no taps: a zero output row and no gradient.
 template <typename coord_t, typename T>
-void plan_roi(RoIPlan<coord_t>& plan, const coord_t* roi, const std::vector<Level<T>>& levels,
-              const LevelRule& rule, int pooled_h, int pooled_w, int sampling_ratio, bool aligned) {
+void plan_roi(RoIPlan<coord_t>& plan, const coord_t* roi, const std::vector<Level<T>>& levels, const LevelRule& rule,
+              int pooled_h, int pooled_w, int sampling_ratio, bool aligned) {
   plan.batch = static_cast<int64_t>(roi[0]);
   plan.level = levels.size() == 1
-      ? 0
-      : roi::assign_level(static_cast<float>(roi[1]), static_cast<float>(roi[2]), static_cast<float>(roi[3]),
-                          static_cast<float>(roi[4]), rule.canonical_box_size, rule.canonical_level,
-                          rule.min_level, static_cast<int>(levels.size()));
+                   ? 0
+                   : roi::assign_level(static_cast<float>(roi[1]), static_cast<float>(roi[2]),
+                                       static_cast<float>(roi[3]), static_cast<float>(roi[4]), rule.canonical_box_size,
+                                       rule.canonical_level, rule.min_level, static_cast<int>(levels.size()));
   const auto& lv = levels[plan.level < 0 ? 0 : plan.level];
-  const auto g = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], static_cast<coord_t>(lv.scale),
-                                            pooled_h, pooled_w, sampling_ratio, aligned);
+  const auto g = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], static_cast<coord_t>(lv.scale), pooled_h,
+                                            pooled_w, sampling_ratio, aligned);
   const int grid_h = plan.level < 0 ? 0 : g.grid_h;
   plan.rows.build(g.start_y, g.bin_h, pooled_h, grid_h, lv.height);
   plan.cols.build(g.start_x, g.bin_w, pooled_w, g.grid_w, lv.width);
@@ -124,9 +124,8 @@ void plan_roi(RoIPlan<coord_t>& plan, const coord_t* roi, const std::vector<Leve
 }
 
 template <typename scalar_t>
-void forward_kernel(const std::vector<Level<const scalar_t>>& levels, const at::Tensor& rois,
-                    at::Tensor& output, const LevelRule& rule, int pooled_h, int pooled_w,
-                    int sampling_ratio, bool aligned) {
+void forward_kernel(const std::vector<Level<const scalar_t>>& levels, const at::Tensor& rois, at::Tensor& output,
+                    const LevelRule& rule, int pooled_h, int pooled_w, int sampling_ratio, bool aligned) {
   using acc_t = at::opmath_type<scalar_t>;
   using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t num_rois = rois.size(0);
@@ -164,9 +163,8 @@ void forward_kernel(const std::vector<Level<const scalar_t>>& levels, const at::
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_kernel(const std::vector<Level<acc_t>>& grad_levels, const at::Tensor& rois,
-                     const at::Tensor& grad, const LevelRule& rule, int pooled_h, int pooled_w,
-                     int sampling_ratio, bool aligned) {
+void backward_kernel(const std::vector<Level<acc_t>>& grad_levels, const at::Tensor& rois, const at::Tensor& grad,
+                     const LevelRule& rule, int pooled_h, int pooled_w, int sampling_ratio, bool aligned) {
   using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t num_rois = rois.size(0);
   const int64_t channels = grad.size(1);
@@ -215,8 +213,8 @@ void check_roi_values(const at::Tensor& rois, int64_t batch_size, const char* op
     for (int64_t k = 0; k < rois.size(0); ++k) {
       const scalar_t* roi = r + 5 * k;
       for (int j = 0; j < 5; ++j) {
-        TORCH_CHECK(std::isfinite(static_cast<double>(roi[j])), op, ": rois must be finite, but rois[", k,
-                    "] = (", roi[0], ", ", roi[1], ", ", roi[2], ", ", roi[3], ", ", roi[4], ")");
+        TORCH_CHECK(std::isfinite(static_cast<double>(roi[j])), op, ": rois must be finite, but rois[", k, "] = (",
+                    roi[0], ", ", roi[1], ", ", roi[2], ", ", roi[3], ", ", roi[4], ")");
       }
       // Truncated toward zero like torchvision, so (-1, B) is the valid range.
       TORCH_CHECK(roi[0] > scalar_t(-1) && roi[0] < static_cast<scalar_t>(batch_size), op, ": rois[", k,
@@ -225,12 +223,12 @@ void check_roi_values(const at::Tensor& rois, int64_t batch_size, const char* op
   });
 }
 
-
 template <typename T>
 std::vector<Level<T>> level_views(at::TensorList tensors, at::ArrayRef<double> scales) {
   std::vector<Level<T>> levels;
   for (size_t l = 0; l < tensors.size(); ++l)
-    levels.push_back({tensors[l].data_ptr<std::remove_const_t<T>>(), tensors[l].size(2), tensors[l].size(3), scales[l]});
+    levels.push_back({tensors[l].data_ptr<std::remove_const_t<T>>(), tensors[l].size(2), tensors[l].size(3),
+                      scales[l]});
   return levels;
 }
 

@@ -59,8 +59,8 @@ inline void check_roi_align_inputs(at::TensorList features, const at::Tensor& ro
   TORCH_CHECK(!features.empty(), op, ": features must hold at least one tensor");
   TORCH_CHECK(features.size() <= static_cast<size_t>(roi::kMaxLevels), op, ": at most ", roi::kMaxLevels,
               " feature levels are supported, got ", features.size());
-  TORCH_CHECK(scales.size() == features.size(), op, ": len(spatial_scales) must equal len(features) (",
-              features.size(), "), got ", scales.size());
+  TORCH_CHECK(scales.size() == features.size(), op, ": len(spatial_scales) must equal len(features) (", features.size(),
+              "), got ", scales.size());
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5, op, ": rois must be [K, 5], got ", rois.sizes());
   TORCH_CHECK(at::isFloatingType(rois.scalar_type()), op, ": rois must be floating point, got ", rois.scalar_type());
   const auto& first = features[0];
@@ -71,22 +71,20 @@ inline void check_roi_align_inputs(at::TensorList features, const at::Tensor& ro
                 rois.device());
     TORCH_CHECK(f.scalar_type() == first.scalar_type(), op, ": features[", l, "] has dtype ", f.scalar_type(),
                 ", features[0] has ", first.scalar_type());
-    TORCH_CHECK(f.size(0) == first.size(0) && f.size(1) == first.size(1), op, ": features[", l,
-                "] has batch/channels ", f.size(0), "/", f.size(1), ", features[0] has ", first.size(0), "/",
-                first.size(1));
+    TORCH_CHECK(f.size(0) == first.size(0) && f.size(1) == first.size(1), op, ": features[", l, "] has batch/channels ",
+                f.size(0), "/", f.size(1), ", features[0] has ", first.size(0), "/", first.size(1));
     TORCH_CHECK(scales[l] > 0 && std::isfinite(scales[l]), op, ": spatial_scales[", l, "] must be positive, got ",
                 scales[l]);
   }
 }
 
-inline void check_roi_align_backward_inputs(const at::Tensor& grad, const at::Tensor& rois,
-                                            at::ArrayRef<double> scales, at::IntArrayRef heights,
-                                            at::IntArrayRef widths, int64_t batch_size, int64_t channels,
-                                            int64_t sampling_ratio, const char* op) {
+inline void check_roi_align_backward_inputs(const at::Tensor& grad, const at::Tensor& rois, at::ArrayRef<double> scales,
+                                            at::IntArrayRef heights, at::IntArrayRef widths, int64_t batch_size,
+                                            int64_t channels, int64_t sampling_ratio, const char* op) {
   TORCH_CHECK(grad.dim() == 4, op, ": grad must be [K, C, PH, PW], got ", grad.sizes());
   check_sampling(grad.size(2), grad.size(3), sampling_ratio, op);
-  TORCH_CHECK(!heights.empty() && heights.size() <= static_cast<size_t>(roi::kMaxLevels), op,
-              ": between 1 and ", roi::kMaxLevels, " levels are supported, got ", heights.size());
+  TORCH_CHECK(!heights.empty() && heights.size() <= static_cast<size_t>(roi::kMaxLevels), op, ": between 1 and ",
+              roi::kMaxLevels, " levels are supported, got ", heights.size());
   TORCH_CHECK(heights.size() == widths.size() && heights.size() == scales.size(), op,
               ": heights, widths and spatial_scales must have one entry per level");
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == channels, op,

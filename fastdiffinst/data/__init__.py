@@ -6,8 +6,14 @@ of the command line.
 """
 
 from fastdiffinst.data.coco import DatasetError, InstanceDataset, read_image
-from fastdiffinst.data.loader import (InferenceSampler, RepeatFactorTrainingSampler, TrainingSampler, collate,
-                                      repeat_factors, train_loader)
+from fastdiffinst.data.loader import (
+                                      InferenceSampler,
+                                      RepeatFactorTrainingSampler,
+                                      TrainingSampler,
+                                      collate,
+                                      repeat_factors,
+                                      train_loader,
+)
 from fastdiffinst.data.sources import dataset_from_spec
 from fastdiffinst.data.transforms import eval_transform, official_train_transform
 

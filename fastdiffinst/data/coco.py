@@ -144,7 +144,7 @@ class InstanceDataset(Dataset):
 
     @classmethod
     def lvis(cls, annotation_file: str | os.PathLike, coco_root: str | os.PathLike,
-             transform: Callable[[dict], dict] | None = None) -> "InstanceDataset":
+             transform: Callable[[dict], dict] | None = None) -> InstanceDataset:
         """LVIS v1: images are found under ``coco_root`` from their ``coco_url`` (``split/name``)."""
         def file_name(image: dict) -> str:
             if "file_name" in image:

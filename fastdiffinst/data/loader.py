@@ -138,8 +138,7 @@ class PositionedSampler(Sampler[tuple[int, int]]):
         stream = iter(self.sampler)
         for _ in range(self.start):
             next(stream)
-        for position, index in enumerate(stream, start=self.start):
-            yield position, index
+        yield from enumerate(stream, start=self.start)
 
 
 def train_loader(dataset: Dataset, batch_size: int,

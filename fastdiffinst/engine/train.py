@@ -3,9 +3,9 @@ COCO evaluation, atomic checkpoints, exact resume, and DDP under ``torchrun``.
 
 Every random draw of iteration i is a function of ``(seed, i, rank)`` — the sampler's stream of
 sample positions, each sample's augmentation (seeded by its position in the stream,
-:func:`fastdiffinst.data.train_loader`) and the model's box draws — so a run killed and resumed from its last checkpoint ends in the same state
-as an uninterrupted one (single process; with workers too). SIGINT/SIGTERM save a checkpoint at
-the end of the current iteration and stop.
+:func:`fastdiffinst.data.train_loader`) and the model's box draws — so a run killed and resumed
+from its last checkpoint ends in the same state as an uninterrupted one (single process; with
+workers too). SIGINT/SIGTERM save a checkpoint at the end of the current iteration and stop.
 
 Files in ``--out``: ``last.pth`` (model, optimizer, scheduler, scaler, iteration, RNG states),
 ``best.pth`` (best segm AP), ``metrics.jsonl`` (one line per logged iteration and per evaluation),
@@ -208,7 +208,8 @@ class Trainer:
                                       generator=torch.Generator().manual_seed(0))
             count = len(self.val_set) if self.options.eval_limit is None else min(self.options.eval_limit,
                                                                                    len(self.val_set))
-            metrics = coco_metrics(self.val_set.annotation_file, results, [e["id"] for e in self.val_set.images[:count]])
+            metrics = coco_metrics(self.val_set.annotation_file, results,
+                                   [e["id"] for e in self.val_set.images[:count]])
             self.module.train()
             self._log({"iter": self.iteration, "eval": metrics})
             if metrics["segm"]["AP"] > self.best:
@@ -330,7 +331,8 @@ def plot_losses(metrics_file: Path, png: Path) -> bool:
     left.legend()
     if evals:
         for key in ("AP", "AP50"):
-            right.plot([r["iter"] for r in evals], [r["eval"]["segm"][key] for r in evals], marker="o", label=f"segm {key}")
+            right.plot([r["iter"] for r in evals], [r["eval"]["segm"][key] for r in evals], marker="o",
+                       label=f"segm {key}")
             right.plot([r["iter"] for r in evals], [r["eval"]["bbox"][key] for r in evals], marker="x", linestyle="--",
                        label=f"bbox {key}")
         right.legend()

@@ -17,19 +17,32 @@ from torch import Tensor, nn
 
 from fastdiffinst import ops
 from fastdiffinst.config import ModelConfig
-from fastdiffinst.modeling.dynamic_head import DynamicHead
 from fastdiffinst.modeling.corruption import noisy_proposals
+from fastdiffinst.modeling.dynamic_head import DynamicHead
 from fastdiffinst.modeling.fpn import FPN
 from fastdiffinst.modeling.losses import SetCriterion
-from fastdiffinst.modeling.matcher import Match
 from fastdiffinst.modeling.mask_branch import MaskBranch
+from fastdiffinst.modeling.matcher import Match
 from fastdiffinst.modeling.poolers import FusedRoIPooler, OfficialRoIPooler
-from fastdiffinst.modeling.postprocess import (Candidates, mask_chunk_size, paste_in_chunks, scale_and_clip_boxes,
-                                               select_detections, topk_candidates)
+from fastdiffinst.modeling.postprocess import (
+    Candidates,
+    mask_chunk_size,
+    paste_in_chunks,
+    scale_and_clip_boxes,
+    select_detections,
+    topk_candidates,
+)
 from fastdiffinst.modeling.resnet import ResNet
+from fastdiffinst.modeling.sampler import (
+    DrawFn,
+    DrawSource,
+    GeneratorDraws,
+    HeadOutput,
+    OfficialDraws,
+    SamplingStep,
+    ddim_sample,
+)
 from fastdiffinst.modeling.targets import TrainingTargets, prepare_targets
-from fastdiffinst.modeling.sampler import (DrawFn, DrawSource, GeneratorDraws, HeadOutput, OfficialDraws, SamplingStep,
-                                           ddim_sample)
 from fastdiffinst.reference import dynamic_mask_head as reference_mask_head
 from fastdiffinst.reference import masks as reference_masks
 from fastdiffinst.reference.box_diffusion import DiffusionSchedule, cosine_schedule

@@ -42,11 +42,11 @@ class Candidates:
     kernels: Tensor
     proposals: Tensor
 
-    def __getitem__(self, index: Tensor) -> "Candidates":
+    def __getitem__(self, index: Tensor) -> Candidates:
         return Candidates(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
     @staticmethod
-    def cat(parts: list["Candidates"]) -> "Candidates":
+    def cat(parts: list[Candidates]) -> Candidates:
         return Candidates(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Candidates)))
 
 

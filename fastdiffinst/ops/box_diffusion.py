@@ -20,8 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fastdiffinst import _extension
-from fastdiffinst import reference
+from fastdiffinst import _extension, reference
 from fastdiffinst.ops import _checks, _dispatch
 from fastdiffinst.reference.box_diffusion import NUM_TIMESTEPS
 

@@ -18,8 +18,6 @@ default on CUDA; on CPU tensors through the interpreter), ``"cpp"`` (the default
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -48,7 +46,7 @@ def num_params(in_channels: int, channels: int = 8, num_layers: int = 3, rel_coo
 
 
 def _check(op: str, mask_feats: Tensor, params: Tensor, image_index: Tensor, channels: int, num_layers: int,
-           rel_coords: RelCoords) -> tuple[int, int, Optional[Tensor], Optional[Tensor], int]:
+           rel_coords: RelCoords) -> tuple[int, int, Tensor | None, Tensor | None, int]:
     """Shapes, dtypes and devices (values are checked by the kernels); returns the normalised
     ``(channels, num_layers, inst_xy, inst_soi, mask_stride)``."""
     _checks.require_tensor(op, "mask_feats", mask_feats)
@@ -224,21 +222,21 @@ class DynamicMaskHead(nn.Module):
         self.mask_stride = _checks.integer(_OP, "mask_stride", mask_stride)
         self.num_params = num_params(self.in_channels, self.channels, self.num_layers, self.rel_coords)
 
-    def _coords(self, inst_xy: Optional[Tensor], soi: Optional[Tensor]) -> RelCoords:
+    def _coords(self, inst_xy: Tensor | None, soi: Tensor | None) -> RelCoords:
         given = (inst_xy is not None, soi is not None)
         if given != (self.rel_coords, self.rel_coords):
             raise ValueError(f"{_OP}: this head was built with rel_coords={self.rel_coords}; pass inst_xy and soi "
                              f"{'both' if self.rel_coords else 'neither'}")
         return (inst_xy, soi, self.mask_stride) if self.rel_coords else None
 
-    def forward(self, mask_feats: Tensor, params: Tensor, image_index: Tensor, inst_xy: Optional[Tensor] = None,
-                soi: Optional[Tensor] = None, sigmoid: bool = False) -> Tensor:
+    def forward(self, mask_feats: Tensor, params: Tensor, image_index: Tensor, inst_xy: Tensor | None = None,
+                soi: Tensor | None = None, sigmoid: bool = False) -> Tensor:
         """``[N, H, W]`` logits (probabilities with ``sigmoid``)."""
         return dynamic_mask_head(mask_feats, params, image_index, channels=self.channels, num_layers=self.num_layers,
                                  rel_coords=self._coords(inst_xy, soi), sigmoid=sigmoid)
 
     def dice_sums(self, mask_feats: Tensor, params: Tensor, image_index: Tensor, gt_masks: Tensor, gt_index: Tensor,
-                  inst_xy: Optional[Tensor] = None, soi: Optional[Tensor] = None) -> Tensor:
+                  inst_xy: Tensor | None = None, soi: Tensor | None = None) -> Tensor:
         """``[N, 3]`` fused dice sums (:func:`dynamic_mask_dice_sums`)."""
         return dynamic_mask_dice_sums(mask_feats, params, image_index, gt_masks, gt_index, channels=self.channels,
                                       num_layers=self.num_layers, rel_coords=self._coords(inst_xy, soi))
@@ -345,14 +343,14 @@ def _define_triton_ops() -> None:
         return None if inst_xy is None else (inst_xy, inst_soi, mask_stride)
 
     @torch.library.custom_op("fastdiffinst::dynamic_mask_head_triton", mutates_args=())
-    def head(mask_feats: Tensor, params: Tensor, image_index: Tensor, inst_xy: Optional[Tensor],
-             inst_soi: Optional[Tensor], mask_stride: int, channels: int, num_layers: int, sigmoid: bool) -> Tensor:
+    def head(mask_feats: Tensor, params: Tensor, image_index: Tensor, inst_xy: Tensor | None,
+             inst_soi: Tensor | None, mask_stride: int, channels: int, num_layers: int, sigmoid: bool) -> Tensor:
         return kernels.forward(mask_feats, params, image_index, coords(inst_xy, inst_soi, mask_stride), channels,
                                num_layers, sigmoid)
 
     @torch.library.custom_op("fastdiffinst::_dynamic_mask_head_triton_backward", mutates_args=())
-    def head_backward(grad: Tensor, mask_feats: Tensor, params: Tensor, image_index: Tensor, inst_xy: Optional[Tensor],
-                      inst_soi: Optional[Tensor], mask_stride: int, channels: int, num_layers: int,
+    def head_backward(grad: Tensor, mask_feats: Tensor, params: Tensor, image_index: Tensor, inst_xy: Tensor | None,
+                      inst_soi: Tensor | None, mask_stride: int, channels: int, num_layers: int,
                       sigmoid: bool) -> tuple[Tensor, Tensor]:
         up = kernels.PROBS if sigmoid else kernels.LOGITS
         return kernels.backward(grad.to(mask_feats.dtype), up, mask_feats, params, image_index, None, None,
@@ -361,14 +359,14 @@ def _define_triton_ops() -> None:
 
     @torch.library.custom_op("fastdiffinst::dynamic_mask_dice_sums_triton", mutates_args=())
     def dice(mask_feats: Tensor, params: Tensor, image_index: Tensor, gt_masks: Tensor, gt_index: Tensor,
-             inst_xy: Optional[Tensor], inst_soi: Optional[Tensor], mask_stride: int, channels: int,
+             inst_xy: Tensor | None, inst_soi: Tensor | None, mask_stride: int, channels: int,
              num_layers: int) -> Tensor:
         return kernels.dice_sums(mask_feats, params, image_index, gt_masks, gt_index,
                                  coords(inst_xy, inst_soi, mask_stride), channels, num_layers)
 
     @torch.library.custom_op("fastdiffinst::_dynamic_mask_dice_sums_triton_backward", mutates_args=())
     def dice_backward(grad_sums: Tensor, mask_feats: Tensor, params: Tensor, image_index: Tensor, gt_masks: Tensor,
-                      gt_index: Tensor, inst_xy: Optional[Tensor], inst_soi: Optional[Tensor], mask_stride: int,
+                      gt_index: Tensor, inst_xy: Tensor | None, inst_soi: Tensor | None, mask_stride: int,
                       channels: int, num_layers: int) -> tuple[Tensor, Tensor]:
         acc = torch.float64 if mask_feats.dtype == torch.float64 else torch.float32
         return kernels.backward(grad_sums.to(acc), kernels.DICE, mask_feats, params, image_index, gt_masks, gt_index,

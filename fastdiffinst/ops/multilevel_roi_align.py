@@ -14,8 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fastdiffinst import _extension
-from fastdiffinst import reference
+from fastdiffinst import _extension, reference
 from fastdiffinst.ops import _checks, _dispatch
 from fastdiffinst.reference.levels import level_range
 
@@ -153,7 +152,8 @@ def _register() -> None:
     @torch.library.register_fake("fastdiffinst::_multilevel_roi_align_backward")
     def _backward_fake(grad, rois, spatial_scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
                        canonical_box_size, canonical_level):
-        return [torch.empty((batch_size, channels, h, w), dtype=grad.dtype, device=grad.device) for h, w in zip(heights, widths)]
+        return [torch.empty((batch_size, channels, h, w), dtype=grad.dtype, device=grad.device)
+                for h, w in zip(heights, widths)]
 
     def setup_context(ctx, inputs, output):
         features, rois, spatial_scales, pooled_height, pooled_width, sampling_ratio, aligned, box_size, level = inputs

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from fastdiffinst import _extension
-from fastdiffinst import reference
+from fastdiffinst import _extension, reference
 from fastdiffinst.ops import _checks, _dispatch
 
 _OP = "roi_align"
@@ -59,7 +58,8 @@ def roi_align(
         return reference.roi_align(input, rois, (pooled_h, pooled_w), spatial_scale, sampling_ratio, bool(aligned))
     if input.device.type != "cpu" and _dispatch.input_checks_enabled():
         _checks.check_roi_values(_OP, rois, input.shape[0])
-    return torch.ops.fastdiffinst.roi_align(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, bool(aligned))
+    return torch.ops.fastdiffinst.roi_align(input, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio,
+                                            bool(aligned))
 
 
 class RoIAlign(nn.Module):

@@ -11,8 +11,6 @@ Parameter layout (AdelaiDet ``parse_dynamic_params``): all weights, then all bia
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -20,12 +18,13 @@ from torch import Tensor
 COORD_CHANNELS = 2
 
 # rel_coords: (inst_xy [N, 2] image coordinates, soi [N] sizes of interest, mask_stride)
-RelCoords = Optional[tuple[Tensor, Tensor, int]]
+RelCoords = tuple[Tensor, Tensor, int] | None
 
 
 def layer_shapes(inputs: int, channels: int, num_layers: int) -> list[tuple[int, int]]:
     """``(out, in)`` of every layer: ``inputs -> channels -> ... -> 1``."""
-    return [(1 if l == num_layers - 1 else channels, inputs if l == 0 else channels) for l in range(num_layers)]
+    return [(1 if layer == num_layers - 1 else channels, inputs if layer == 0 else channels)
+            for layer in range(num_layers)]
 
 
 def num_params(inputs: int, channels: int, num_layers: int) -> int:
@@ -108,11 +107,11 @@ def dynamic_mask_head(mask_feats: Tensor, params: Tensor, image_index: Tensor, *
         if coords is not None:
             x = torch.cat([coords[members], x], dim=1)
         x = x.reshape(1, n * inputs, height, width)
-        for l in range(num_layers):
-            w = weights[l][members]
+        for layer in range(num_layers):
+            w = weights[layer][members]
             out_ch, in_ch = w.shape[1], w.shape[2]
-            x = F.conv2d(x, w.reshape(n * out_ch, in_ch, 1, 1), biases[l][members].reshape(-1), groups=n)
-            if l < num_layers - 1:
+            x = F.conv2d(x, w.reshape(n * out_ch, in_ch, 1, 1), biases[layer][members].reshape(-1), groups=n)
+            if layer < num_layers - 1:
                 x = F.relu(x)
         pieces.append((members, x.reshape(n, height, width)))
     if pieces:
@@ -138,9 +137,9 @@ def dynamic_mask_head_bmm(mask_feats: Tensor, params: Tensor, image_index: Tenso
     if rel_coords is not None:
         inst_xy, soi, stride = rel_coords
         x = torch.cat([relative_coords(inst_xy, soi, height, width, stride, acc).flatten(2), x], dim=1)
-    for l in range(num_layers):
-        x = torch.baddbmm(biases[l].unsqueeze(2), weights[l], x)
-        if l < num_layers - 1:
+    for layer in range(num_layers):
+        x = torch.baddbmm(biases[layer].unsqueeze(2), weights[layer], x)
+        if layer < num_layers - 1:
             x = F.relu(x)
     return x.reshape(-1, height, width).to(mask_feats.dtype)
 

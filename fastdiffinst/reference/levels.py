@@ -25,7 +25,8 @@ def level_range(spatial_scales: Sequence[float]) -> tuple[int, int]:
             raise ValueError(f"spatial_scales[{i}] must be a power of two (1/2^k), got {s!r}")
         levels.append(round(level))
     if any(b != a + 1 for a, b in zip(levels, levels[1:])):
-        raise ValueError(f"spatial_scales must be consecutive powers of two from fine to coarse, got {list(spatial_scales)}")
+        raise ValueError(f"spatial_scales must be consecutive powers of two from fine to coarse, "
+                         f"got {list(spatial_scales)}")
     return levels[0], levels[-1]
 
 

@@ -5,7 +5,6 @@ multi-level ``ROIPooler`` (per-level loop): the parity oracle and the fallback o
 
 from __future__ import annotations
 
-
 import math
 
 import torch
@@ -60,8 +59,8 @@ def _roi_align_chunk(feats: Tensor, rois: Tensor, pooled_h: int, pooled_w: int, 
         p = torch.arange(pooled, dtype=coord_dtype, device=feats.device)
         i = torch.arange(max_grid, dtype=coord_dtype, device=feats.device)
         g = grid[:, None, None].clamp(min=1.0)
-        coords = start[:, None, None] + p[None, :, None] * bin_size[:, None, None] + (i[None, None, :] + 0.5) * bin_size[
-            :, None, None] / g
+        coords = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
+                  + (i[None, None, :] + 0.5) * bin_size[:, None, None] / g)
         return coords, i[None, None, :] < grid[:, None, None]  # [k, pooled, max_grid]
 
     ys, in_grid_y = samples(y1, bin_h, grid_h, pooled_h, max_gh)
@@ -104,7 +103,8 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial
     per_roi = input.shape[1] * pooled_h * pooled_w * grid**2
     step = max(1, _CHUNK_ELEMENTS // max(per_roi, 1))
     chunks = [
-        _roi_align_chunk(input, rois[i:i + step], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned, coord_dtype)
+        _roi_align_chunk(input, rois[i:i + step], pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned,
+                         coord_dtype)
         for i in range(0, k, step)
     ]
     return torch.cat(chunks) if len(chunks) > 1 else chunks[0]

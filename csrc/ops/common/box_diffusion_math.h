@@ -52,8 +52,7 @@ C10_HOST_DEVICE inline void placeholder_box(const double* draw, double* out) {
 // q(x_t | x0): x_t = sqrt(ᾱ_t)·x0' + sqrt(1 - ᾱ_t)·ε with x0' = (x0·2 - 1)·scale; returned as an
 // absolute xyxy box.
 C10_HOST_DEVICE inline void q_sample_box(const double* x0, const double* noise, double sqrt_alpha,
-                                         double sqrt_one_minus_alpha, double scale, const double* whwh,
-                                         double* out) {
+                                         double sqrt_one_minus_alpha, double scale, const double* whwh, double* out) {
   double x[4];
   for (int j = 0; j < 4; ++j) x[j] = sqrt_alpha * ((x0[j] * 2.0 - 1.0) * scale) + sqrt_one_minus_alpha * noise[j];
   signal_to_box(x, whwh, scale, out);
@@ -61,11 +60,11 @@ C10_HOST_DEVICE inline void q_sample_box(const double* x0, const double* noise, 
 
 // Coefficients of one DDIM step from ᾱ_t to ᾱ_next with stochasticity eta.
 struct DDIMCoefficients {
-  double sqrt_recip_alpha;    // sqrt(1 / ᾱ_t)
+  double sqrt_recip_alpha;        // sqrt(1 / ᾱ_t)
   double inv_sqrt_recipm1_alpha;  // 1 / sqrt(1 / ᾱ_t - 1)
-  double sqrt_alpha_next;     // sqrt(ᾱ_next)
-  double c;                   // sqrt(1 - ᾱ_next - σ²)
-  double sigma;               // η·sqrt((1 - ᾱ_t/ᾱ_next)(1 - ᾱ_next)/(1 - ᾱ_t))
+  double sqrt_alpha_next;         // sqrt(ᾱ_next)
+  double c;                       // sqrt(1 - ᾱ_next - σ²)
+  double sigma;                   // η·sqrt((1 - ᾱ_t/ᾱ_next)(1 - ᾱ_next)/(1 - ᾱ_t))
 };
 
 C10_HOST_DEVICE inline DDIMCoefficients ddim_coefficients(double alpha, double alpha_next, double eta) {
@@ -79,8 +78,8 @@ C10_HOST_DEVICE inline DDIMCoefficients ddim_coefficients(double alpha, double a
 }
 
 // ε̂ = (sqrt(1/ᾱ_t)·x_t - x̂0) / sqrt(1/ᾱ_t - 1), then x_next = sqrt(ᾱ_next)·x̂0 + c·ε̂ + σ·z.
-C10_HOST_DEVICE inline void ddim_update(const double* x_t, const double* x0, const double* z,
-                                        const DDIMCoefficients& k, double* out) {
+C10_HOST_DEVICE inline void ddim_update(const double* x_t, const double* x0, const double* z, const DDIMCoefficients& k,
+                                        double* out) {
   for (int j = 0; j < 4; ++j) {
     const double eps = (k.sqrt_recip_alpha * x_t[j] - x0[j]) * k.inv_sqrt_recipm1_alpha;
     out[j] = x0[j] * k.sqrt_alpha_next + k.c * eps + k.sigma * z[j];

@@ -6,8 +6,7 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
 #define FASTDIFFINST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 // Also AVX-512 (x86-64-v4): for loops that gain from its 32 vector registers.
-#define FASTDIFFINST_CPU_CLONES_AVX512 \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define FASTDIFFINST_CPU_CLONES_AVX512 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTDIFFINST_CPU_CLONES
 #define FASTDIFFINST_CPU_CLONES_AVX512

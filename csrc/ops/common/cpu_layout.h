@@ -22,8 +22,7 @@ inline at::Tensor channels_last_workspace(size_t slot, at::IntArrayRef sizes, co
   if (workspaces.size() <= slot) workspaces.resize(slot + 1);
   auto& workspace = workspaces[slot];
   const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(options.dtype().itemsize());
-  if (!workspace.defined() || workspace.numel() < bytes)
-    workspace = at::empty({bytes}, options.dtype(at::kByte));
+  if (!workspace.defined() || workspace.numel() < bytes) workspace = at::empty({bytes}, options.dtype(at::kByte));
   const std::vector<int64_t> strides = {sizes[1] * sizes[2] * sizes[3], 1, sizes[3] * sizes[1], sizes[1]};
   return at::from_blob(workspace.data_ptr(), sizes, strides, options);
 }

@@ -11,7 +11,7 @@ namespace mask_head {
 constexpr int kMaxChannels = 16;         // hidden width
 constexpr int kMaxFeatureChannels = 64;  // mask-feature channels
 constexpr int kMaxLayers = 4;
-constexpr int kCoordChannels = 2;        // CondInst's relative coordinates (x, y), before the features
+constexpr int kCoordChannels = 2;  // CondInst's relative coordinates (x, y), before the features
 constexpr int kMaxInputs = kMaxFeatureChannels + kCoordChannels;
 
 // Flat parameters of one instance, AdelaiDet order: all weights, then all biases,

@@ -43,9 +43,9 @@ C10_HOST_DEVICE inline int adaptive_grid(coord_t roi_extent, int pooled, int sam
 }
 
 template <typename coord_t>
-C10_HOST_DEVICE inline RoIGeometry<coord_t> roi_geometry(
-    coord_t x1, coord_t y1, coord_t x2, coord_t y2, coord_t spatial_scale, int pooled_h,
-    int pooled_w, int sampling_ratio, bool aligned) {
+C10_HOST_DEVICE inline RoIGeometry<coord_t> roi_geometry(coord_t x1, coord_t y1, coord_t x2, coord_t y2,
+                                                         coord_t spatial_scale, int pooled_h, int pooled_w,
+                                                         int sampling_ratio, bool aligned) {
   const coord_t offset = aligned ? coord_t(0.5) : coord_t(0);
   RoIGeometry<coord_t> g;
   g.start_x = x1 * spatial_scale - offset;
@@ -70,7 +70,7 @@ C10_HOST_DEVICE inline RoIGeometry<coord_t> roi_geometry(
 template <typename coord_t>
 C10_HOST_DEVICE inline coord_t sample_coord(coord_t start, coord_t bin_size, int bin, int i, int grid) {
   return start + static_cast<coord_t>(bin) * bin_size +
-      (static_cast<coord_t>(i) + coord_t(0.5)) * bin_size / static_cast<coord_t>(grid);
+         (static_cast<coord_t>(i) + coord_t(0.5)) * bin_size / static_cast<coord_t>(grid);
 }
 
 // The samples [first, last) of bin `bin` along one axis that can fall inside [-1, size]: the
@@ -132,9 +132,8 @@ C10_HOST_DEVICE inline AxisTaps<coord_t> axis_taps(coord_t v, int64_t size) {
 //   [min_level, min_level + num_levels - 1]; returns the index into the feature list.
 // A box with a NaN level (one reversed side: negative area; NaN coordinates) matches no level in
 // detectron2 and its output row stays zero: returned as -1.
-C10_HOST_DEVICE inline int assign_level(
-    float x1, float y1, float x2, float y2, int canonical_box_size, int canonical_level,
-    int min_level, int num_levels) {
+C10_HOST_DEVICE inline int assign_level(float x1, float y1, float x2, float y2, int canonical_box_size,
+                                        int canonical_level, int min_level, int num_levels) {
   const float area = (x2 - x1) * (y2 - y1);
   const float size = sqrtf(area);
   const float level =

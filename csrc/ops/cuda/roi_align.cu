@@ -40,8 +40,7 @@ struct LevelTable {
 };
 
 template <typename T>
-LevelTable<T> make_table(const std::vector<at::Tensor>& tensors, at::ArrayRef<double> scales,
-                         const LevelRule& rule) {
+LevelTable<T> make_table(const std::vector<at::Tensor>& tensors, at::ArrayRef<double> scales, const LevelRule& rule) {
   LevelTable<T> t{};
   t.num_levels = static_cast<int>(tensors.size());
   for (int l = 0; l < t.num_levels; ++l) {
@@ -76,16 +75,16 @@ __device__ inline BinLocation<coord_t> locate_bin(const LevelTable<T>& levels, c
   const coord_t* roi = rois + 5 * (idx / (int64_t(pooled_w) * pooled_h * channels));
   // Truncated toward zero like torchvision, so (-1, B) is the valid range; NaN is not.
   loc.batch = roi[0] > coord_t(-1) && roi[0] < static_cast<coord_t>(batch) ? static_cast<int64_t>(roi[0]) : -1;
-  loc.level = levels.num_levels == 1
-      ? 0
-      : roi::assign_level(float(roi[1]), float(roi[2]), float(roi[3]), float(roi[4]), levels.canonical_box_size,
-                          levels.canonical_level, levels.min_level, levels.num_levels);
+  loc.level = levels.num_levels == 1 ? 0
+                                     : roi::assign_level(float(roi[1]), float(roi[2]), float(roi[3]), float(roi[4]),
+                                                         levels.canonical_box_size, levels.canonical_level,
+                                                         levels.min_level, levels.num_levels);
   if (loc.level < 0) {  // matches no level (detectron2): a zero row, no gradient
     loc.batch = -1;
     loc.level = 0;
   }
-  loc.geometry = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], coord_t(levels.scale[loc.level]),
-                                            pooled_h, pooled_w, sampling_ratio, aligned);
+  loc.geometry = roi::roi_geometry<coord_t>(roi[1], roi[2], roi[3], roi[4], coord_t(levels.scale[loc.level]), pooled_h,
+                                            pooled_w, sampling_ratio, aligned);
   return loc;
 }
 
@@ -182,7 +181,6 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, LevelTable<ty
   }
 }
 
-
 at::Tensor multilevel_forward_cuda(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
                                    int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                                    int64_t canonical_box_size, int64_t canonical_level, const char* op) {
@@ -199,9 +197,9 @@ at::Tensor multilevel_forward_cuda(at::TensorList features, const at::Tensor& ro
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_forward", [&] {
     using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     forward_kernel<scalar_t, coord_t><<<blocks_for(output.numel()), kThreads, 0, stream>>>(
-        make_table<const scalar_t>(nchw, scales, rule), r.data_ptr<coord_t>(), r.size(0), first.size(0),
-        first.size(1), static_cast<int>(pooled_h), static_cast<int>(pooled_w), static_cast<int>(sampling_ratio),
-        aligned, output.data_ptr<scalar_t>());
+        make_table<const scalar_t>(nchw, scales, rule), r.data_ptr<coord_t>(), r.size(0), first.size(0), first.size(1),
+        static_cast<int>(pooled_h), static_cast<int>(pooled_w), static_cast<int>(sampling_ratio), aligned,
+        output.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return output;
@@ -244,8 +242,7 @@ std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const a
         backward_kernel<scalar_t, coord_t, Sink><<<blocks_for(g.numel()), kThreads, 0, stream>>>(
             g.data_ptr<scalar_t>(), make_table<typename Sink::storage_t>(sinks, scales, rule), r.data_ptr<coord_t>(),
             r.size(0), batch_size, channels, static_cast<int>(g.size(2)), static_cast<int>(g.size(3)),
-            static_cast<int>(sampling_ratio), aligned,
-            deterministic ? fixed_point_scale.data_ptr<double>() : nullptr);
+            static_cast<int>(sampling_ratio), aligned, deterministic ? fixed_point_scale.data_ptr<double>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (deterministic) {
@@ -258,8 +255,8 @@ std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const a
   std::vector<at::Tensor> grads;
   for (auto& s : sinks) {
     at::Tensor gl = s;
-    if (deterministic) gl = fixed_point_scale.defined() ? (s.to(at::kDouble) / fixed_point_scale.clamp_min(1e-300))
-                                                        : s.to(at::kDouble);
+    if (deterministic)
+      gl = fixed_point_scale.defined() ? (s.to(at::kDouble) / fixed_point_scale.clamp_min(1e-300)) : s.to(at::kDouble);
     grads.push_back(gl.to(grad.scalar_type()));
   }
   return grads;
