@@ -20,11 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.harness import comparison_row, rate_note, time_fn
+from fastdiffinst.common.boxes import box_cxcywh_to_xyxy
+from fastdiffinst.common.diffusion import DiffusionSchedule, cosine_schedule
 from fastdiffinst.ops import ddim_step_boxes, draw_ddim_noise, draw_q_sample_inputs, q_sample_boxes
 from fastdiffinst.reference import box_diffusion as bd
 
 SCALE = 2.0
-SCHEDULE = bd.cosine_schedule()
+SCHEDULE = cosine_schedule()
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,8 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
     rows = []
     sa, s1a, ac = (x.to(device) for x in (SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod,
                                           SCHEDULE.alphas_cumprod))
-    schedule = bd.DiffusionSchedule(**{k: getattr(SCHEDULE, k).to(device)
-                                       for k in bd.DiffusionSchedule.__dataclass_fields__})
+    schedule = DiffusionSchedule(**{k: getattr(SCHEDULE, k).to(device)
+                                       for k in DiffusionSchedule.__dataclass_fields__})
 
     for batch in sizes.q_sample_batches:
         counts, boxes, padded, whwh = _gt_lists(batch, generator)
@@ -88,7 +90,7 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
     for batch in sizes.ddim_batches:
         whwh = torch.tensor([[1216.0, 800.0, 1216.0, 800.0]] * batch, device=device)
         x_t = torch.randn(batch, num, 4, generator=generator).to(device)
-        pred = (bd.box_cxcywh_to_xyxy(torch.rand(batch, num, 4, generator=generator) * 0.6 + 0.2)
+        pred = (box_cxcywh_to_xyxy(torch.rand(batch, num, 4, generator=generator) * 0.6 + 0.2)
                 .to(device) * whwh[:, None])
         keep = (torch.rand(batch, num, generator=generator) < 0.5).to(device)
         noise, renew = draw_ddim_noise(batch, num, generator, device=device)

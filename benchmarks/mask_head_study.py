@@ -30,7 +30,7 @@ from benchmarks.harness import (
     rss_bytes,
     time_fn,
 )
-from fastdiffinst.ops import dynamic_mask_dice_sums, dynamic_mask_head
+from fastdiffinst.ops import dice_loss_from_sums, dynamic_mask_dice_sums, dynamic_mask_head
 from fastdiffinst.reference import dynamic_mask_head as ref
 
 CHANNELS = 8
@@ -140,7 +140,7 @@ def _training_pass(variant: str, feats, params, image_index, gt, gt_index) -> No
     else:
         head = ref.dynamic_mask_head if variant == "official grouped conv" else ref.dynamic_mask_head_bmm
         sums = ref.dice_sums(head(f, p, image_index).sigmoid(), gt, gt_index)
-    ref.dice_loss_from_sums(sums).sum().backward()
+    dice_loss_from_sums(sums).sum().backward()
 
 
 def training_pass_peak(variant: str, n: int, size: list[int], device: str) -> dict:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.harness import comparison_row, rate_note, time_fn
+from fastdiffinst.common.levels import assign_fpn_levels
 from fastdiffinst.ops import multilevel_roi_align, roi_align
-from fastdiffinst.reference import assign_fpn_levels
 
 SCALES = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
 OUTPUT, SAMPLING = 7, 2

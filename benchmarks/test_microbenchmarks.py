@@ -19,6 +19,8 @@ import torch
 
 from benchmarks.roi_align_study import SCALES, detection_boxes, torchvision_pooler
 from fastdiffinst import ops
+from fastdiffinst.common.boxes import box_cxcywh_to_xyxy
+from fastdiffinst.common.diffusion import DiffusionSchedule, cosine_schedule
 from fastdiffinst.reference import box_diffusion as bd
 from fastdiffinst.reference import dynamic_mask_head as ref_head
 
@@ -113,10 +115,10 @@ def test_dynamic_mask_head_forward_backward(benchmark, mask_inputs, impl):
 def test_ddim_step_boxes(benchmark, impl):
     g = torch.Generator().manual_seed(0)
     batch, num = 4, 500
-    schedule = bd.cosine_schedule()
+    schedule = cosine_schedule()
     whwh = torch.tensor([[608.0, 400.0, 608.0, 400.0]] * batch)
     x_t = torch.randn(batch, num, 4, generator=g)
-    pred = bd.box_cxcywh_to_xyxy(torch.rand(batch, num, 4, generator=g) * 0.6 + 0.2) * whwh[:, None]
+    pred = box_cxcywh_to_xyxy(torch.rand(batch, num, 4, generator=g) * 0.6 + 0.2) * whwh[:, None]
     keep = torch.rand(batch, num, generator=g) < 0.5
     noise, renew = ops.draw_ddim_noise(batch, num, g)
     tensors = [t.to(DEVICE) for t in (x_t, pred, whwh, keep, noise, renew)]
@@ -128,8 +130,8 @@ def test_ddim_step_boxes(benchmark, impl):
         def fn():
             return ops.ddim_step_boxes(x_t, pred, whwh, keep, 999, 749, alphas, 1.0, 2.0, noise, renew)
     else:
-        sched = bd.DiffusionSchedule(**{k: getattr(schedule, k).to(DEVICE)
-                                        for k in bd.DiffusionSchedule.__dataclass_fields__})
+        sched = DiffusionSchedule(**{k: getattr(schedule, k).to(DEVICE)
+                                        for k in DiffusionSchedule.__dataclass_fields__})
 
         def fn():
             return [bd.official_ddim_step(x_t[b:b + 1], pred[b:b + 1], whwh[b:b + 1], keep[b], 999, 749, sched, 1.0,

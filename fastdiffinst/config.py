@@ -25,9 +25,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastdiffinst.common.diffusion import NUM_TIMESTEPS
 from fastdiffinst.ops.dynamic_mask_head import MAX_CHANNELS as MAX_MASK_HEAD_CHANNELS
 from fastdiffinst.ops.dynamic_mask_head import MAX_LAYERS as MAX_MASK_HEAD_LAYERS
-from fastdiffinst.reference.box_diffusion import NUM_TIMESTEPS
 
 # torchvision's ImageNet statistics on the 0-255 scale, RGB (docs/official-model.md §1.1).
 PIXEL_MEAN = (123.675, 116.280, 103.530)

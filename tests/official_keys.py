@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from fastdiffinst.checkpoint import SCHEDULE_BUFFERS
-from fastdiffinst.reference.box_diffusion import cosine_schedule
+from fastdiffinst.common.diffusion import cosine_schedule
 
 
 def resnet_keys(blocks: list[int]) -> dict[str, tuple]:

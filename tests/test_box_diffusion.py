@@ -8,12 +8,14 @@ import torch
 
 import fastdiffinst.ops as fops
 from conftest import devices
+from fastdiffinst.common.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, boxes_to_signal, signal_to_boxes
+from fastdiffinst.common.diffusion import DiffusionSchedule, cosine_schedule, ddim_time_pairs
 from fastdiffinst.reference import box_diffusion as bd
 from model_fixture import fixture as golden_fixture
 from utils import deterministic_with_nan_fill
 
 native = torch.ops.fastdiffinst
-SCHEDULE = bd.cosine_schedule()
+SCHEDULE = cosine_schedule()
 SCALE = 2.0
 
 
@@ -47,26 +49,26 @@ def test_schedule_equals_official_buffers(fixture):
     relative (1.3e-15 absolute for ``betas``), measured over 40 random trials; the tolerance is 5×
     that."""
     state = fixture["state_dict"]
-    for name in bd.DiffusionSchedule.__dataclass_fields__:
+    for name in DiffusionSchedule.__dataclass_fields__:
         torch.testing.assert_close(getattr(SCHEDULE, name), state[name], rtol=5e-11, atol=5e-15, msg=name)
 
 
 def test_ddim_time_pairs():
-    assert bd.ddim_time_pairs(1) == [(999, -1)]
-    assert bd.ddim_time_pairs(4) == [(999, 749), (749, 499), (499, 249), (249, -1)]
+    assert ddim_time_pairs(1) == [(999, -1)]
+    assert ddim_time_pairs(4) == [(999, 749), (749, 499), (499, 249), (249, -1)]
     with pytest.raises(ValueError, match="sampling_steps"):
-        bd.ddim_time_pairs(0)
+        ddim_time_pairs(0)
 
 
 def test_box_conversions_round_trip():
     g = torch.Generator().manual_seed(1)
     boxes = torch.rand(7, 4, generator=g, dtype=torch.float64)
-    xyxy = bd.box_cxcywh_to_xyxy(boxes)
+    xyxy = box_cxcywh_to_xyxy(boxes)
     torch.testing.assert_close(xyxy[:, 2] - xyxy[:, 0], boxes[:, 2])
-    torch.testing.assert_close(bd.box_xyxy_to_cxcywh(xyxy), boxes)
+    torch.testing.assert_close(box_xyxy_to_cxcywh(xyxy), boxes)
     whwh = torch.tensor([[90.0, 60.0, 90.0, 60.0]], dtype=torch.float64)
-    inside = bd.box_cxcywh_to_xyxy(torch.tensor([[[0.5, 0.5, 0.4, 0.2]]], dtype=torch.float64)) * whwh[:, None]
-    torch.testing.assert_close(bd.signal_to_boxes(bd.boxes_to_signal(inside, whwh), whwh), inside)
+    inside = box_cxcywh_to_xyxy(torch.tensor([[[0.5, 0.5, 0.4, 0.2]]], dtype=torch.float64)) * whwh[:, None]
+    torch.testing.assert_close(signal_to_boxes(boxes_to_signal(inside, whwh), whwh), inside)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,9 +82,9 @@ def make_gt(counts, max_gt, generator, dtype=torch.float32):
     for b, (count, (w, h)) in enumerate(zip(counts, sizes)):
         cxcywh = torch.rand(count, 4, generator=generator, dtype=torch.float64) * 0.5 + 0.2
         whwh = torch.tensor([w, h, w, h], dtype=torch.float64)
-        xyxy = (bd.box_cxcywh_to_xyxy(cxcywh) * whwh).to(dtype)
+        xyxy = (box_cxcywh_to_xyxy(cxcywh) * whwh).to(dtype)
         per_image.append(xyxy)
-        padded[b, :count] = bd.box_xyxy_to_cxcywh(xyxy / whwh.to(dtype))
+        padded[b, :count] = box_xyxy_to_cxcywh(xyxy / whwh.to(dtype))
     whwh = torch.tensor([[w, h, w, h] for w, h in sizes], dtype=dtype)
     return per_image, sizes, padded, whwh
 
@@ -90,7 +92,7 @@ def make_gt(counts, max_gt, generator, dtype=torch.float32):
 def official_batch(per_image, sizes, draws, num_proposals):
     """The official per-image formulation on the same draws."""
     whwh = torch.tensor([[w, h, w, h] for w, h in sizes])
-    gt = [bd.box_xyxy_to_cxcywh(boxes / whwh[b]) for b, boxes in enumerate(per_image)]
+    gt = [box_xyxy_to_cxcywh(boxes / whwh[b]) for b, boxes in enumerate(per_image)]
     return bd.official_training_boxes(gt, whwh, num_proposals, draws.t, draws.noise, draws.placeholder_noise,
                                       draws.select_index, SCHEDULE, SCALE)
 
@@ -128,14 +130,14 @@ def test_q_sample_matches_golden_fixture(fixture):
     t, noise, placeholder = torch.zeros(2, dtype=torch.int64), torch.zeros(2, n, 4), torch.zeros(2, n, 4)
     select = torch.full((2, n), -1, dtype=torch.int64)
     for b, inp in enumerate(train["inputs"]):
-        padded[b, :counts[b]] = bd.box_xyxy_to_cxcywh(inp["gt_boxes_xyxy"] / whwh[b])
+        padded[b, :counts[b]] = box_xyxy_to_cxcywh(inp["gt_boxes_xyxy"] / whwh[b])
         t[b], noise[b], placeholder[b, counts[b]:] = draws[3 * b], draws[3 * b + 1], draws[3 * b + 2]
         select[b, :counts[b]] = torch.arange(counts[b])
     ours = fops.q_sample_boxes(padded, torch.tensor(counts), t, noise, placeholder, select,
                                SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE, whwh)
     torch.testing.assert_close(t, train["head_call"]["in_t"])
     torch.testing.assert_close(ours, train["head_call"]["in_boxes"], rtol=0, atol=1e-4)
-    gt = [bd.box_xyxy_to_cxcywh(inp["gt_boxes_xyxy"] / whwh[b]) for b, inp in enumerate(train["inputs"])]
+    gt = [box_xyxy_to_cxcywh(inp["gt_boxes_xyxy"] / whwh[b]) for b, inp in enumerate(train["inputs"])]
     official = bd.official_training_boxes(gt, whwh, n, t, noise, placeholder, select, SCHEDULE)
     torch.testing.assert_close(official, train["head_call"]["in_boxes"], rtol=0, atol=0)
 
@@ -195,7 +197,7 @@ def test_q_sample_opcheck_and_compile():
 def make_step(batch, n, generator, keep_fraction=0.5):
     whwh = torch.tensor([[80.0 + 9 * b, 50.0 + 4 * b] * 2 for b in range(batch)])
     x_t = torch.randn(batch, n, 4, generator=generator)
-    pred = bd.box_cxcywh_to_xyxy(torch.rand(batch, n, 4, generator=generator) * 0.6 + 0.2) * whwh[:, None]
+    pred = box_cxcywh_to_xyxy(torch.rand(batch, n, 4, generator=generator) * 0.6 + 0.2) * whwh[:, None]
     keep = torch.rand(batch, n, generator=generator) < keep_fraction
     noise, renew = fops.draw_ddim_noise(batch, n, generator)
     return x_t, pred, whwh, keep, noise, renew
@@ -231,7 +233,7 @@ def test_ddim_matches_official_formulation(t, t_next):
         else:
             torch.testing.assert_close(x_next[b], official[b][0], rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(x_next[b, kept:], renew[b, kept:].double(), rtol=0, atol=0)
-    torch.testing.assert_close(next_boxes, bd.signal_to_boxes(x_next, whwh.double()), rtol=0, atol=1e-9)
+    torch.testing.assert_close(next_boxes, signal_to_boxes(x_next, whwh.double()), rtol=0, atol=1e-9)
     ref = bd.ddim_step_boxes(x_t, pred, whwh, keep, t, t_next, SCHEDULE.alphas_cumprod, 1.0, SCALE, noise, renew)
     for a, e in zip((x_next, x0, next_boxes, num_kept), ref):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
@@ -275,7 +277,7 @@ def test_ddim_matches_golden_fixture(fixture):
     whwh = run["images_whwh"]
     x_t = draws[0]
     n = x_t.shape[1]
-    torch.testing.assert_close(bd.signal_to_boxes(x_t.double(), whwh.double()).float(),
+    torch.testing.assert_close(signal_to_boxes(x_t.double(), whwh.double()).float(),
                                run["head_calls"][0]["in_boxes"], rtol=0, atol=1e-4)
     eta_draws = iter(draws[1:])
     for k, (t, t_next) in enumerate(run["ddim_time_pairs"]):
@@ -554,7 +556,7 @@ def test_inductor_compiles_both_ops_in_one_graph():
     def step(padded, whwh):
         boxes = fops.q_sample_boxes(padded, counts, *draws, SCHEDULE.sqrt_alphas_cumprod,
                                     SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE, whwh)
-        x_t = bd.boxes_to_signal(boxes, whwh.double())
+        x_t = boxes_to_signal(boxes, whwh.double())
         keep = boxes[..., 2] > boxes[..., 0] + 5.0
         return fops.ddim_step_boxes(x_t, boxes * 0.99, whwh, keep, 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE,
                                     noise, renew)

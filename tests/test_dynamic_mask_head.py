@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import fastdiffinst.ops as fops
+from fastdiffinst.ops import dice_loss_from_sums
 from fastdiffinst.reference import dynamic_mask_head as ref
 from utils import assert_close_to_f64, deterministic_with_nan_fill, nan_count, runs_at_two_thread_counts, tolerance
 
@@ -309,8 +310,8 @@ def test_dice_sums_match_unfused_dice(backend, coords):
     assert sums[0, 0] == 0 and sums[0, 2] == 0  # no target
     # The dice loss of training, through the fused sums and through the unfused probabilities.
     weights = torch.rand(9, dtype=torch.float64)
-    (ref.dice_loss_from_sums(sums.double()) * weights).sum().backward()
-    (ref.dice_loss_from_sums(sums64) * weights).sum().backward()
+    (dice_loss_from_sums(sums.double()) * weights).sum().backward()
+    (dice_loss_from_sums(sums64) * weights).sum().backward()
     assert_close_to_f64(f.grad, f64.grad, reduce_len=72)
     assert_close_to_f64(p.grad, p64.grad, reduce_len=hw)
 
@@ -375,7 +376,7 @@ def test_compile_aot_eager_fullgraph(backend):
         with fops.use_backend("dynamic_mask_head", backend):
             logits = fops.dynamic_mask_head(f * 1.5, p, image_index, rel_coords=rel)
             sums = fops.dynamic_mask_dice_sums(f, p, image_index, gt, gt_index, rel_coords=rel)
-        return logits.sigmoid().mean() + ref.dice_loss_from_sums(sums).sum()
+        return logits.sigmoid().mean() + dice_loss_from_sums(sums).sum()
 
     _assert_compiled_matches_eager(fn, feats, params, "aot_eager")
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdiffinst import ops
+from fastdiffinst.common.upsampling import aligned_bilinear
 from fastdiffinst.config import PRESETS, get_config, override, replace_path
 from fastdiffinst.modeling import DiffusionInst, DrawSource, GeneratorDraws, ImageBatch
 from fastdiffinst.modeling.dynamic_head import DynamicConv, SinusoidalTimeEmbedding, apply_deltas
@@ -18,7 +19,6 @@ from fastdiffinst.modeling.mask_branch import MaskBranch
 from fastdiffinst.modeling.postprocess import mask_chunk_size, topk_candidates
 from fastdiffinst.modeling.resnet import FrozenBatchNorm2d, ResNet
 from fastdiffinst.reference import masks as reference_masks
-from fastdiffinst.reference.masks import aligned_bilinear
 from model_fixture import assert_close_rel
 
 
@@ -253,7 +253,7 @@ class _Recording(GeneratorDraws):
 
 
 def test_renewal_moves_kept_proposals_to_the_front_and_renews_the_rest():
-    from fastdiffinst.reference.box_diffusion import boxes_to_signal, signal_to_boxes
+    from fastdiffinst.common.boxes import boxes_to_signal, signal_to_boxes
 
     model = small_model(sampler__sample_steps=2)
     batch = model.preprocess(images([(64, 64), (64, 48)]))

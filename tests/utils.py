@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastdiffinst.reference.masks import aligned_bilinear
+from fastdiffinst.common.upsampling import aligned_bilinear
 
 # Tolerances against a float64 reference computed on the same (rounded) inputs (docs/design.md §6).
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {  # dtype -> (rtol, atol)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from fastdiffinst.reference.box_diffusion import clip_boxes, nonempty_instances
+from fastdiffinst.common.boxes import clip_boxes, nonempty_instances
 
 
 class DatasetError(ValueError):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import InterpolationMode, resize
 
-from fastdiffinst.reference.box_diffusion import clip_boxes, nonempty_instances
+from fastdiffinst.common.boxes import clip_boxes, nonempty_instances
 
 Sample = dict
 Transform = Callable[[Sample], Sample]

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor
 
 from fastdiffinst import ops
+from fastdiffinst.common.diffusion import DiffusionSchedule
 from fastdiffinst.modeling.sampler import DrawFn, checked_draw
 from fastdiffinst.modeling.targets import TrainingTargets
-from fastdiffinst.reference.box_diffusion import DiffusionSchedule, official_training_boxes
+from fastdiffinst.reference.box_diffusion import official_training_boxes
 
 
 def official_order_draws(draws: DrawFn, counts: list[int], num_proposals: int,

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdiffinst import ops
+from fastdiffinst.common.diffusion import DiffusionSchedule, cosine_schedule
 from fastdiffinst.config import ModelConfig
 from fastdiffinst.modeling.corruption import noisy_proposals
 from fastdiffinst.modeling.dynamic_head import DynamicHead
@@ -45,7 +46,6 @@ from fastdiffinst.modeling.sampler import (
 from fastdiffinst.modeling.targets import TrainingTargets, prepare_targets
 from fastdiffinst.reference import dynamic_mask_head as reference_mask_head
 from fastdiffinst.reference import masks as reference_masks
-from fastdiffinst.reference.box_diffusion import DiffusionSchedule, cosine_schedule
 
 OPS_IMPLS = ("fused", "reference")
 # Proposals per recomputed DynamicConv chunk in the fused backward.

@@ -24,11 +24,12 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 from fastdiffinst import ops
+from fastdiffinst.common.boxes import box_cxcywh_to_xyxy
+from fastdiffinst.common.mask_head import dice_loss_from_sums
 from fastdiffinst.config import ModelConfig
 from fastdiffinst.modeling.matcher import Match, dynamic_k_match
 from fastdiffinst.modeling.targets import TrainingTargets
 from fastdiffinst.reference import dynamic_mask_head as reference_mask_head
-from fastdiffinst.reference.box_diffusion import box_cxcywh_to_xyxy
 
 # (num_samples,) -> sampled negative classes: the federated loss's draw (generator or replay hook).
 ClassSampler = Callable[[Tensor, int], Tensor]
@@ -154,6 +155,6 @@ class SetCriterion(nn.Module):
         dice_sums = ops.dynamic_mask_dice_sums if fused else reference_mask_head.dynamic_mask_dice_sums
         sums = dice_sums(mask_feats, params, image_index, targets.masks, gt_rows, channels=self.mask_channels,
                          num_layers=self.mask_layers)
-        dice = reference_mask_head.dice_loss_from_sums(sums)
+        dice = dice_loss_from_sums(sums)
         losses["loss_masks"] = cfg.mask_weight * dice.sum() / num_matched
         return losses

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastdiffinst.reference.masks import aligned_bilinear
+from fastdiffinst.common.upsampling import aligned_bilinear
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou, generalized_box_iou
 
+from fastdiffinst.common.boxes import box_xyxy_to_cxcywh
 from fastdiffinst.config import LossConfig
-from fastdiffinst.reference.box_diffusion import box_xyxy_to_cxcywh
 
 
 @dataclass

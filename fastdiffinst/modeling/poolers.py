@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from fastdiffinst.common.levels import assign_fpn_levels, level_range
 from fastdiffinst.ops import multilevel_roi_align
-from fastdiffinst.reference.levels import assign_fpn_levels, level_range
 
 
 def boxes_to_rois(boxes: Tensor) -> Tensor:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastdiffinst.reference.box_diffusion import clip_boxes
+from fastdiffinst.common.boxes import clip_boxes
 
 # The temporaries of one chunk of mask pasting stay under this (the result itself is apart).
 MASK_CHUNK_BUDGET_BYTES = 192 * 2**20

@@ -27,8 +27,10 @@ import torch
 from torch import Tensor
 
 from fastdiffinst import ops
+from fastdiffinst.common.boxes import signal_to_boxes
+from fastdiffinst.common.diffusion import DiffusionSchedule, ddim_time_pairs
 from fastdiffinst.config import SamplerConfig
-from fastdiffinst.reference.box_diffusion import DiffusionSchedule, ddim_time_pairs, official_ddim_step, signal_to_boxes
+from fastdiffinst.reference.box_diffusion import official_ddim_step
 
 DrawFn = Callable[[tuple[int, ...], torch.dtype, torch.device], Tensor]
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fastdiffinst.reference.box_diffusion import box_xyxy_to_cxcywh, clip_boxes, nonempty_instances
+from fastdiffinst.common.boxes import box_xyxy_to_cxcywh, clip_boxes, nonempty_instances
 
 # GT masks are sampled at the mask features' pixel centres: rows and columns 2, 6, 10, ...
 # (docs/official-model.md §4.4).

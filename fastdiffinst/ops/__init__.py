@@ -7,12 +7,17 @@
   draw their random inputs; :func:`cosine_schedule` and the box conversions are re-exported.
 * :func:`dynamic_mask_head`, :class:`DynamicMaskHead`, :func:`dynamic_mask_dice_sums` — the
   CondInst/DiffusionInst dynamic mask head fused into one kernel (Triton on CUDA, C++ on CPU), with
-  the dice sums of training fused in; :func:`dynamic_mask_head_num_params` gives the filter length.
+  the dice sums of training fused in (:func:`dice_loss_from_sums` turns them into the loss);
+  :func:`dynamic_mask_head_num_params` gives the filter length.
 * :func:`paste_masks` — DiffusionInst's mask post-processing (aligned ×4 upsampling, resize,
   threshold, box clip) per pixel inside each box, with no full-resolution temporaries.
 * :func:`backend_info`, :func:`use_backend`, :func:`set_input_checks` — dispatch control.
 """
 
+from fastdiffinst.common.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from fastdiffinst.common.diffusion import DiffusionSchedule, cosine_schedule, ddim_time_pairs
+from fastdiffinst.common.levels import assign_fpn_levels
+from fastdiffinst.common.mask_head import dice_loss_from_sums
 from fastdiffinst.ops._dispatch import backend_info, set_input_checks, use_backend
 from fastdiffinst.ops.box_diffusion import (
     QSampleDraws,
@@ -26,14 +31,6 @@ from fastdiffinst.ops.dynamic_mask_head import num_params as dynamic_mask_head_n
 from fastdiffinst.ops.multilevel_roi_align import MultiLevelRoIAlign, multilevel_roi_align
 from fastdiffinst.ops.paste_masks import paste_masks
 from fastdiffinst.ops.roi_align import RoIAlign, roi_align
-from fastdiffinst.reference.box_diffusion import (
-    DiffusionSchedule,
-    box_cxcywh_to_xyxy,
-    box_xyxy_to_cxcywh,
-    cosine_schedule,
-    ddim_time_pairs,
-)
-from fastdiffinst.reference.levels import assign_fpn_levels
 
 __all__ = [
     "DiffusionSchedule",
@@ -45,6 +42,7 @@ __all__ = [
     "backend_info",
     "box_cxcywh_to_xyxy",
     "box_xyxy_to_cxcywh",
+    "dice_loss_from_sums",
     "cosine_schedule",
     "ddim_step_boxes",
     "ddim_time_pairs",

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from fastdiffinst import _extension, reference
+from fastdiffinst.common.diffusion import NUM_TIMESTEPS
 from fastdiffinst.ops import _checks, _dispatch
-from fastdiffinst.reference.box_diffusion import NUM_TIMESTEPS
 
 _BACKENDS = {"cpp": "fastdiffinst._C kernels (C++ on CPU, CUDA on GPU)",
              "reference": "batched plain PyTorch (fastdiffinst.reference.box_diffusion)"}

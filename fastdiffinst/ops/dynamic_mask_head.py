@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fastdiffinst import _extension
+from fastdiffinst.common import mask_head
 from fastdiffinst.ops import _checks, _dispatch
 from fastdiffinst.reference import dynamic_mask_head as reference
 
@@ -42,7 +43,7 @@ RelCoords = reference.RelCoords
 def num_params(in_channels: int, channels: int = 8, num_layers: int = 3, rel_coords: bool = False) -> int:
     """Filter length per instance: 153 for DiffusionInst (8 features, 8 channels, 3 layers), 169 for
     CondInst (the same plus 2 relative coordinates)."""
-    return reference.num_params(in_channels + (reference.COORD_CHANNELS if rel_coords else 0), channels, num_layers)
+    return mask_head.num_params(in_channels + (mask_head.COORD_CHANNELS if rel_coords else 0), channels, num_layers)
 
 
 def _check(op: str, mask_feats: Tensor, params: Tensor, image_index: Tensor, channels: int, num_layers: int,
@@ -179,7 +180,7 @@ def dynamic_mask_dice_sums(mask_feats: Tensor, params: Tensor, image_index: Tens
     mask map, with ``p = sigmoid(logit)`` and ``g = gt_masks[gt_index[n]] != 0`` (0/1; 0 everywhere
     when ``gt_index[n] == -1``). Differentiable w.r.t. ``mask_feats`` and ``params``; no
     ``[N, H, W]`` tensor is stored. The dice loss is ``1 - 2·s0 / (s1 + s2 + eps)``
-    (:func:`fastdiffinst.reference.dynamic_mask_head.dice_loss_from_sums`).
+    (:func:`fastdiffinst.ops.dice_loss_from_sums`).
 
     Args:
         gt_masks: ``[G, H, W]`` uint8 targets at the mask-map resolution.

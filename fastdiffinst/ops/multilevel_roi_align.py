@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from fastdiffinst import _extension, reference
+from fastdiffinst.common.levels import level_range
 from fastdiffinst.ops import _checks, _dispatch
-from fastdiffinst.reference.levels import level_range
 
 _OP = "multilevel_roi_align"
 _dispatch.register_op(

@@ -1,118 +1,17 @@
-"""DiffusionDet box diffusion in plain PyTorch (docs/official-model.md §3): the cosine schedule,
-box conversions, batched references of ``q_sample_boxes`` / ``ddim_step_boxes`` with the semantics
-of the fused ops, and the official formulation (per-image loops, float64 buffers, dynamic shapes)
-kept as the parity oracle and benchmark baseline.
-
-Conventions: boxes in the diffusion space are normalised (cx, cy, w, h) mapped to [-scale, scale]
-with ``x = (b * 2 - 1) * scale``; absolute boxes are xyxy in pixels of the unpadded image.
+"""DiffusionDet box diffusion in plain PyTorch (docs/official-model.md §3): batched references of
+``q_sample_boxes`` / ``ddim_step_boxes`` with the semantics of the fused ops, and the official
+formulation (per-image loops, float64 buffers, dynamic shapes) kept as the parity oracle and
+benchmark baseline. The schedule and the box conversions they share with the fused path live in
+:mod:`fastdiffinst.common`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-NUM_TIMESTEPS = 1000
-SIGNAL_SCALE = 2.0
-# Placeholder boxes are drawn as N(0.5, (1/6)^2) per coordinate, sizes at least this.
-PLACEHOLDER_MIN_SIZE = 1e-4
-# The fake GT box of an image without annotations (normalised cxcywh).
-FAKE_GT_BOX = (0.5, 0.5, 1.0, 1.0)
-
-
-@dataclass(frozen=True)
-class DiffusionSchedule:
-    """The float64 buffers of DiffusionDet's cosine schedule, each ``[T]``."""
-
-    betas: Tensor
-    alphas_cumprod: Tensor
-    alphas_cumprod_prev: Tensor
-    sqrt_alphas_cumprod: Tensor
-    sqrt_one_minus_alphas_cumprod: Tensor
-    log_one_minus_alphas_cumprod: Tensor
-    sqrt_recip_alphas_cumprod: Tensor
-    sqrt_recipm1_alphas_cumprod: Tensor
-    posterior_variance: Tensor
-    posterior_log_variance_clipped: Tensor
-    posterior_mean_coef1: Tensor
-    posterior_mean_coef2: Tensor
-
-
-def cosine_schedule(timesteps: int = NUM_TIMESTEPS, s: float = 0.008) -> DiffusionSchedule:
-    """The cosine schedule (Nichol & Dhariwal) exactly as DiffusionDet builds it, in float64:
-    betas from the ratio of consecutive ᾱ, clipped to [0, 0.999], then ᾱ = cumprod(1 - β)."""
-    if timesteps < 1:
-        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
-    x = torch.linspace(0, timesteps, timesteps + 1, dtype=torch.float64)
-    f = torch.cos(((x / timesteps) + s) / (1 + s) * math.pi * 0.5) ** 2
-    f = f / f[0]
-    betas = torch.clip(1 - (f[1:] / f[:-1]), 0, 0.999)
-    alphas = 1.0 - betas
-    alphas_cumprod = torch.cumprod(alphas, dim=0)
-    alphas_cumprod_prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
-    posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-    return DiffusionSchedule(
-        betas=betas,
-        alphas_cumprod=alphas_cumprod,
-        alphas_cumprod_prev=alphas_cumprod_prev,
-        sqrt_alphas_cumprod=torch.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=torch.sqrt(1.0 - alphas_cumprod),
-        log_one_minus_alphas_cumprod=torch.log(1.0 - alphas_cumprod),
-        sqrt_recip_alphas_cumprod=torch.sqrt(1.0 / alphas_cumprod),
-        sqrt_recipm1_alphas_cumprod=torch.sqrt(1.0 / alphas_cumprod - 1),
-        posterior_variance=posterior_variance,
-        posterior_log_variance_clipped=torch.log(posterior_variance.clamp(min=1e-20)),
-        posterior_mean_coef1=betas * torch.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-        posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * torch.sqrt(alphas) / (1.0 - alphas_cumprod),
-    )
-
-
-def ddim_time_pairs(sampling_steps: int, timesteps: int = NUM_TIMESTEPS) -> list[tuple[int, int]]:
-    """The (t, t_next) pairs of DDIM sampling with ``sampling_steps`` steps, e.g. 4 steps:
-    [(999, 749), (749, 499), (499, 249), (249, -1)]."""
-    if sampling_steps < 1:
-        raise ValueError(f"sampling_steps must be >= 1, got {sampling_steps}")
-    times = torch.linspace(-1, timesteps - 1, steps=sampling_steps + 1).int().tolist()[::-1]
-    return list(zip(times[:-1], times[1:]))
-
-
-def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-
-
-def box_xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
-def clip_boxes(boxes: Tensor, height: float, width: float) -> Tensor:
-    """Absolute xyxy boxes ``[..., 4]`` clipped to the image ``[0, width] × [0, height]``."""
-    limits = boxes.new_tensor([width, height, width, height])
-    return torch.minimum(boxes.clamp(min=0), limits)
-
-
-def nonempty_instances(boxes: Tensor, masks: Tensor, threshold: float = 0.0) -> Tensor:
-    """``[G]`` bool: instances whose box is wider and higher than ``threshold`` and whose mask
-    ``[G, H, W]`` has a pixel (detectron2's ``filter_empty_instances``)."""
-    return ((boxes[:, 2] - boxes[:, 0] > threshold) & (boxes[:, 3] - boxes[:, 1] > threshold)
-            & (masks.flatten(1) != 0).any(dim=1))
-
-
-def signal_to_boxes(x: Tensor, images_whwh: Tensor, scale: float = SIGNAL_SCALE) -> Tensor:
-    """Diffusion-space boxes [B, N, 4] -> absolute xyxy boxes: clamp, map to [0, 1], × whwh [B, 4]."""
-    x = torch.clamp(x, min=-scale, max=scale)
-    return box_cxcywh_to_xyxy((x / scale + 1) / 2) * images_whwh[:, None, :]
-
-
-def boxes_to_signal(boxes: Tensor, images_whwh: Tensor, scale: float = SIGNAL_SCALE) -> Tensor:
-    """Absolute xyxy boxes [B, N, 4] -> diffusion space, clamped to [-scale, scale]."""
-    x = (box_xyxy_to_cxcywh(boxes / images_whwh[:, None, :]) * 2 - 1) * scale
-    return torch.clamp(x, min=-scale, max=scale)
-
+from fastdiffinst.common.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, boxes_to_signal, signal_to_boxes
+from fastdiffinst.common.diffusion import FAKE_GT_BOX, PLACEHOLDER_MIN_SIZE, SIGNAL_SCALE, DiffusionSchedule
 
 # ------------------------------------------------------------------------------------------------
 # Batched references: the semantics of the fused ops (fixed shapes, any batch size, float64).

@@ -5,8 +5,7 @@ runs (``groups = N``), with ReLU between them. The parity oracle, the fallback o
 through autograd. :func:`dynamic_mask_head_bmm` is the batched-matmul formulation (a strong
 baseline, not the official one).
 
-Parameter layout (AdelaiDet ``parse_dynamic_params``): all weights, then all biases,
-``[W0 | W1 | ... | W_last | b0 | b1 | ... | b_last]``, each weight row-major ``[out, in]``.
+The parameter layout is :mod:`fastdiffinst.common.mask_head`'s.
 """
 
 from __future__ import annotations
@@ -15,21 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-COORD_CHANNELS = 2
+from fastdiffinst.common.mask_head import COORD_CHANNELS, layer_shapes
 
 # rel_coords: (inst_xy [N, 2] image coordinates, soi [N] sizes of interest, mask_stride)
 RelCoords = tuple[Tensor, Tensor, int] | None
-
-
-def layer_shapes(inputs: int, channels: int, num_layers: int) -> list[tuple[int, int]]:
-    """``(out, in)`` of every layer: ``inputs -> channels -> ... -> 1``."""
-    return [(1 if layer == num_layers - 1 else channels, inputs if layer == 0 else channels)
-            for layer in range(num_layers)]
-
-
-def num_params(inputs: int, channels: int, num_layers: int) -> int:
-    """Length of one instance's flat parameter vector (153 for DiffusionInst, 169 for CondInst)."""
-    return sum(o * i + o for o, i in layer_shapes(inputs, channels, num_layers))
 
 
 def split_params(params: Tensor, inputs: int, channels: int, num_layers: int) -> tuple[list[Tensor], list[Tensor]]:
@@ -161,8 +149,3 @@ def dynamic_mask_dice_sums(mask_feats: Tensor, params: Tensor, image_index: Tens
     probs = dynamic_mask_head(mask_feats, params, image_index, channels=channels, num_layers=num_layers,
                               rel_coords=rel_coords, sigmoid=True)
     return dice_sums(probs, gt_masks, gt_index)
-
-
-def dice_loss_from_sums(sums: Tensor, eps: float = 1e-5) -> Tensor:
-    """Per-instance dice loss ``1 - 2 Σpg / (Σp² + Σg² + eps)`` (DiffusionInst ``dice_coefficient``)."""
-    return 1.0 - 2.0 * sums[:, 0] / (sums[:, 1] + sums[:, 2] + eps)

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from fastdiffinst.reference.levels import assign_fpn_levels, level_range
+from fastdiffinst.common.levels import assign_fpn_levels, level_range
 
 # Bounds the gathered [rois, samples_y, samples_x, C] tensor of one chunk (elements).
 _CHUNK_ELEMENTS = 1 << 24
