@@ -1,6 +1,6 @@
 """Mask-pasting study: :func:`fastdiffinst.ops.paste_masks` vs the official chain
 (``aligned_bilinear`` ×4, crop, bilinear resize, threshold, box clip), each in the chunks the model
-uses (``mask_chunk_size``: 13-20 instances here for the official chain, whose full-resolution
+uses (``OpsImplementation.mask_chunk_size``: 13-20 instances here for the official chain, whose full-resolution
 temporaries bound them; 55-129 for the fused op, whose chunks are then copied into the result), on
 the same stride-4 probabilities and boxes (docs/design.md §7).
 
@@ -19,9 +19,8 @@ import torch
 
 from benchmarks.harness import comparison_row, rate_note, time_fn
 from benchmarks.roi_align_study import detection_boxes
-from fastdiffinst.modeling.postprocess import mask_chunk_size, paste_in_chunks
-from fastdiffinst.ops import paste_masks
-from fastdiffinst.reference import masks as reference
+from fastdiffinst.modeling.implementation import FUSED, REFERENCE
+from fastdiffinst.modeling.postprocess import paste_in_chunks
 
 
 @dataclass(frozen=True)
@@ -48,13 +47,13 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
             scale = torch.tensor([output[1] / width, output[0] / height] * 2)
             boxes = (image_boxes * scale).clamp(min=0)
             boxes = torch.minimum(boxes, torch.tensor([output[1], output[0]] * 2)).to(device)
-            chunks = {fused: mask_chunk_size(mask_size, output, fused) for fused in (True, False)}
+            chunks = {impl: impl.mask_chunk_size(mask_size, output) for impl in (FUSED, REFERENCE)}
 
-            def ours(probs=probs, boxes=boxes, chunk=chunks[True], output=output):
-                return paste_in_chunks(paste_masks, lambda s, e: probs[s:e], boxes, chunk, sizes.image, output)
+            def ours(probs=probs, boxes=boxes, chunk=chunks[FUSED], output=output):
+                return paste_in_chunks(FUSED.paste_masks, lambda s, e: probs[s:e], boxes, chunk, sizes.image, output)
 
-            def official(probs=probs, boxes=boxes, chunk=chunks[False], output=output):
-                return paste_in_chunks(reference.paste_masks, lambda s, e: probs[s:e], boxes, chunk, sizes.image,
+            def official(probs=probs, boxes=boxes, chunk=chunks[REFERENCE], output=output):
+                return paste_in_chunks(REFERENCE.paste_masks, lambda s, e: probs[s:e], boxes, chunk, sizes.image,
                                        output)
 
             differ = int((ours() != official()).sum())
@@ -67,9 +66,9 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
             what = "no resize" if output == sizes.image else f"resized to {output[0]}x{output[1]}"
             rows.append(comparison_row(
                 "paste_masks", "paste_masks", f"N={n} {height}x{width} {what}", "forward",
-                f"official chain (chunks of {chunks[False]})", t_ours, t_base, n=n,
+                f"official chain (chunks of {chunks[REFERENCE]})", t_ours, t_base, n=n,
                 ours_rate=rate_note(achieved, "GB/s", ceilings["copy_GBps"], "copy"), achieved_GBps=achieved,
-                max_abs_diff=f"ours in chunks of {chunks[True]}; "
+                max_abs_diff=f"ours in chunks of {chunks[FUSED]}; "
                              f"{differ} of {n * output[0] * output[1]} pixels differ"))
     return rows
 

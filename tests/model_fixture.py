@@ -255,7 +255,7 @@ def teacher_forced_training(ops_impl: str) -> dict:
         for name in ("class_logits", "boxes", "kernels"):
             pairs[name] = (getattr(head, name), call[name])
         losses, matches = model.criterion(call["class_logits"], call["boxes"], call["kernels"], call["mask_feat"],
-                                          prepared, ops_impl == "fused", model._class_sampler(None, None))
+                                          prepared, model.impl.dice_sums, model._class_sampler(None, None))
     return dict(record=record, pairs=pairs, losses=losses, matches=matches, buffers=buffers)
 
 

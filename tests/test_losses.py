@@ -401,8 +401,8 @@ def test_float64_training_matches_float32():
 def test_recomputation_is_exact(ops_impl):
     stored, recomputed = trainable("tiny", ops_impl), trainable("tiny", ops_impl)
     recomputed.load_state_dict(stored.state_dict())
-    stored.set_ops_impl(ops_impl, recompute=False)
-    recomputed.set_ops_impl(ops_impl, recompute=True)
+    stored.set_recompute(False)
+    recomputed.set_recompute(True)
     for stage in recomputed.head.head_series:
         stage.inst_interact.recompute_chunk = 37  # several DynamicConv chunks
     images, targets = synthetic_batch([(96, 96), (64, 80)], [3, 2], 8, seed=6)

@@ -15,8 +15,10 @@ from fastdiffinst.common.upsampling import aligned_bilinear
 from fastdiffinst.config import PRESETS, get_config, override, replace_path
 from fastdiffinst.modeling import DiffusionInst, DrawSource, GeneratorDraws, ImageBatch
 from fastdiffinst.modeling.dynamic_head import DynamicConv, SinusoidalTimeEmbedding, apply_deltas
+from fastdiffinst.modeling.implementation import ops_implementation
 from fastdiffinst.modeling.mask_branch import MaskBranch
-from fastdiffinst.modeling.postprocess import mask_chunk_size, topk_candidates
+from fastdiffinst.modeling.poolers import FusedRoIPooler, OfficialRoIPooler
+from fastdiffinst.modeling.postprocess import topk_candidates
 from fastdiffinst.modeling.resnet import FrozenBatchNorm2d, ResNet
 from fastdiffinst.reference import masks as reference_masks
 from model_fixture import assert_close_rel
@@ -193,6 +195,25 @@ def test_fused_and_reference_ops_agree(fields):
         assert_same_instances(a, b, rel_boxes=1e-5)
 
 
+def test_ops_implementation_is_one_object_and_recompute_its_own_setting():
+    """``set_ops_impl`` swaps the one implementation object (and the pooler built from it) and
+    nothing else; recomputation is set apart."""
+    model = small_model("fused")
+    assert model.impl is ops_implementation("fused") and model.ops_impl == "fused"
+    assert isinstance(model.head.box_pooler, FusedRoIPooler) and model.head.recompute_stages
+    model.set_ops_impl("reference")
+    assert model.impl is ops_implementation("reference") and model.ops_impl == "reference"
+    assert isinstance(model.head.box_pooler, OfficialRoIPooler)
+    assert model.head.recompute_stages and model.backbone.bottom_up.recompute  # untouched
+    model.set_recompute(False)
+    assert not model.head.recompute_stages and not model.backbone.bottom_up.recompute
+    assert all(stage.inst_interact.recompute_chunk is None for stage in model.head.head_series)
+    assert not small_model("reference").head.recompute_stages  # the official memory use by default
+    with pytest.raises(ValueError, match="ops_impl must be one of"):
+        model.set_ops_impl("cuda")
+    assert model.ops_impl == "reference"
+
+
 class _SlicedDraws(DrawSource):
     """The draws of images ``index`` (an int or a slice) of a batch's :class:`GeneratorDraws`."""
 
@@ -317,11 +338,10 @@ def test_postprocess_results_do_not_depend_on_the_chunk_size(monkeypatch, ops_im
     model.set_ops_impl(ops_impl)
     inputs = images([(90, 125)])
     whole = model(inputs, output_sizes=[(100, 140)], generator=torch.Generator().manual_seed(3))[0]
-    fused = ops_impl == "fused"
-    assert mask_chunk_size((24, 32), (100, 140), fused) >= len(whole["scores"]) > 1  # one chunk by default
-    budget = "FUSED_MASK_CHUNK_BUDGET_BYTES" if fused else "MASK_CHUNK_BUDGET_BYTES"
+    assert model.impl.mask_chunk_size((24, 32), (100, 140)) >= len(whole["scores"]) > 1  # one chunk by default
+    budget = "FUSED_MASK_CHUNK_BUDGET_BYTES" if ops_impl == "fused" else "MASK_CHUNK_BUDGET_BYTES"
     monkeypatch.setattr(postprocess, budget, 1)
-    assert mask_chunk_size((24, 32), (100, 140), fused) == 1
+    assert model.impl.mask_chunk_size((24, 32), (100, 140)) == 1
     chunked = model(inputs, output_sizes=[(100, 140)], generator=torch.Generator().manual_seed(3))[0]
     for key in whole:
         assert torch.equal(whole[key], chunked[key]), key

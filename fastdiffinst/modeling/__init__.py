@@ -5,8 +5,9 @@ decoder with the controller, DDIM sampling and post-processing.
 :mod:`fastdiffinst.config` for the presets and :mod:`fastdiffinst.checkpoint` for official weights.
 """
 
-from fastdiffinst.modeling.detector import OPS_IMPLS, DiffusionInst, Features, ImageBatch, TrainingOutputs
+from fastdiffinst.modeling.detector import DiffusionInst, Features, ImageBatch, TrainingOutputs
+from fastdiffinst.modeling.implementation import OPS_IMPLS, OpsImplementation, ops_implementation
 from fastdiffinst.modeling.sampler import DrawSource, GeneratorDraws, HeadOutput, OfficialDraws, SamplingStep
 
 __all__ = ["DiffusionInst", "DrawSource", "Features", "GeneratorDraws", "HeadOutput", "ImageBatch", "OPS_IMPLS",
-           "OfficialDraws", "SamplingStep", "TrainingOutputs"]
+           "OfficialDraws", "OpsImplementation", "SamplingStep", "TrainingOutputs", "ops_implementation"]

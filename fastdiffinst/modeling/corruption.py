@@ -13,6 +13,8 @@ Python's ``random.shuffle``, which the hook cannot replay: that case raises.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -20,7 +22,10 @@ from fastdiffinst import ops
 from fastdiffinst.common.diffusion import DiffusionSchedule
 from fastdiffinst.modeling.sampler import DrawFn, checked_draw
 from fastdiffinst.modeling.targets import TrainingTargets
-from fastdiffinst.reference.box_diffusion import official_training_boxes
+
+# (GT boxes per image [G_b, 4] normalised cxcywh, images_whwh [B, 4], num_proposals, draws, schedule,
+#  scale) -> noisy boxes [B, N, 4] float64 absolute xyxy
+TrainingBoxes = Callable[[list[Tensor], Tensor, int, ops.QSampleDraws, DiffusionSchedule, float], Tensor]
 
 
 def official_order_draws(draws: DrawFn, counts: list[int], num_proposals: int,
@@ -50,9 +55,10 @@ def official_order_draws(draws: DrawFn, counts: list[int], num_proposals: int,
 
 
 def noisy_proposals(targets: TrainingTargets, images_whwh: Tensor, num_proposals: int, schedule: DiffusionSchedule,
-                    scale: float, fused: bool, generator: torch.Generator | None = None,
+                    scale: float, training_boxes: TrainingBoxes, generator: torch.Generator | None = None,
                     draws: DrawFn | None = None) -> tuple[Tensor, Tensor]:
-    """``(boxes [B, N, 4] float64 absolute xyxy, t [B] int64)``: the decoder's training input."""
+    """``(boxes [B, N, 4] float64 absolute xyxy, t [B] int64)``: the decoder's training input, from
+    ``training_boxes`` of the model's :class:`~fastdiffinst.modeling.implementation.OpsImplementation`."""
     device = images_whwh.device
     counts = targets.counts
     if draws is not None:
@@ -60,15 +66,4 @@ def noisy_proposals(targets: TrainingTargets, images_whwh: Tensor, num_proposals
     else:
         inputs = ops.draw_q_sample_inputs(counts, num_proposals, generator, device=device)
     gt_cxcywh = [t.boxes_cxcywh for t in targets.images]
-    if fused:
-        padded = torch.zeros((len(counts), max(max(counts), 1), 4), dtype=torch.float32, device=device)
-        for b, boxes in enumerate(gt_cxcywh):
-            padded[b, :boxes.shape[0]] = boxes
-        boxes = ops.q_sample_boxes(padded, torch.tensor(counts, dtype=torch.int64, device=device), inputs.t,
-                                   inputs.noise, inputs.placeholder_noise, inputs.select_index,
-                                   schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, scale,
-                                   images_whwh)
-    else:
-        boxes = official_training_boxes(gt_cxcywh, images_whwh, num_proposals, inputs.t, inputs.noise,
-                                        inputs.placeholder_noise, inputs.select_index, schedule, scale)
-    return boxes, inputs.t
+    return training_boxes(gt_cxcywh, images_whwh, num_proposals, inputs, schedule, scale), inputs.t

@@ -2,9 +2,9 @@
 decoder with the controller, DDIM sampling over boxes, and post-processing to instances.
 
 ``DiffusionInst(cfg, ops_impl="fused")`` runs on the fused ops (multi-level RoIAlign, box
-diffusion, dynamic mask head); ``ops_impl="reference"`` runs the same weights on the official
-formulations (per-level torchvision RoIAlign, per-image float64 DDIM math, grouped-conv mask
-head). Backbone, FPN and mask features are computed once per image batch, not once per DDIM step.
+diffusion, dynamic mask head, mask pasting); ``ops_impl="reference"`` runs the same weights on the
+official formulations (:mod:`fastdiffinst.modeling.implementation` holds both). Backbone, FPN and
+mask features are computed once per image batch, not once per DDIM step.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from fastdiffinst.config import ModelConfig
 from fastdiffinst.modeling.corruption import noisy_proposals
 from fastdiffinst.modeling.dynamic_head import DynamicHead
 from fastdiffinst.modeling.fpn import FPN
+from fastdiffinst.modeling.implementation import FUSED, OpsImplementation, ops_implementation
 from fastdiffinst.modeling.losses import SetCriterion
 from fastdiffinst.modeling.mask_branch import MaskBranch
 from fastdiffinst.modeling.matcher import Match
-from fastdiffinst.modeling.poolers import FusedRoIPooler, OfficialRoIPooler
 from fastdiffinst.modeling.postprocess import (
     Candidates,
-    mask_chunk_size,
     paste_in_chunks,
     scale_and_clip_boxes,
     select_detections,
@@ -44,10 +43,7 @@ from fastdiffinst.modeling.sampler import (
     ddim_sample,
 )
 from fastdiffinst.modeling.targets import TrainingTargets, prepare_targets
-from fastdiffinst.reference import dynamic_mask_head as reference_mask_head
-from fastdiffinst.reference import masks as reference_masks
 
-OPS_IMPLS = ("fused", "reference")
 # Proposals per recomputed DynamicConv chunk in the fused backward.
 DYNAMIC_CONV_CHUNK = 256
 
@@ -113,7 +109,7 @@ class DiffusionInst(nn.Module):
         ops_impl: ``"fused"`` (our kernels) or ``"reference"`` (the official formulations).
         compile: ``torch.compile`` the backbone, the mask branch and the decoder (``fullgraph``).
         recompute: train with recomputation instead of stored activations (see
-            :meth:`set_ops_impl`; default on for ``"fused"``).
+            :meth:`set_recompute`; default on for ``"fused"``, off for ``"reference"``).
     """
 
     def __init__(self, cfg: ModelConfig, ops_impl: str = "fused", compile: bool = False,
@@ -121,21 +117,19 @@ class DiffusionInst(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         head_cfg = cfg.head
+        self.impl = ops_implementation(ops_impl)
         self.backbone = FPN(build_bottom_up(cfg), cfg.backbone.fpn_channels)
         self.mask_branch = MaskBranch(cfg.backbone.fpn_channels, head_cfg.mask_branch_channels,
                                       head_cfg.mask_tower_convs, head_cfg.mask_feat_channels)
         self.num_kernel_params = ops.dynamic_mask_head_num_params(head_cfg.mask_feat_channels,
                                                                   head_cfg.mask_head_channels,
                                                                   head_cfg.mask_head_layers)
-        scales = [1.0 / s for s in self.backbone.out_strides]
-        self.head = DynamicHead(head_cfg, cfg.num_classes, self.num_kernel_params,
-                                FusedRoIPooler(head_cfg.pooler_resolution, scales, head_cfg.pooler_sampling_ratio))
+        self.head = DynamicHead(head_cfg, cfg.num_classes, self.num_kernel_params, self._pooler(self.impl))
         self.register_buffer("pixel_mean", torch.tensor(cfg.input.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.input.pixel_std).view(3, 1, 1), persistent=False)
         self.criterion = SetCriterion(cfg)
         self._schedules: dict[torch.device, DiffusionSchedule] = {}
-        self.ops_impl = "fused"
-        self.set_ops_impl(ops_impl, recompute)
+        self.set_recompute(self.impl is FUSED if recompute is None else recompute)
         # A plain dict, so the compiled wrappers are not registered as submodules (their
         # parameters would appear twice in the state dict).
         self._runners = {"backbone": self.backbone, "mask_branch": self.mask_branch, "head": self.head}
@@ -146,31 +140,36 @@ class DiffusionInst(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Configuration
 
-    def set_ops_impl(self, ops_impl: str, recompute: bool | None = None) -> None:
-        """Switches between our kernels (``"fused"``) and the official formulations
-        (``"reference"``) for the same weights.
+    @property
+    def ops_impl(self) -> str:
+        """The name of the ops implementation the model runs on (``"fused"`` or ``"reference"``)."""
+        return self.impl.name
 
-        ``recompute`` (default: on for ``"fused"``, off for ``"reference"``, which reproduces the
-        official code's memory use) makes training recompute the backbone's trainable stages, the
-        decoder stages and DynamicConv (chunks of :data:`DYNAMIC_CONV_CHUNK` proposals) in the
-        backward instead of storing their activations: exact (same losses and gradients), about half
-        the training memory, a second forward of those parts."""
-        if ops_impl not in OPS_IMPLS:
-            raise ValueError(f"ops_impl must be one of {OPS_IMPLS}, got {ops_impl!r}")
-        fused = ops_impl == "fused"
-        recompute = fused if recompute is None else bool(recompute)
-        head_cfg = self.cfg.head
-        pooler = FusedRoIPooler if fused else OfficialRoIPooler
-        self.head.box_pooler = pooler(head_cfg.pooler_resolution, self.head.box_pooler.scales,
-                                      head_cfg.pooler_sampling_ratio)
+    def set_ops_impl(self, ops_impl: str) -> None:
+        """Switches between our kernels (``"fused"``) and the official formulations
+        (``"reference"``) for the same weights (see :mod:`fastdiffinst.modeling.implementation`)."""
+        self.impl = ops_implementation(ops_impl)
+        self.head.box_pooler = self._pooler(self.impl)
+
+    def set_recompute(self, enabled: bool) -> None:
+        """Training recomputes the backbone's trainable stages, the decoder stages and DynamicConv
+        (chunks of :data:`DYNAMIC_CONV_CHUNK` proposals) in the backward instead of storing their
+        activations: exact (the same losses and gradients), about half the training memory, a second
+        forward of those parts. The constructor's default: on for ``"fused"``, off for
+        ``"reference"`` (the official code's memory use)."""
+        enabled = bool(enabled)
         # The backbone's and the decoder's activations and DynamicConv's generated filters dominate
         # training memory; the mask branch is always stored (its BatchNorm would update its running
         # statistics again when recomputed).
-        self.head.recompute_stages = recompute
-        self.backbone.bottom_up.recompute = recompute
+        self.head.recompute_stages = enabled
+        self.backbone.bottom_up.recompute = enabled
         for stage in self.head.head_series:
-            stage.inst_interact.recompute_chunk = DYNAMIC_CONV_CHUNK if recompute else None
-        self.ops_impl = ops_impl
+            stage.inst_interact.recompute_chunk = DYNAMIC_CONV_CHUNK if enabled else None
+
+    def _pooler(self, impl: OpsImplementation) -> nn.Module:
+        head_cfg = self.cfg.head
+        scales = [1.0 / s for s in self.backbone.out_strides]
+        return impl.pooler(head_cfg.pooler_resolution, scales, head_cfg.pooler_sampling_ratio)
 
     def schedule(self, device: torch.device) -> DiffusionSchedule:
         """The float64 cosine schedule on ``device`` (kept out of the buffers: it is derived, and
@@ -228,7 +227,7 @@ class DiffusionInst(nn.Module):
     def pyramid_features(self, pyramid: list[Tensor]) -> Features:
         """P2–P5 -> :class:`Features` (the mask branch and the levels the RoI pooler reads)."""
         roi_levels = pyramid
-        if self.ops_impl == "fused" and pyramid[0].device.type == "cpu":
+        if self.impl.channels_last_levels and pyramid[0].device.type == "cpu":
             roi_levels = [p.contiguous(memory_format=torch.channels_last) for p in pyramid]
         return Features(pyramid, self._runners["mask_branch"](pyramid), roi_levels)
 
@@ -241,11 +240,8 @@ class DiffusionInst(nn.Module):
         """Dynamic mask head: ``kernels [n, P]`` of instances of images ``image_index [n]`` on
         ``mask_feats [B, C, H, W]`` -> ``[n, H, W]`` logits (probabilities with ``sigmoid``)."""
         head = self.cfg.head
-        if self.ops_impl == "fused":
-            return ops.dynamic_mask_head(mask_feats, kernels, image_index, channels=head.mask_head_channels,
-                                         num_layers=head.mask_head_layers, sigmoid=sigmoid)
-        return reference_mask_head.dynamic_mask_head(mask_feats, kernels, image_index, channels=head.mask_head_channels,
-                                                     num_layers=head.mask_head_layers, sigmoid=sigmoid)
+        return self.impl.mask_head(mask_feats, kernels, image_index, channels=head.mask_head_channels,
+                                   num_layers=head.mask_head_layers, sigmoid=sigmoid)
 
     @torch.no_grad()
     def sample(self, features: Features, images_whwh: Tensor, generator: torch.Generator | None = None,
@@ -260,7 +256,7 @@ class DiffusionInst(nn.Module):
         else:
             source = GeneratorDraws(generator, self.cfg.sampler.sample_steps)
         return ddim_sample(lambda boxes, t: self.run_head(features, boxes, t), images_whwh, self.cfg.num_proposals,
-                           self.schedule(images_whwh.device), self.cfg.sampler, source, self.ops_impl == "fused")
+                           self.schedule(images_whwh.device), self.cfg.sampler, source, self.impl.ddim_step)
 
     def ensemble_steps(self, steps: list[SamplingStep]) -> list[SamplingStep]:
         """The steps whose predictions become candidates: the last one, or with the ensemble every
@@ -288,16 +284,14 @@ class DiffusionInst(nn.Module):
         # before pasting avoids a second full-size copy of the masks.
         nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         detections, boxes = detections[nonempty], boxes[nonempty]
-        fused = self.ops_impl == "fused"
-        paste = ops.paste_masks if fused else reference_masks.paste_masks
 
         def probs_of(start: int, end: int) -> Tensor:
             index = torch.full((end - start,), image_index, dtype=torch.int64, device=mask_feats.device)
             return self.mask_logits(mask_feats, detections.kernels[start:end], index, sigmoid=True)
 
-        # Chunks of instances bound the temporaries (mask_chunk_size).
-        chunk = mask_chunk_size(tuple(mask_feats.shape[2:]), output_size, fused)
-        masks = paste_in_chunks(paste, probs_of, boxes, chunk, image_size, output_size)
+        # Chunks of instances bound the temporaries.
+        chunk = self.impl.mask_chunk_size(tuple(mask_feats.shape[2:]), output_size)
+        masks = paste_in_chunks(self.impl.paste_masks, probs_of, boxes, chunk, image_size, output_size)
         return {"boxes": boxes, "scores": detections.scores, "labels": detections.labels, "masks": masks}
 
     # ------------------------------------------------------------------------------------------
@@ -369,14 +363,14 @@ class DiffusionInst(nn.Module):
         batch = self.preprocess(images)
         prepared = prepare_targets(targets, batch.image_sizes, tuple(batch.tensor.shape[2:]), self.cfg.num_classes,
                                    self.device, batch.tensor.dtype)
-        fused = self.ops_impl == "fused"
         boxes, t = noisy_proposals(prepared, batch.images_whwh, self.cfg.num_proposals,
-                                   self.schedule(batch.tensor.device), self.cfg.sampler.snr_scale, fused,
+                                   self.schedule(batch.tensor.device), self.cfg.sampler.snr_scale,
+                                   self.impl.training_boxes,
                                    generator=generator, draws=draws)
         features = self.extract_features(batch.tensor)
         head = self.run_head(features, boxes, t)
         losses, matches = self.criterion(head.class_logits, head.boxes, head.kernels, features.mask_feats, prepared,
-                                         fused, self._class_sampler(generator, draws))
+                                         self.impl.dice_sums, self._class_sampler(generator, draws))
         return TrainingOutputs(batch, prepared, boxes, t, features, head, losses, matches)
 
     @staticmethod
@@ -416,4 +410,4 @@ class DiffusionInst(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable)
 
 
-__all__ = ["DiffusionInst", "Features", "ImageBatch", "OPS_IMPLS", "TrainingOutputs", "build_bottom_up"]
+__all__ = ["DiffusionInst", "Features", "ImageBatch", "TrainingOutputs", "build_bottom_up"]

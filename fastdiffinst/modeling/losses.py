@@ -23,13 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from fastdiffinst import ops
 from fastdiffinst.common.boxes import box_cxcywh_to_xyxy
 from fastdiffinst.common.mask_head import dice_loss_from_sums
 from fastdiffinst.config import ModelConfig
 from fastdiffinst.modeling.matcher import Match, dynamic_k_match
 from fastdiffinst.modeling.targets import TrainingTargets
-from fastdiffinst.reference import dynamic_mask_head as reference_mask_head
 
 # (num_samples,) -> sampled negative classes: the federated loss's draw (generator or replay hook).
 ClassSampler = Callable[[Tensor, int], Tensor]
@@ -99,7 +97,7 @@ class SetCriterion(nn.Module):
         self.fed_loss_cls_weights.copy_(image_counts.float() ** self.cfg.fed_loss_freq_weight_power)
 
     def forward(self, class_logits: Tensor, boxes: Tensor, kernels: Tensor, mask_feats: Tensor,
-                targets: TrainingTargets, fused: bool,
+                targets: TrainingTargets, dice_sums: Callable[..., Tensor],
                 sample_classes: ClassSampler) -> tuple[dict[str, Tensor], list[list[Match]]]:
         """Losses of all stages from the stacks ``[S, B, N, ·]`` -> (loss dict, matches per stage
         in the official order: the last stage, then stages 0, 1, ...)."""
@@ -111,12 +109,12 @@ class SetCriterion(nn.Module):
                                              self.cfg) for b, t in enumerate(targets.images)]
             matches.append(stage_matches)
             terms = self.stage_losses(class_logits[stage], boxes[stage], kernels[stage], mask_feats, targets,
-                                      stage_matches, fused, sample_classes)
+                                      stage_matches, dice_sums, sample_classes)
             losses.update({name + suffix: value for name, value in terms.items()})
         return losses, matches
 
     def stage_losses(self, class_logits: Tensor, boxes: Tensor, kernels: Tensor, mask_feats: Tensor,
-                     targets: TrainingTargets, matches: list[Match], fused: bool,
+                     targets: TrainingTargets, matches: list[Match], dice_sums: Callable[..., Tensor],
                      sample_classes: ClassSampler) -> dict[str, Tensor]:
         """One stage: ``class_logits [B, N, K]``, ``boxes [B, N, 4]``, ``kernels [B, N, P]``."""
         cfg = self.cfg
@@ -152,7 +150,6 @@ class SetCriterion(nn.Module):
         losses["loss_giou"] = cfg.giou_weight * (1 - paired_giou(pred, gt_boxes)).sum() / num_matched
 
         params = kernels[selected]
-        dice_sums = ops.dynamic_mask_dice_sums if fused else reference_mask_head.dynamic_mask_dice_sums
         sums = dice_sums(mask_feats, params, image_index, targets.masks, gt_rows, channels=self.mask_channels,
                          num_layers=self.mask_layers)
         dice = dice_loss_from_sums(sums)

@@ -7,8 +7,9 @@
 3. Masks: :func:`fastdiffinst.ops.paste_masks` (fused path) or the official formulation
    :func:`fastdiffinst.reference.masks.paste_masks` — sigmoid masks at stride 4 → aligned ×4
    upsampling → crop to the unpadded size → bilinear resize to the output size → threshold 0.5 →
-   zero outside the (truncated) box; :func:`mask_chunk_size` bounds the instances per call of the
-   official formulation so that its full-resolution temporaries stay within a memory budget.
+   zero outside the (truncated) box; :func:`fused_mask_chunk_size` and
+   :func:`official_mask_chunk_size` bound the instances per call so that the temporaries stay
+   within a memory budget.
 """
 
 from __future__ import annotations
@@ -92,15 +93,19 @@ def scale_and_clip_boxes(boxes: Tensor, image_size: tuple[int, int], output_size
     return clip_boxes(boxes * scale, out_h, out_w)
 
 
-def mask_chunk_size(mask_size: tuple[int, int], output_size: tuple[int, int], fused: bool) -> int:
-    """Instances per chunk of the mask pasting, so that its temporaries fit in
-    :data:`FUSED_MASK_CHUNK_BUDGET_BYTES` for the fused op (the stride-4 fp32 probabilities of
-    ``mask_size`` and its bool result before it joins the others) and in
-    :data:`MASK_CHUNK_BUDGET_BYTES` for the official formulation (four fp32 maps per instance: two
-    at the padded size, two at the output size)."""
+def fused_mask_chunk_size(mask_size: tuple[int, int], output_size: tuple[int, int]) -> int:
+    """Instances per call of the fused :func:`fastdiffinst.ops.paste_masks`, so that its
+    temporaries (the stride-4 fp32 probabilities of ``mask_size`` and its bool result before it
+    joins the others) fit in :data:`FUSED_MASK_CHUNK_BUDGET_BYTES`."""
     (mask_h, mask_w), (out_h, out_w) = mask_size, output_size
-    if fused:
-        return max(1, FUSED_MASK_CHUNK_BUDGET_BYTES // (4 * mask_h * mask_w + out_h * out_w))
+    return max(1, FUSED_MASK_CHUNK_BUDGET_BYTES // (4 * mask_h * mask_w + out_h * out_w))
+
+
+def official_mask_chunk_size(mask_size: tuple[int, int], output_size: tuple[int, int]) -> int:
+    """Instances per call of the official chain, so that its temporaries (four fp32 maps per
+    instance: two at the padded size, two at the output size) fit in
+    :data:`MASK_CHUNK_BUDGET_BYTES`."""
+    (mask_h, mask_w), (out_h, out_w) = mask_size, output_size
     per_instance = 4 * (2 * 16 * mask_h * mask_w + 2 * out_h * out_w)
     return max(1, min(MAX_MASK_CHUNK, MASK_CHUNK_BUDGET_BYTES // per_instance))
 

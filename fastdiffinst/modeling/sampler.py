@@ -2,8 +2,8 @@
 
 The loop starts from Gaussian boxes, runs the decoder at each (t, t_next) pair, keeps the proposals
 whose best class score passes the renewal threshold, and moves them with the DDIM update while the
-others are replaced by fresh noise (``fastdiffinst.ops.ddim_step_boxes``, or the official per-image
-formulation with ``ops_impl="reference"``).
+others are replaced by fresh noise (the ``ddim_step`` of the model's
+:class:`~fastdiffinst.modeling.implementation.OpsImplementation`).
 
 Random draws come from a :class:`DrawSource`:
 
@@ -30,9 +30,12 @@ from fastdiffinst import ops
 from fastdiffinst.common.boxes import signal_to_boxes
 from fastdiffinst.common.diffusion import DiffusionSchedule, ddim_time_pairs
 from fastdiffinst.config import SamplerConfig
-from fastdiffinst.reference.box_diffusion import official_ddim_step
 
 DrawFn = Callable[[tuple[int, ...], torch.dtype, torch.device], Tensor]
+# (x_t, pred_boxes, images_whwh, keep, t, t_next, schedule, eta, scale, noise, renew_noise)
+#   -> (x_next [B, N, 4], the next step's head boxes [B, N, 4])
+DDIMStep = Callable[[Tensor, Tensor, Tensor, Tensor, int, int, DiffusionSchedule, float, float, Tensor, Tensor],
+                    tuple[Tensor, Tensor]]
 
 
 def checked_draw(draws: DrawFn, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -126,24 +129,12 @@ class OfficialDraws(DrawSource):
         return noise, renew
 
 
-def _official_ddim_step(x_t: Tensor, pred_boxes: Tensor, images_whwh: Tensor, keep: Tensor, t: int, t_next: int,
-                        schedule: DiffusionSchedule, eta: float, scale: float, noise: Tensor,
-                        renew_noise: Tensor) -> tuple[Tensor, Tensor]:
-    """The official step image by image (``ops_impl="reference"``) -> (x_next, next head boxes)."""
-    states = []
-    for b in range(x_t.shape[0]):
-        kept = int(keep[b].sum())
-        state, _ = official_ddim_step(x_t[b:b + 1], pred_boxes[b:b + 1], images_whwh[b:b + 1], keep[b], t, t_next,
-                                      schedule, eta, noise[b:b + 1, :kept].to(x_t.dtype),
-                                      renew_noise[b:b + 1, kept:].to(x_t.dtype), scale)
-        states.append(state)
-    x_next = torch.cat(states)
-    return x_next, signal_to_boxes(x_next, images_whwh.to(x_next.dtype), scale)
-
-
 def ddim_sample(head: Callable[[Tensor, Tensor], HeadOutput], images_whwh: Tensor, num_proposals: int,
-                schedule: DiffusionSchedule, cfg: SamplerConfig, draws: DrawSource, fused: bool) -> list[SamplingStep]:
-    """Runs the sampler; ``head(boxes [B, N, 4], t [B])`` is the decoder. Returns every step."""
+                schedule: DiffusionSchedule, cfg: SamplerConfig, draws: DrawSource,
+                ddim_step: DDIMStep) -> list[SamplingStep]:
+    """Runs the sampler; ``head(boxes [B, N, 4], t [B])`` is the decoder, ``ddim_step`` the DDIM
+    update of the model's :class:`~fastdiffinst.modeling.implementation.OpsImplementation`.
+    Returns every step."""
     batch, device = images_whwh.shape[0], images_whwh.device
     pairs = ddim_time_pairs(cfg.sample_steps, schedule.alphas_cumprod.shape[0])
     x_t = draws.initial(batch, num_proposals, device)
@@ -159,10 +150,6 @@ def ddim_sample(head: Callable[[Tensor, Tensor], HeadOutput], images_whwh: Tenso
         if t_next < 0:
             break
         noise, renew = draws.step(index, keep, x_t.dtype)
-        if fused:
-            x_t, _, boxes, _ = ops.ddim_step_boxes(x_t, out.boxes[-1], images_whwh, keep, t, t_next,
-                                                   schedule.alphas_cumprod, cfg.eta, cfg.snr_scale, noise, renew)
-        else:
-            x_t, boxes = _official_ddim_step(x_t, out.boxes[-1], images_whwh, keep, t, t_next, schedule, cfg.eta,
-                                             cfg.snr_scale, noise, renew)
+        x_t, boxes = ddim_step(x_t, out.boxes[-1], images_whwh, keep, t, t_next, schedule, cfg.eta, cfg.snr_scale,
+                               noise, renew)
     return steps
