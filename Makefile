@@ -31,7 +31,7 @@ test: setup lint
 	FASTDIFFINST_REQUIRE_EXT=1 $(VPY) -m pytest tests -q --durations=15 $(PYTEST_ARGS)
 
 bench: setup
-	$(VPY) benchmarks/run.py $(BENCH_ARGS)
+	$(VPY) -m benchmarks.run $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info fastdiffinst/_C*.so $(VENV)/.ext-stamp

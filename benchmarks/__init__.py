@@ -1,1 +1,2 @@
-"""Throughput studies of fastdiffinst (``python benchmarks/run.py``); nothing imports this package."""
+"""Throughput studies of fastdiffinst (``python -m benchmarks.run`` from the repository root); nothing in
+fastdiffinst imports this package."""

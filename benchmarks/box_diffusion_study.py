@@ -58,8 +58,6 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
     num = sizes.proposals
     generator = torch.Generator().manual_seed(0)
     rows = []
-    sa, s1a, ac = (x.to(device) for x in (SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod,
-                                          SCHEDULE.alphas_cumprod))
     schedule = DiffusionSchedule(**{k: getattr(SCHEDULE, k).to(device)
                                        for k in DiffusionSchedule.__dataclass_fields__})
 
@@ -67,18 +65,18 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
         counts, boxes, padded, whwh = _gt_lists(batch, generator)
         boxes, padded, whwh = [b.to(device) for b in boxes], padded.to(device), whwh.to(device)
         draws = draw_q_sample_inputs(counts, num, generator, device=device)
-        counts_t = torch.tensor(counts, device=device)
-        args = (padded, counts_t, *draws, sa, s1a, SCALE, whwh)
+        args = (padded, torch.tensor(counts, device=device), whwh)
+        kwargs = dict(draws=draws, schedule=schedule, scale=SCALE)
 
         # The timed closures run within this iteration; their inputs are bound explicitly all the same.
-        def fused(args=args):
-            return q_sample_boxes(*args)
+        def fused(args=args, kwargs=kwargs):
+            return q_sample_boxes(*args, **kwargs)
 
         def official(boxes=boxes, whwh=whwh, draws=draws):
             return bd.official_training_boxes(boxes, whwh, num, *draws, schedule, SCALE)
 
-        def batched(fn, args=args):
-            return lambda: fn(*args)
+        def batched(fn, args=args, kwargs=kwargs):
+            return lambda: fn(*args, **kwargs)
 
         err = (fused() - official()).abs().max().item()
         # Reads the GT batch and the draws, writes [B, N, 4] fp32.
@@ -95,18 +93,20 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
         keep = (torch.rand(batch, num, generator=generator) < 0.5).to(device)
         noise, renew = draw_ddim_noise(batch, num, generator, device=device)
         kept = keep.sum(1).tolist()
-        args = (x_t, pred, whwh, keep, 999, 749, ac, 1.0, SCALE, noise, renew)
+        args = (x_t, whwh)
+        kwargs = dict(pred_boxes=pred, keep=keep, t=999, t_next=749, schedule=schedule, noise=noise, renew_noise=renew,
+                      eta=1.0, scale=SCALE)
 
-        def fused(args=args):
-            return ddim_step_boxes(*args)
+        def fused(args=args, kwargs=kwargs):
+            return ddim_step_boxes(*args, **kwargs)
 
         def official(x_t=x_t, pred=pred, whwh=whwh, keep=keep, noise=noise, renew=renew, kept=kept):
             return [bd.official_ddim_step(x_t[b:b + 1], pred[b:b + 1], whwh[b:b + 1], keep[b], 999, 749, schedule, 1.0,
                                           noise[b:b + 1, :kept[b]], renew[b:b + 1, kept[b]:], SCALE)[0]
                     for b in range(len(kept))]
 
-        def batched(fn, args=args):
-            return lambda: fn(*args)
+        def batched(fn, args=args, kwargs=kwargs):
+            return lambda: fn(*args, **kwargs)
 
         err = max((fused()[0][b] - o[0]).abs().max().item() for b, o in enumerate(official()))
         # Reads x_t, the predictions, keep and the draws, writes the next x_t (and its boxes).

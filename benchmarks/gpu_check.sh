@@ -8,9 +8,9 @@
 #   1. build.log       the extension built in place with the CUDA kernels (FORCE_CUDA=1)
 #   2. cuda_tests.*    the tests ($GPU_CHECK_TESTS, default "tests -m cuda": CUDA parity, opcheck,
 #                      compile and the model on CUDA; "tests" runs the whole suite)
-#   3. bench_ops/      python benchmarks/run.py --device cuda --studies mask_head,roi_align,box_diffusion,
+#   3. bench_ops/      python -m benchmarks.run --device cuda --studies mask_head,roi_align,box_diffusion,
 #                      paste_masks
-#   4. bench_model/    python benchmarks/run.py --device cuda --studies model,model_training
+#   4. bench_model/    python -m benchmarks.run --device cuda --studies model,model_training
 #      ($GPU_CHECK_BENCH_ARGS is added to both, e.g. "--profile full")
 #   5. summary.md      versions, test counts, both tables and the targets, printed last
 # Fits in 5 minutes on an H100/H200 (the visible GPU's architecture only): every stage has a
@@ -91,14 +91,14 @@ fi
 # GPU_CHECK_BENCH_ARGS is added to both benchmark stages, e.g. "--profile full".
 status "stage 3: op benchmarks"
 ops_rc=0
-timeout "${GPU_CHECK_OPS_TIMEOUT:-70}" "$PY" benchmarks/run.py --device cuda \
+timeout "${GPU_CHECK_OPS_TIMEOUT:-70}" "$PY" -m benchmarks.run --device cuda \
   --studies mask_head,roi_align,box_diffusion,paste_masks ${GPU_CHECK_BENCH_ARGS:-} --out "$OUT/bench_ops" \
   >"$OUT/bench_ops.log" 2>&1 || ops_rc=$?
 tail -3 "$OUT/bench_ops.log"
 
 status "stage 4: model benchmark"
 model_rc=0
-timeout "${GPU_CHECK_MODEL_TIMEOUT:-70}" "$PY" benchmarks/run.py --device cuda --studies model,model_training \
+timeout "${GPU_CHECK_MODEL_TIMEOUT:-70}" "$PY" -m benchmarks.run --device cuda --studies model,model_training \
   ${GPU_CHECK_BENCH_ARGS:-} --out "$OUT/bench_model" >"$OUT/bench_model.log" 2>&1 || model_rc=$?
 tail -3 "$OUT/bench_model.log"
 

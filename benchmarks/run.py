@@ -2,7 +2,10 @@
 by side in one run (docs/design.md §7).
 
     python benchmarks/run.py                      # quick profile (~3 minutes on 2 CPU cores), all studies
-    python benchmarks/run.py --profile full --device cuda --studies model,roi_align --out results/
+    python -m benchmarks.run --profile full --device cuda --studies model,roi_align --out results/
+
+The studies are the modules of the ``benchmarks`` package; run as a file, this script runs itself
+again as that package's module (``python -m benchmarks.run``, the repository root importable).
 
 Studies: mask_head, roi_align, box_diffusion, paste_masks (each op vs its official formulation and,
 where they exist, our batched reference and torch.compile of it), model (DiffusionInst inference,
@@ -20,18 +23,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # `python benchmarks/run.py`: run again as the package's module, same arguments
+    _root = str(Path(__file__).resolve().parents[1])
+    _env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")])))
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *sys.argv[1:]], _env)
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import (  # noqa: E402
+from benchmarks import (
     box_diffusion_study,
     harness,
     mask_head_study,
@@ -40,6 +45,9 @@ from benchmarks import (  # noqa: E402
     plots,
     roi_align_study,
 )
+from fastdiffinst.progress import ProgressBar
+
+RESULTS = Path(__file__).resolve().parent / "results"  # the default parent of --out
 
 
 class Study(NamedTuple):
@@ -59,37 +67,9 @@ COLUMNS = [("op", "op"), ("case", "case"), ("direction", "direction"), ("baselin
            ("x_traffic_floor", "× traffic floor"), ("max_abs_diff", "max abs diff / notes")]
 
 
-class _Progress:
-    """tqdm when installed, else a plain counter."""
-
-    def __init__(self, total: int) -> None:
-        try:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc="benchmarks", unit="run", file=sys.stderr)
-        except ImportError:
-            self._bar, self._done, self._total = None, 0, total
-
-    def update(self, n: int) -> None:
-        if self._bar is not None:
-            self._bar.update(n)
-        else:
-            self._done += n
-            print(f"[{self._done}/{self._total}]", file=sys.stderr)
-
-    def write(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.write(text)
-        else:
-            print(text, file=sys.stderr)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=PROFILES, default="quick")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--studies", default=",".join(STUDIES), help=f"comma-separated, from {sorted(STUDIES)}")
@@ -115,7 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.threads < 1:
         parser.error("--threads must be >= 1")
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    args.out = args.out or ROOT / "benchmarks" / "results" / f"{stamp}-{args.device.replace(':', '')}"
+    args.out = args.out or RESULTS / f"{stamp}-{args.device.replace(':', '')}"
     from fastdiffinst.checkpoint import ensure_writable
 
     try:  # before hours of measurements, not after
@@ -146,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
           f"commit {meta['commit']} · profile {args.profile}")
     meta["ceilings"] = harness.ceilings(args.device, small=args.profile == "smoke")
     print("measured ceilings: " + ", ".join(f"{k} {v:.3g}" for k, v in meta["ceilings"].items()))
-    progress = _Progress(sum(STUDIES[s].steps(args.profile) for s in args.studies))
+    progress = ProgressBar(sum(STUDIES[s].steps(args.profile) for s in args.studies), "benchmarks", "run",
+                           count_without_tqdm=True)
     results = []
     for name in args.studies:
         results += STUDIES[name].run(args.device, args.profile, progress, meta["ceilings"])

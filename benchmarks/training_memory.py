@@ -3,8 +3,8 @@ vs the official formulations, each with and without recomputation (``DiffusionIn
 the defaults are fused + recomputation and the official formulation without), each in a fresh
 process (docs/design.md §7).
 
-    python benchmarks/training_memory.py                       # r50_coco, 2 × 512², 500 proposals
-    python benchmarks/training_memory.py --preset tiny --size 256 --batch 4
+    python -m benchmarks.training_memory                       # r50_coco, 2 × 512², 500 proposals
+    python -m benchmarks.training_memory --preset tiny --size 256 --batch 4
 
 The same random weights (seeded) and the same batch (random images with 10 rectangular GT
 instances each) on both sides. On CPU the peak is VmHWM minus the RSS once the model and the
@@ -17,15 +17,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file, with benchmarks/ rather than the repository root on the path
+    sys.exit("run from the repository root as a module: python -m benchmarks.training_memory [options]")
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.harness import in_fresh_process, peak_rss_bytes, rss_bytes, time_fn  # noqa: E402
+from benchmarks.harness import in_fresh_process, peak_rss_bytes, rss_bytes, time_fn
 
 GT_PER_IMAGE = 10
 
@@ -85,7 +83,8 @@ def measure(ops_impl: str, recompute: bool, preset: str, size: int, batch: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.training_memory", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="r50_coco")
     parser.add_argument("--size", type=int, default=512, help="square image side (pixels)")
     parser.add_argument("--batch", type=int, default=2)
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['seconds']:.2f} s | {row['loss']:.4f} |")
     print(f"defaults, fused / reference: peak memory {fused['peak_bytes'] / reference['peak_bytes']:.2f}, "
           f"first step time {fused['seconds'] / reference['seconds']:.2f} (one cold step; "
-          f"benchmarks/run.py --studies model_training times warm steps)")
+          f"python -m benchmarks.run --studies model_training times warm steps)")
     print(json.dumps(rows))
     return 0
 

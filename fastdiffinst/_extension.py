@@ -22,6 +22,26 @@ except ImportError as error:  # pragma: no cover - exercised only on broken inst
     _LOAD_ERROR = error
 
 
+# The kernels' limits, exported by fastdiffinst._C (csrc/fastdiffinst.cpp, from the ops/common/*.h
+# constants); the Python argument checks read them from here. Without the extension no native
+# kernel runs and these fallbacks (the same values: tests/test_registration.py checks it) state the
+# limits the ops keep on every backend.
+_FALLBACK_LIMITS = {
+    "MAX_SAMPLING_RATIO": 1024,  # RoIAlign samples per bin and axis (roi::kMaxAdaptiveGrid)
+    "MAX_LEVELS": 8,  # multilevel_roi_align pyramid levels (roi::kMaxLevels)
+    "MASK_HEAD_MAX_CHANNELS": 16,  # dynamic mask head hidden width (mask_head::kMaxChannels)
+    "MASK_HEAD_MAX_FEATURE_CHANNELS": 64,  # mask-feature channels (mask_head::kMaxFeatureChannels)
+    "MASK_HEAD_MAX_LAYERS": 4,  # mask_head::kMaxLayers
+}
+
+
+def limit(name: str) -> int:
+    """The kernel limit ``name`` (a key of ``_FALLBACK_LIMITS``): from ``fastdiffinst._C`` when it is
+    loaded, else the fallback."""
+    fallback = _FALLBACK_LIMITS[name]
+    return fallback if _C is None else int(getattr(_C, name))
+
+
 def require_extension() -> bool:
     """True when ``FASTDIFFINST_REQUIRE_EXT`` asks for native kernels (fallbacks become errors)."""
     return os.environ.get("FASTDIFFINST_REQUIRE_EXT", "0") not in ("", "0")

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +34,75 @@ from fastdiffinst.ops.dynamic_mask_head import MAX_LAYERS as MAX_MASK_HEAD_LAYER
 # torchvision's ImageNet statistics on the 0-255 scale, RGB (docs/official-model.md §1.1).
 PIXEL_MEAN = (123.675, 116.280, 103.530)
 PIXEL_STD = (58.395, 57.120, 57.375)
+
+
+class _FieldChecks:
+    """Checks of one config section's fields; a failure raises ``ValueError`` naming the key path
+    (``config: solver.base_lr must be > 0, got -1.0``)."""
+
+    def __init__(self, section: object, path: str) -> None:
+        self.section, self.path = section, path
+
+    def fail(self, name: str, requirement: str) -> None:
+        where = f"{self.path}.{name}" if self.path else name
+        raise ValueError(f"config: {where} must be {requirement}, got {getattr(self.section, name)!r}")
+
+    def integer(self, name: str, low: int = 1, high: int | None = None) -> None:
+        """An int (not a bool) in [low, high]."""
+        value = getattr(self.section, name)
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            if high is not None:
+                self.fail(name, f"an int in [{low}, {high}]")
+            self.fail(name, "a positive int" if low == 1 else f"an int >= {low}")
+
+    def positive_ints(self, *names: str) -> None:
+        for name in names:
+            self.integer(name)
+
+    def number(self, name: str, low: float, high: float = math.inf, *, low_open: bool = False,
+               high_open: bool = False) -> None:
+        """A finite real in the interval from ``low`` to ``high`` (closed unless ``*_open``)."""
+        value = getattr(self.section, name)
+        if not _is_real(value) or not math.isfinite(value):
+            self.fail(name, "a finite number")
+        if not ((low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
+            if high == math.inf:
+                self.fail(name, f"{'>' if low_open else '>='} {low:g}")
+            self.fail(name, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+
+    def one_of(self, name: str, choices: Sequence[Any]) -> None:
+        if getattr(self.section, name) not in choices:
+            self.fail(name, " or ".join(map(repr, choices)) if len(choices) == 2 else f"one of {list(choices)}")
+
+    def boolean(self, *names: str) -> None:
+        for name in names:
+            if not isinstance(getattr(self.section, name), bool):
+                self.fail(name, "a bool")
+
+    def positive_int_sequence(self, name: str, length: int | None = None, *, increasing: bool = False) -> None:
+        """A non-empty tuple or list of positive ints (of ``length`` entries; strictly increasing)."""
+        values = getattr(self.section, name)
+        valid = (isinstance(values, (tuple, list)) and len(values) > 0 and all(_is_int(v) and v >= 1 for v in values)
+                 and (length is None or len(values) == length)
+                 and (not increasing or all(a < b for a, b in zip(values, values[1:]))))
+        if not valid:
+            count = "a non-empty tuple of" if length is None else f"a tuple of {length}"
+            order = ", strictly increasing" if increasing else ""
+            self.fail(name, f"{count} positive ints{order}")
+
+    def finite_sequence(self, name: str, length: int, *, positive: bool = False) -> None:
+        values = getattr(self.section, name)
+        if not (isinstance(values, (tuple, list)) and len(values) == length
+                and all(_is_real(v) and math.isfinite(v) and (not positive or v > 0) for v in values)):
+            self.fail(name, f"a tuple of {length} finite{' positive' if positive else ''} numbers")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -47,6 +118,18 @@ class ResNetConfig:
     freeze_at: int = 2  # 0 = nothing frozen, 1 = the stem, 2 = stem and res2, ...
     norm: str = "FrozenBN"  # or "GN" (GroupNorm), for training from scratch
 
+    def validate(self) -> ResNetConfig:
+        """A depth of :data:`RESNET_BLOCKS`, positive widths, ``freeze_at`` in [0, 5], a known norm,
+        and no grouped convolutions in the basic blocks of ResNet-18/34."""
+        checks = _FieldChecks(self, "backbone.resnet")
+        checks.one_of("depth", sorted(RESNET_BLOCKS))
+        checks.positive_ints("stem_out_channels", "res2_out_channels", "num_groups", "width_per_group")
+        checks.integer("freeze_at", 0, 5)
+        checks.one_of("norm", ("FrozenBN", "GN"))
+        if self.depth < 50 and self.num_groups != 1:
+            checks.fail("num_groups", f"1 for ResNet-{self.depth} (basic blocks have no grouped conv)")
+        return self
+
 
 @dataclass
 class SwinConfig:
@@ -59,6 +142,21 @@ class SwinConfig:
     mlp_ratio: float = 4.0
     drop_path_rate: float = 0.3
 
+    def validate(self) -> SwinConfig:
+        """Four stages (the FPN reads res2..res5), each stage's width ``embed_dim·2^i`` divisible by
+        its number of heads, positive sizes, ``drop_path_rate`` in [0, 1)."""
+        checks = _FieldChecks(self, "backbone.swin")
+        checks.positive_ints("embed_dim", "window_size")
+        checks.positive_int_sequence("depths", 4)
+        checks.positive_int_sequence("num_heads", 4)
+        for i, heads in enumerate(self.num_heads):
+            if (self.embed_dim << i) % heads:
+                checks.fail("num_heads", f"divisors of the stage widths embed_dim·2^i = "
+                                         f"{[self.embed_dim << j for j in range(4)]}")
+        checks.number("mlp_ratio", 0, low_open=True)
+        checks.number("drop_path_rate", 0, 1, high_open=True)
+        return self
+
 
 @dataclass
 class BackboneConfig:
@@ -66,6 +164,14 @@ class BackboneConfig:
     resnet: ResNetConfig = field(default_factory=ResNetConfig)
     swin: SwinConfig = field(default_factory=SwinConfig)
     fpn_channels: int = 256  # FPN.OUT_CHANNELS; must equal head.hidden_dim
+
+    def validate(self) -> BackboneConfig:
+        """The name, the FPN width and the section of the backbone in use (``resnet`` or ``swin``)."""
+        checks = _FieldChecks(self, "backbone")
+        checks.one_of("name", ("resnet", "swin"))
+        checks.positive_ints("fpn_channels")
+        getattr(self, self.name).validate()
+        return self
 
 
 @dataclass
@@ -94,6 +200,31 @@ class HeadConfig:
     mask_head_channels: int = 8
     mask_head_layers: int = 3
 
+    def validate(self) -> HeadConfig:
+        """Positive sizes (tower depths >= 0), attention heads dividing the width, the two DynamicConv
+        layers, a known activation, a dropout in [0, 1), the fused mask head's limits and a prior
+        probability in (0, 1)."""
+        checks = _FieldChecks(self, "head")
+        checks.positive_ints("hidden_dim", "num_attention_heads", "dim_feedforward", "num_stages", "dim_dynamic",
+                             "num_dynamic", "pooler_resolution", "mask_branch_channels", "mask_feat_channels",
+                             "mask_head_channels", "mask_head_layers")
+        if self.hidden_dim % self.num_attention_heads:
+            raise ValueError(f"config: head.hidden_dim ({self.hidden_dim}) must be divisible by "
+                             f"head.num_attention_heads ({self.num_attention_heads})")
+        if self.num_dynamic != 2:
+            checks.fail("num_dynamic", "2 (DynamicConv uses two generated layers)")
+        checks.one_of("activation", ("relu", "gelu"))
+        for name in ("num_cls", "num_reg", "mask_tower_convs"):
+            checks.integer(name, 0)
+        checks.integer("pooler_sampling_ratio", 0)  # 0: adaptive, ceil(roi size / output size) samples per bin
+        checks.number("dropout", 0, 1, high_open=True)
+        if self.mask_head_channels > MAX_MASK_HEAD_CHANNELS:
+            checks.fail("mask_head_channels", f"in [1, {MAX_MASK_HEAD_CHANNELS}] (the fused mask head's limit)")
+        if self.mask_head_layers > MAX_MASK_HEAD_LAYERS:
+            checks.fail("mask_head_layers", f"in [1, {MAX_MASK_HEAD_LAYERS}]")
+        checks.number("prior_prob", 0, 1, low_open=True, high_open=True)
+        return self
+
 
 @dataclass
 class SamplerConfig:
@@ -110,6 +241,19 @@ class SamplerConfig:
     official_ensemble: bool = False
     use_nms: bool = True
     nms_iou: float = 0.5
+
+    def validate(self) -> SamplerConfig:
+        """1 to ``NUM_TIMESTEPS`` DDIM steps; ``eta``, ``renewal_threshold`` and ``nms_iou`` in [0, 1]."""
+        checks = _FieldChecks(self, "sampler")
+        checks.positive_ints("sample_steps")
+        if self.sample_steps > NUM_TIMESTEPS:
+            checks.fail("sample_steps", f"at most {NUM_TIMESTEPS}")
+        # eta in [0, 1] keeps 1 - ᾱ_next - σ² >= 0 at every DDIM step.
+        for name in ("eta", "renewal_threshold", "nms_iou"):
+            checks.number(name, 0, 1)
+        checks.number("snr_scale", 0, low_open=True)
+        checks.boolean("box_renewal", "use_ensemble", "official_ensemble", "use_nms")
+        return self
 
 
 @dataclass
@@ -128,6 +272,19 @@ class LossConfig:
     fed_loss_num_classes: int = 50
     fed_loss_freq_weight_power: float = 0.5
 
+    def validate(self) -> LossConfig:
+        """Finite, non-negative weights (0 turns a term off); ``focal_alpha`` in [0, 1], ``focal_gamma``
+        >= 0; a positive ``ota_k``, ``center_radius`` and federated-loss class count."""
+        checks = _FieldChecks(self, "loss")
+        for name in ("class_weight", "l1_weight", "giou_weight", "mask_weight", "focal_gamma",
+                     "fed_loss_freq_weight_power"):
+            checks.number(name, 0)
+        checks.number("focal_alpha", 0, 1)
+        checks.positive_ints("ota_k", "fed_loss_num_classes")
+        checks.number("center_radius", 0, low_open=True)
+        checks.boolean("use_fed_loss")
+        return self
+
 
 @dataclass
 class SolverConfig:
@@ -143,6 +300,22 @@ class SolverConfig:
     warmup_factor: float = 0.01
     clip_grad_norm: float = 1.0
     seed: int = 40244023
+
+    def validate(self) -> SolverConfig:
+        """Positive batch, iterations, learning rate and clipping norm; ``weight_decay`` >= 0;
+        ``steps`` strictly increasing positive iterations (beyond ``max_iter`` they never apply);
+        ``warmup_iters`` >= 0 with ``warmup_factor`` in [0, 1]; a seed in [0, 2^32)."""
+        checks = _FieldChecks(self, "solver")
+        checks.positive_ints("ims_per_batch", "max_iter")
+        checks.number("base_lr", 0, low_open=True)
+        checks.number("weight_decay", 0)
+        if self.steps != ():  # no step: a constant rate after the warm-up
+            checks.positive_int_sequence("steps", increasing=True)
+        checks.integer("warmup_iters", 0)
+        checks.number("warmup_factor", 0, 1)
+        checks.number("clip_grad_norm", 0, low_open=True)
+        checks.integer("seed", 0, 2**32 - 1)
+        return self
 
 
 @dataclass
@@ -162,6 +335,21 @@ class InputConfig:
     pixel_mean: tuple[float, float, float] = PIXEL_MEAN
     pixel_std: tuple[float, float, float] = PIXEL_STD
 
+    def validate(self) -> InputConfig:
+        """Positive sizes (non-empty choices of shortest edges), a crop range ``(low, high)`` with
+        ``low <= high``, and per-channel RGB statistics: finite means, positive deviations."""
+        checks = _FieldChecks(self, "input")
+        checks.positive_int_sequence("min_size_train")
+        checks.positive_int_sequence("crop_resize")
+        checks.positive_ints("max_size_train", "min_size_test", "max_size_test")
+        checks.boolean("crop")
+        checks.positive_int_sequence("crop_size", 2)
+        if self.crop_size[0] > self.crop_size[1]:
+            checks.fail("crop_size", "a range (low, high) with low <= high")
+        checks.finite_sequence("pixel_mean", 3)
+        checks.finite_sequence("pixel_std", 3, positive=True)
+        return self
+
 
 @dataclass
 class ModelConfig:
@@ -175,58 +363,14 @@ class ModelConfig:
     input: InputConfig = field(default_factory=InputConfig)
 
     def validate(self) -> ModelConfig:
-        """Raises ``ValueError`` naming the field when the configuration cannot build a model."""
-        def positive(name: str, value: int) -> None:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"config: {name} must be a positive int, got {value!r}")
-
-        positive("num_classes", self.num_classes)
-        positive("num_proposals", self.num_proposals)
-        if self.backbone.name not in ("resnet", "swin"):
-            raise ValueError(f"config: backbone.name must be 'resnet' or 'swin', got {self.backbone.name!r}")
-        if self.backbone.name == "resnet" and self.backbone.resnet.depth not in RESNET_BLOCKS:
-            raise ValueError(f"config: backbone.resnet.depth must be one of {sorted(RESNET_BLOCKS)}, "
-                             f"got {self.backbone.resnet.depth}")
-        resnet = self.backbone.resnet
-        if resnet.norm not in ("FrozenBN", "GN"):
-            raise ValueError(f"config: backbone.resnet.norm must be 'FrozenBN' or 'GN', got {resnet.norm!r}")
-        if self.backbone.name == "resnet" and resnet.depth < 50 and resnet.num_groups != 1:
-            raise ValueError(f"config: backbone.resnet.num_groups must be 1 for ResNet-{resnet.depth} "
-                             f"(basic blocks have no grouped conv), got {resnet.num_groups}")
-        head = self.head
-        for name in ("hidden_dim", "num_attention_heads", "dim_feedforward", "num_stages", "dim_dynamic",
-                     "num_dynamic", "pooler_resolution", "mask_branch_channels", "mask_feat_channels",
-                     "mask_head_channels", "mask_head_layers"):
-            positive(f"head.{name}", getattr(head, name))
-        if self.backbone.fpn_channels != head.hidden_dim:
+        """Raises ``ValueError`` naming the field (its key path) when the configuration cannot build or
+        train a model: every section validates itself, then the constraints across sections."""
+        _FieldChecks(self, "").positive_ints("num_classes", "num_proposals")
+        for section in (self.backbone, self.head, self.sampler, self.loss, self.solver, self.input):
+            section.validate()
+        if self.backbone.fpn_channels != self.head.hidden_dim:
             raise ValueError(f"config: backbone.fpn_channels ({self.backbone.fpn_channels}) must equal "
-                             f"head.hidden_dim ({head.hidden_dim}): the head reads FPN channels as d_model")
-        if head.hidden_dim % head.num_attention_heads:
-            raise ValueError(f"config: head.hidden_dim ({head.hidden_dim}) must be divisible by "
-                             f"head.num_attention_heads ({head.num_attention_heads})")
-        if head.num_dynamic != 2:
-            raise ValueError(f"config: head.num_dynamic must be 2 (DynamicConv uses two generated layers), "
-                             f"got {head.num_dynamic}")
-        if head.activation not in ("relu", "gelu"):
-            raise ValueError(f"config: head.activation must be 'relu' or 'gelu', got {head.activation!r}")
-        if not 1 <= head.mask_head_channels <= MAX_MASK_HEAD_CHANNELS:
-            raise ValueError(f"config: head.mask_head_channels must be in [1, {MAX_MASK_HEAD_CHANNELS}] (the fused "
-                             f"mask head's limit), got {head.mask_head_channels}")
-        if not 1 <= head.mask_head_layers <= MAX_MASK_HEAD_LAYERS:
-            raise ValueError(f"config: head.mask_head_layers must be in [1, {MAX_MASK_HEAD_LAYERS}], "
-                             f"got {head.mask_head_layers}")
-        sampler = self.sampler
-        positive("sampler.sample_steps", sampler.sample_steps)
-        if sampler.sample_steps > NUM_TIMESTEPS:
-            raise ValueError(f"config: sampler.sample_steps must be at most {NUM_TIMESTEPS}, "
-                             f"got {sampler.sample_steps}")
-        # eta in [0, 1] keeps 1 - ᾱ_next - σ² >= 0 at every DDIM step.
-        for name, low, high in (("eta", 0.0, 1.0), ("renewal_threshold", 0.0, 1.0), ("nms_iou", 0.0, 1.0)):
-            value = getattr(sampler, name)
-            if not (isinstance(value, (int, float)) and low <= value <= high):
-                raise ValueError(f"config: sampler.{name} must be in [{low}, {high}], got {value!r}")
-        if not 0 < head.prior_prob < 1:
-            raise ValueError(f"config: head.prior_prob must be in (0, 1), got {head.prior_prob}")
+                             f"head.hidden_dim ({self.head.hidden_dim}): the head reads FPN channels as d_model")
         return self
 
 

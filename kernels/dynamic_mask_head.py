@@ -82,24 +82,14 @@ def _load_layer(p_ptr, layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, 
 
 
 @triton.jit
-def _load_all(p_ptr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr, CP: tl.constexpr,
-              ACC: tl.constexpr):
-    """Every layer's ``(w, b)`` (:func:`_load_layer`), loaded once per program so that they stay in
-    registers across its tiles; ``[2, 2]``/``[2]`` zero placeholders for the layers the head lacks."""
-    w0, b0 = _load_layer(p_ptr, 0, IN, CH, L, CP_IN, CP, ACC)
-    w1 = tl.zeros([2, 2], ACC)
-    b1 = tl.zeros([2], ACC)
-    w2 = tl.zeros([2, 2], ACC)
-    b2 = tl.zeros([2], ACC)
-    w3 = tl.zeros([2, 2], ACC)
-    b3 = tl.zeros([2], ACC)
-    if L > 1:
-        w1, b1 = _load_layer(p_ptr, 1, IN, CH, L, CP_IN, CP, ACC)
-    if L > 2:
-        w2, b2 = _load_layer(p_ptr, 2, IN, CH, L, CP_IN, CP, ACC)
-    if L > 3:
-        w3, b3 = _load_layer(p_ptr, 3, IN, CH, L, CP_IN, CP, ACC)
-    return w0, b0, w1, b1, w2, b2, w3, b3
+def _load_layers(p_ptr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr, CP: tl.constexpr,
+                 ACC: tl.constexpr):
+    """The L-tuple of every layer's ``(w, b)`` (:func:`_load_layer`), loaded once per program so that
+    they stay in registers across its tiles."""
+    layers = ()
+    for layer in tl.static_range(L):
+        layers = layers + (_load_layer(p_ptr, layer, IN, CH, L, CP_IN, CP, ACC),)
+    return layers
 
 
 @triton.jit
@@ -148,6 +138,28 @@ def _outer(delta, a, acc, PREC: tl.constexpr):
     """``acc + delta [CPO, BLOCK] · aᵀ [BLOCK, CPI]``: a weight gradient, summed over the tile, in
     the dot precision PREC ("ieee", or "tf32x3" for tensor cores with fp32-level accuracy)."""
     return tl.dot(delta, tl.trans(a), acc, input_precision=PREC)
+
+
+@triton.jit
+def _mlp(x, layers):
+    """The head on one tile: ``x [CP_IN, BLOCK]`` through ``layers`` (the L-tuple of ``(w, b)``, ReLU
+    between layers). Returns the last layer's output ``[2, BLOCK]`` (row 0 is the logit) and the
+    L-tuple of every layer's input (``x``, then the ReLU outputs), which the backward needs."""
+    w, b = layers[0]
+    h = _dense(x, w, b)
+    inputs = (x,)
+    for layer in tl.static_range(1, len(layers)):
+        a = tl.maximum(h, 0.0)
+        w, b = layers[layer]
+        h = _dense(a, w, b)
+        inputs = inputs + (a,)
+    return h, inputs
+
+
+@triton.jit
+def _replace(values, index: tl.constexpr, value):
+    """``values`` with element ``index`` replaced by ``value`` (Triton tuples are immutable)."""
+    return values[:index] + (value,) + values[index + 1:]
 
 
 @triton.jit
@@ -222,7 +234,7 @@ def mask_head_forward_kernel(
     chunk = tl.program_id(1)
     image, valid, inst_x, inst_y, soi = _instance(n, image_ptr, xy_ptr, soi_ptr, B, COORDS, ACC)
     p_ptr = params_ptr + n * P
-    w0, b0, w1, b1, w2, b2, w3, b3 = _load_all(p_ptr, IN, CH, L, CP_IN, CP, ACC)
+    layers = _load_layers(p_ptr, IN, CH, L, CP_IN, CP, ACC)
     if EPILOGUE == _DICE:
         k = tl.load(gt_index_ptr + n)
         has_gt = (k >= 0) & (k < G)  # out of range (unchecked on CUDA): no target, never read
@@ -235,13 +247,7 @@ def mask_head_forward_kernel(
         pmask = pix < HW
         x = _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi, STRIDE, C, COORDS, CP_IN,
                          ACC)
-        h = _dense(x, w0, b0)
-        if L > 1:
-            h = _dense(tl.maximum(h, 0.0), w1, b1)
-        if L > 2:
-            h = _dense(tl.maximum(h, 0.0), w2, b2)
-        if L > 3:
-            h = _dense(tl.maximum(h, 0.0), w3, b3)
+        h, _ = _mlp(x, layers)
         logit = tl.where(valid, _first_row(h), 0.0)
         if EPILOGUE == _LOGITS:
             tl.store(out_ptr + n * HW + pix, logit.to(out_ptr.dtype.element_ty), mask=pmask)
@@ -261,24 +267,14 @@ def mask_head_forward_kernel(
 
 
 @triton.jit
-def _tile_backward(x, w0, b0, w1, b1, w2, b2, w3, b3, dl_src, UP: tl.constexpr, ga, gb, gt_base, has_gt, pix, pmask,
-                   valid, L: tl.constexpr, ACC: tl.constexpr, WANT_PARAMS: tl.constexpr, PREC: tl.constexpr,
-                   gw0, gb0, gw1, gb1, gw2, gb2, gw3, gb3):
-    """Recomputes one tile's MLP, back-propagates the upstream gradient and returns the gradient of
-    the layer-0 input ``[CP_IN, BLOCK]`` and, with WANT_PARAMS, the parameter-gradient accumulators
-    updated (``gw_l [CPO, CPI]``, ``gb_l [CPO, BLOCK]`` per-pixel partials; unused layers pass
-    through)."""
-    h = _dense(x, w0, b0)
-    # Forward, keeping every layer's input (a1..a3 are ReLU outputs).
-    a1 = tl.maximum(h, 0.0)
-    if L > 1:
-        h = _dense(a1, w1, b1)
-    a2 = tl.maximum(h, 0.0)
-    if L > 2:
-        h = _dense(a2, w2, b2)
-    a3 = tl.maximum(h, 0.0)
-    if L > 3:
-        h = _dense(a3, w3, b3)
+def _tile_backward(x, layers, upstream, UP: tl.constexpr, pix, pmask, valid, ACC: tl.constexpr,
+                   WANT_PARAMS: tl.constexpr, PREC: tl.constexpr, grads):
+    """Recomputes one tile's MLP, back-propagates the upstream gradient (the terms of
+    :func:`_upstream`) and returns the gradient of the layer-0 input ``[CP_IN, BLOCK]`` and, with
+    WANT_PARAMS, ``grads`` updated: the parameter-gradient accumulators, an L-tuple of
+    ``(gw [CPO, CPI], gb [CPO, BLOCK] per-pixel partials)``; without, ``grads`` passes through."""
+    dl_src, ga, gb, has_gt, gt_base = upstream
+    h, inputs = _mlp(x, layers)
     logit = _first_row(h)
     # Upstream gradient of the logits.
     if UP == _LOGITS:
@@ -290,50 +286,33 @@ def _tile_backward(x, w0, b0, w1, b1, w2, b2, w3, b3, dl_src, UP: tl.constexpr, 
         prob = _sigmoid(logit)
         dl = (ga * _target(gt_base, has_gt, pix, pmask, ACC) + 2.0 * gb * prob) * prob * (1.0 - prob)
     dl = tl.where(pmask & valid, dl, 0.0)
-    # delta = d(loss)/d(layer output), from the last layer (a [2, BLOCK] block, row 0) down.
+    # delta = d(loss)/d(layer output), from the last layer (a [2, BLOCK] block, row 0) down; a
+    # layer's input is positive exactly where the ReLU below it let the gradient through.
     delta = tl.where(tl.arange(0, 2)[:, None] == 0, dl[None, :], 0.0)
-    if L > 3:
+    for layer in tl.static_range(len(layers) - 1, -1, -1):
         if WANT_PARAMS:
-            gw3 = _outer(delta, a3, gw3, PREC)
-            gb3 += delta
-        delta = tl.where(a3 > 0, _back(w3, delta), 0.0)
-    if L > 2:
-        if WANT_PARAMS:
-            gw2 = _outer(delta, a2, gw2, PREC)
-            gb2 += delta
-        delta = tl.where(a2 > 0, _back(w2, delta), 0.0)
-    if L > 1:
-        if WANT_PARAMS:
-            gw1 = _outer(delta, a1, gw1, PREC)
-            gb1 += delta
-        delta = tl.where(a1 > 0, _back(w1, delta), 0.0)
-    if WANT_PARAMS:
-        gw0 = _outer(delta, x, gw0, PREC)
-        gb0 += delta
-    return _back(w0, delta), gw0, gb0, gw1, gb1, gw2, gb2, gw3, gb3
+            grad_w, grad_b = grads[layer]
+            grads = _replace(grads, layer, (_outer(delta, inputs[layer], grad_w, PREC), grad_b + delta))
+        if layer > 0:
+            delta = tl.where(inputs[layer] > 0, _back(layers[layer][0], delta), 0.0)
+    return _back(layers[0][0], delta), grads
 
 
 @triton.jit
-def _zero_grads(IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr, CP: tl.constexpr,
-                ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Zeroed parameter-gradient accumulators of :func:`_tile_backward` (``[2, 2]`` placeholders
-    for the layers the head does not have)."""
-    CPO0: tl.constexpr = 2 if L == 1 else CP
-    CPO1: tl.constexpr = 2 if L <= 2 else CP
-    CPO2: tl.constexpr = 2 if L <= 3 else CP
-    CPI1: tl.constexpr = CP if L > 1 else 2
-    CPI2: tl.constexpr = CP if L > 2 else 2
-    CPI3: tl.constexpr = CP if L > 3 else 2
-    return (tl.zeros([CPO0, CP_IN], ACC), tl.zeros([CPO0, BLOCK], ACC),
-            tl.zeros([CPO1, CPI1], ACC), tl.zeros([CPO1, BLOCK], ACC),
-            tl.zeros([CPO2, CPI2], ACC), tl.zeros([CPO2, BLOCK], ACC),
-            tl.zeros([2, CPI3], ACC), tl.zeros([2, BLOCK], ACC))
+def _zero_grads(layers, BLOCK: tl.constexpr):
+    """Zeroed parameter-gradient accumulators of :func:`_tile_backward` for ``layers``: an L-tuple
+    of ``(gw [CPO, CPI], gb [CPO, BLOCK])``."""
+    grads = ()
+    for layer in tl.static_range(len(layers)):
+        w, _ = layers[layer]
+        grads = grads + ((tl.zeros_like(w), tl.zeros([w.shape[0], BLOCK], w.dtype)),)
+    return grads
 
 
 @triton.jit
 def _upstream(n, up_ptr, gt_ptr, gt_index_ptr, G, HW, UP: tl.constexpr, ACC: tl.constexpr):
-    """Per-instance upstream terms: the gradient row (LOGITS/PROBS) or, for DICE, the gradients of
-    Σ p·g and Σ p² and the target mask."""
+    """Per-instance upstream terms ``(dl_src, ga, gb, has_gt, gt_base)``: the gradient row ``dl_src``
+    (LOGITS/PROBS) or, for DICE, the gradients ``ga``/``gb`` of Σ p·g and Σ p² and the target mask."""
     if UP == _DICE:
         ga = tl.load(up_ptr + 3 * n).to(ACC)
         gb = tl.load(up_ptr + 3 * n + 1).to(ACC)
@@ -366,9 +345,9 @@ def mask_head_backward_kernel(
     chunk = tl.program_id(1)
     image, valid, inst_x, inst_y, soi = _instance(n, image_ptr, xy_ptr, soi_ptr, B, COORDS, ACC)
     p_ptr = params_ptr + n * P
-    dl_src, ga, gb, has_gt, gt_base = _upstream(n, up_ptr, gt_ptr, gt_index_ptr, G, HW, UP, ACC)
-    w0, b0, w1, b1, w2, b2, w3, b3 = _load_all(p_ptr, IN, CH, L, CP_IN, CP, ACC)
-    gw0, gb0, gw1, gb1, gw2, gb2, gw3, gb3 = _zero_grads(IN, CH, L, CP_IN, CP, ACC, BLOCK)
+    upstream = _upstream(n, up_ptr, gt_ptr, gt_index_ptr, G, HW, UP, ACC)
+    layers = _load_layers(p_ptr, IN, CH, L, CP_IN, CP, ACC)
+    grads = _zero_grads(layers, BLOCK)
     NC: tl.constexpr = 2 if COORDS else 0
     fc = tl.arange(0, CP_IN) - NC
     for t in range(TILES):
@@ -376,21 +355,15 @@ def mask_head_backward_kernel(
         pmask = pix < HW
         x = _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi, STRIDE, C, COORDS, CP_IN,
                          ACC)
-        gx, gw0, gb0, gw1, gb1, gw2, gb2, gw3, gb3 = _tile_backward(
-            x, w0, b0, w1, b1, w2, b2, w3, b3, dl_src, UP, ga, gb, gt_base, has_gt, pix, pmask, valid, L, ACC, True,
-            PREC, gw0, gb0, gw1, gb1, gw2, gb2, gw3, gb3)
+        gx, grads = _tile_backward(x, layers, upstream, UP, pix, pmask, valid, ACC, True, PREC, grads)
         if ATOMIC_GX:
             fmask = (fc[:, None] >= 0) & (fc[:, None] < C) & pmask[None, :] & valid
             dst = gfeats_ptr + image.to(tl.int64) * C * HW + fc[:, None].to(tl.int64) * HW + pix[None, :]
             tl.atomic_add(dst, gx, mask=fmask)
     g_ptr = gparams_ptr + (n * CHUNKS + chunk) * P
-    _store_layer_grad(g_ptr, gw0, tl.sum(gb0, axis=1), 0, IN, CH, L, CP_IN, CP)
-    if L > 1:
-        _store_layer_grad(g_ptr, gw1, tl.sum(gb1, axis=1), 1, IN, CH, L, CP_IN, CP)
-    if L > 2:
-        _store_layer_grad(g_ptr, gw2, tl.sum(gb2, axis=1), 2, IN, CH, L, CP_IN, CP)
-    if L > 3:
-        _store_layer_grad(g_ptr, gw3, tl.sum(gb3, axis=1), 3, IN, CH, L, CP_IN, CP)
+    for layer in tl.static_range(L):
+        grad_w, grad_b = grads[layer]
+        _store_layer_grad(g_ptr, grad_w, tl.sum(grad_b, axis=1), layer, IN, CH, L, CP_IN, CP)
 
 
 @triton.jit
@@ -414,17 +387,14 @@ def mask_head_feature_grad_kernel(
     acc = tl.zeros([CP_IN, BLOCK], ACC)
     start = tl.load(offsets_ptr + b)
     stop = tl.load(offsets_ptr + b + 1)
-    gw0, gb0, gw1, gb1, gw2, gb2, gw3, gb3 = _zero_grads(IN, CH, L, CP_IN, CP, ACC, BLOCK)
     for j in range(start, stop):
         n = tl.load(order_ptr + j)
         image, valid, inst_x, inst_y, soi = _instance(n, image_ptr, xy_ptr, soi_ptr, B, COORDS, ACC)
-        dl_src, ga, gb, has_gt, gt_base = _upstream(n, up_ptr, gt_ptr, gt_index_ptr, G, HW, UP, ACC)
+        upstream = _upstream(n, up_ptr, gt_ptr, gt_index_ptr, G, HW, UP, ACC)
         x = _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi, STRIDE, C, COORDS, CP_IN,
                          ACC)
-        w0, b0, w1, b1, w2, b2, w3, b3 = _load_all(params_ptr + n * P, IN, CH, L, CP_IN, CP, ACC)
-        gx, _0, _1, _2, _3, _4, _5, _6, _7 = _tile_backward(
-            x, w0, b0, w1, b1, w2, b2, w3, b3, dl_src, UP, ga, gb, gt_base, has_gt, pix, pmask, valid, L, ACC, False,
-            "ieee", gw0, gb0, gw1, gb1, gw2, gb2, gw3, gb3)
+        layers = _load_layers(params_ptr + n * P, IN, CH, L, CP_IN, CP, ACC)
+        gx, _ = _tile_backward(x, layers, upstream, UP, pix, pmask, valid, ACC, False, "ieee", ())
         acc += gx
     fmask = (fc[:, None] >= 0) & (fc[:, None] < C) & pmask[None, :]
     dst = gfeats_ptr + b * C * HW + fc[:, None].to(tl.int64) * HW + pix[None, :]

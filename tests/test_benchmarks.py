@@ -1,4 +1,4 @@
-"""benchmarks/run.py end to end on the smoke profile (tiny sizes, one repeat; the JSON, the
+"""``python -m benchmarks.run`` end to end on the smoke profile (tiny sizes, one repeat; the JSON, the
 markdown, the plots; every requested study and baseline produced a number), its argument errors,
 gpu_check.sh's syntax, and the pytest-benchmark microbenchmarks run once. Timings are not checked."""
 
@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks import run as bench_run
 
-from benchmarks import run as bench_run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BASELINES = {
     "mask_head": {"official grouped conv", "bmm", "torch.compile(bmm)"},
@@ -40,7 +39,7 @@ def _positive(value) -> bool:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "run"
-    result = subprocess.run([sys.executable, "benchmarks/run.py", "--profile", "smoke", "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--profile", "smoke", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stdout

@@ -1,18 +1,22 @@
 """Box-diffusion ops: the schedule, q_sample_boxes and ddim_step_boxes against the official
-formulation (per image, float64 buffers), the batched reference, the golden fixture, and each other."""
+formulation (per image, float64 buffers), the batched reference, the golden fixture, and each other;
+the op contract (opcheck, torch.compile, unwritten outputs, empty batches: tests/op_contract.py)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 import fastdiffinst.ops as fops
 from conftest import devices
+from fastdiffinst import _extension
 from fastdiffinst.common.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, boxes_to_signal, signal_to_boxes
-from fastdiffinst.common.diffusion import DiffusionSchedule, cosine_schedule, ddim_time_pairs
+from fastdiffinst.common.diffusion import FAKE_GT_BOX, DiffusionSchedule, cosine_schedule, ddim_time_pairs
 from fastdiffinst.reference import box_diffusion as bd
 from model_fixture import fixture as golden_fixture
-from utils import deterministic_with_nan_fill
+from op_contract import OpContract
 
 native = torch.ops.fastdiffinst
 SCHEDULE = cosine_schedule()
@@ -98,8 +102,7 @@ def official_batch(per_image, sizes, draws, num_proposals):
 
 
 def q_sample(padded, counts, draws, whwh, fn=fops.q_sample_boxes):
-    return fn(padded, torch.tensor(counts), draws.t, draws.noise, draws.placeholder_noise, draws.select_index,
-              SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE, whwh)
+    return fn(padded, torch.tensor(counts), whwh, draws=draws, schedule=SCHEDULE, scale=SCALE)
 
 
 COUNTS = [0, 1, 7, 23]  # no GT, one, some, more than N = 19
@@ -133,8 +136,7 @@ def test_q_sample_matches_golden_fixture(fixture):
         padded[b, :counts[b]] = box_xyxy_to_cxcywh(inp["gt_boxes_xyxy"] / whwh[b])
         t[b], noise[b], placeholder[b, counts[b]:] = draws[3 * b], draws[3 * b + 1], draws[3 * b + 2]
         select[b, :counts[b]] = torch.arange(counts[b])
-    ours = fops.q_sample_boxes(padded, torch.tensor(counts), t, noise, placeholder, select,
-                               SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE, whwh)
+    ours = q_sample(padded, counts, fops.QSampleDraws(t, noise, placeholder, select), whwh)
     torch.testing.assert_close(t, train["head_call"]["in_t"])
     torch.testing.assert_close(ours, train["head_call"]["in_boxes"], rtol=0, atol=1e-4)
     gt = [box_xyxy_to_cxcywh(inp["gt_boxes_xyxy"] / whwh[b]) for b, inp in enumerate(train["inputs"])]
@@ -168,26 +170,50 @@ def test_q_sample_ignores_padding_rows_and_uses_placeholders():
                                rtol=0, atol=1e-3)
 
 
-def test_q_sample_no_unwritten_outputs():
-    g = torch.Generator().manual_seed(7)
-    _, _, padded, whwh = make_gt(COUNTS, 23, g)
-    draws = fops.draw_q_sample_inputs(COUNTS, 19, g)
-    with deterministic_with_nan_fill():
-        out = q_sample(padded, COUNTS, draws, whwh)
-    assert not torch.isnan(out).any()
+@pytest.mark.parametrize("device", devices())
+def test_q_sample_fake_gt_box_is_the_references(device):
+    """An image without GT starts from the fake box: the kernels' (csrc/ops/common/box_diffusion_math.h,
+    exported as fastdiffinst._C.FAKE_GT_BOX) is the references' (fastdiffinst.common.diffusion)."""
+    assert _extension.has_ops(), "fastdiffinst._C is not loaded"
+    assert _extension._C.FAKE_GT_BOX == FAKE_GT_BOX
+    # With sqrt(alpha) = 1 and no noise, x_t is the starting box itself (exactly, in float64).
+    whwh = torch.tensor([[64.0, 48.0, 64.0, 48.0]], dtype=torch.float64, device=device)
+    out = native.q_sample_boxes(torch.zeros(1, 1, 4, device=device), torch.zeros(1, dtype=torch.int64, device=device),
+                                torch.zeros(1, dtype=torch.int64, device=device),
+                                torch.zeros(1, 3, 4, device=device), torch.zeros(1, 3, 4, device=device),
+                                torch.zeros(1, 3, dtype=torch.int64, device=device),
+                                torch.ones(1, dtype=torch.float64, device=device),
+                                torch.zeros(1, dtype=torch.float64, device=device), SCALE, whwh)
+    expected = box_cxcywh_to_xyxy(torch.tensor(FAKE_GT_BOX, dtype=torch.float64, device=device)) * whwh
+    torch.testing.assert_close(out, expected.expand(1, 3, 4), rtol=0, atol=0)
 
 
-def test_q_sample_opcheck_and_compile():
-    g = torch.Generator().manual_seed(8)
-    _, _, padded, whwh = make_gt(COUNTS, 23, g)
-    padded = torch.nan_to_num(padded)
-    draws = fops.draw_q_sample_inputs(COUNTS, 19, g)
-    args = (padded, torch.tensor(COUNTS), *draws, SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod,
-            SCALE, whwh)
-    torch.library.opcheck(native.q_sample_boxes, args)
-    eager = fops.q_sample_boxes(*args)
-    compiled = torch.compile(fops.q_sample_boxes, fullgraph=True, backend="aot_eager")(*args)
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+class TestQSampleContract(OpContract):
+    """tests/op_contract.py on ``q_sample_boxes`` against the batched reference: no GT, one, some,
+    more than N (NaN padding rows, which must be ignored), and an empty batch."""
+
+    op = "q_sample_boxes"
+
+    def make_inputs(self, variant):
+        g = torch.Generator().manual_seed(7)
+        _, _, padded, whwh = make_gt(COUNTS, 23, g)
+        return padded, torch.tensor(COUNTS), whwh, fops.draw_q_sample_inputs(COUNTS, 19, g)
+
+    def make_empty_inputs(self, variant):
+        draws = fops.QSampleDraws(torch.zeros(0, dtype=torch.int64), torch.zeros(0, 5, 4), torch.zeros(0, 5, 4),
+                                  torch.zeros(0, 5, dtype=torch.int64))
+        return torch.zeros(0, 0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4), draws
+
+    def call(self, gt_boxes, gt_counts, images_whwh, draws):
+        return fops.q_sample_boxes(gt_boxes, gt_counts, images_whwh, draws=draws, schedule=SCHEDULE, scale=SCALE)
+
+    def reference(self, gt_boxes, gt_counts, images_whwh, draws):
+        return bd.q_sample_boxes(gt_boxes, gt_counts, images_whwh, draws=draws, schedule=SCHEDULE, scale=SCALE)
+
+    def opcheck_cases(self, backend, requires_grad):
+        padded, counts, whwh, draws = self.make_inputs("default")
+        return [(native.q_sample_boxes, (torch.nan_to_num(padded), counts, *draws, SCHEDULE.sqrt_alphas_cumprod,
+                                         SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE, whwh))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,6 +227,11 @@ def make_step(batch, n, generator, keep_fraction=0.5):
     keep = torch.rand(batch, n, generator=generator) < keep_fraction
     noise, renew = fops.draw_ddim_noise(batch, n, generator)
     return x_t, pred, whwh, keep, noise, renew
+
+
+def ddim_step(x_t, pred, whwh, keep, t, t_next, noise, renew, eta=1.0, fn=fops.ddim_step_boxes):
+    return fn(x_t, whwh, pred_boxes=pred, keep=keep, t=t, t_next=t_next, schedule=SCHEDULE, noise=noise,
+              renew_noise=renew, eta=eta, scale=SCALE)
 
 
 def official_step(x_t, pred, whwh, keep, t, t_next, noise, renew, eta=1.0):
@@ -220,8 +251,7 @@ def test_ddim_matches_official_formulation(t, t_next):
     x_t, pred, whwh, keep, noise, renew = make_step(3, 17, g)
     keep[1] = False          # nothing kept
     keep[2] = True           # everything kept
-    x_next, x0, next_boxes, num_kept = fops.ddim_step_boxes(x_t, pred, whwh, keep, t, t_next,
-                                                            SCHEDULE.alphas_cumprod, 1.0, SCALE, noise, renew)
+    x_next, x0, next_boxes, num_kept = ddim_step(x_t, pred, whwh, keep, t, t_next, noise, renew)
     assert num_kept.tolist() == keep.sum(1).tolist()
     assert x_next.dtype == x0.dtype == next_boxes.dtype == torch.float64 and num_kept.dtype == torch.int64
     official = official_step(x_t, pred, whwh, keep, t, t_next, noise, renew)
@@ -234,7 +264,7 @@ def test_ddim_matches_official_formulation(t, t_next):
             torch.testing.assert_close(x_next[b], official[b][0], rtol=1e-6, atol=1e-6)
             torch.testing.assert_close(x_next[b, kept:], renew[b, kept:].double(), rtol=0, atol=0)
     torch.testing.assert_close(next_boxes, signal_to_boxes(x_next, whwh.double()), rtol=0, atol=1e-9)
-    ref = bd.ddim_step_boxes(x_t, pred, whwh, keep, t, t_next, SCHEDULE.alphas_cumprod, 1.0, SCALE, noise, renew)
+    ref = ddim_step(x_t, pred, whwh, keep, t, t_next, noise, renew, fn=bd.ddim_step_boxes)
     for a, e in zip((x_next, x0, next_boxes, num_kept), ref):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
@@ -245,8 +275,7 @@ def test_ddim_renewal_order_and_counts():
     x_t, pred, whwh, keep, noise, renew = make_step(4, 11, g)
     keep = torch.tensor([[i % 2 == 0 for i in range(11)], [i in (3, 10) for i in range(11)],
                          [False] * 11, [True] * 11])
-    x_next, x0, _, num_kept = fops.ddim_step_boxes(x_t, pred, whwh, keep, 749, 499, SCHEDULE.alphas_cumprod, 0.0, SCALE,
-                                                   noise, renew)
+    x_next, x0, _, num_kept = ddim_step(x_t, pred, whwh, keep, 749, 499, noise, renew, eta=0.0)
     assert num_kept.tolist() == [6, 2, 0, 11]
     # With eta = 0 the update is deterministic per proposal: x_next[p] depends only on the p-th kept one.
     alpha, alpha_next = SCHEDULE.alphas_cumprod[749], SCHEDULE.alphas_cumprod[499]
@@ -261,10 +290,10 @@ def test_ddim_renewal_order_and_counts():
 def test_ddim_batch_equals_per_image():
     g = torch.Generator().manual_seed(301)
     args = make_step(3, 13, g)
-    batch = fops.ddim_step_boxes(*args[:4], 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE, *args[4:])
+    batch = ddim_step(*args[:4], 999, 749, *args[4:])
     for b in range(3):
         one = [a[b:b + 1] for a in args]
-        single = fops.ddim_step_boxes(*one[:4], 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE, *one[4:])
+        single = ddim_step(*one[:4], 999, 749, *one[4:])
         for a, e in zip(single, batch):
             torch.testing.assert_close(a, e[b:b + 1], rtol=0, atol=0)
 
@@ -288,32 +317,40 @@ def test_ddim_matches_golden_fixture(fixture):
         if t_next >= 0:
             noise[:, :kept] = next(eta_draws).float()
             renew[:, kept:] = next(eta_draws)
-        x_next, _, next_boxes, num_kept = fops.ddim_step_boxes(x_t, call["boxes"][-1], whwh, keep, t, t_next,
-                                                               SCHEDULE.alphas_cumprod, 1.0, SCALE, noise, renew)
+        x_next, _, next_boxes, num_kept = ddim_step(x_t, call["boxes"][-1], whwh, keep, t, t_next, noise, renew)
         assert int(num_kept) == call["num_remain"]
         if t_next >= 0:
             torch.testing.assert_close(next_boxes, run["head_calls"][k + 1]["in_boxes"].double(), rtol=1e-6, atol=1e-4)
         x_t = x_next
 
 
-def test_ddim_no_unwritten_outputs():
-    g = torch.Generator().manual_seed(302)
-    args = make_step(3, 9, g)
-    with deterministic_with_nan_fill():
-        for t_next in (499, -1):
-            outs = fops.ddim_step_boxes(*args[:4], 749, t_next, SCHEDULE.alphas_cumprod, 1.0, SCALE, *args[4:])
-            assert not any(torch.isnan(o.double()).any() for o in outs)
+class TestDDIMStepContract(OpContract):
+    """tests/op_contract.py on ``ddim_step_boxes`` against the batched reference: a step with
+    renewal and the final step (t_next = -1), and no proposals."""
 
+    op = "ddim_step_boxes"
+    variants = ("749 -> 499", "749 -> -1")
+    compile_variants = ("999 -> 749",)
 
-def test_ddim_opcheck_and_compile():
-    g = torch.Generator().manual_seed(303)
-    args = make_step(2, 9, g)
-    full = (*args[:4], 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE, *args[4:])
-    torch.library.opcheck(native.ddim_step_boxes, full)
-    eager = fops.ddim_step_boxes(*full)
-    compiled = torch.compile(fops.ddim_step_boxes, fullgraph=True, backend="aot_eager")(*full)
-    for a, e in zip(compiled, eager):
-        torch.testing.assert_close(a, e, rtol=0, atol=0)
+    def make_inputs(self, variant):
+        t, t_next = (int(step) for step in variant.split(" -> "))
+        x_t, pred, whwh, keep, noise, renew = make_step(3, 9, torch.Generator().manual_seed(302))
+        return x_t, whwh, pred, keep, t, t_next, noise, renew
+
+    def make_empty_inputs(self, variant):
+        empty = torch.zeros(2, 0, 4)
+        return empty, torch.ones(2, 4), empty, torch.zeros(2, 0, dtype=torch.bool), 999, 749, empty, empty
+
+    def call(self, x_t, images_whwh, pred_boxes, keep, t, t_next, noise, renew_noise):
+        return ddim_step(x_t, pred_boxes, images_whwh, keep, t, t_next, noise, renew_noise)
+
+    def reference(self, x_t, images_whwh, pred_boxes, keep, t, t_next, noise, renew_noise):
+        return ddim_step(x_t, pred_boxes, images_whwh, keep, t, t_next, noise, renew_noise, fn=bd.ddim_step_boxes)
+
+    def opcheck_cases(self, backend, requires_grad):
+        x_t, whwh, pred, keep, t, t_next, noise, renew = self.make_inputs("999 -> 749")
+        return [(native.ddim_step_boxes,
+                 (x_t, pred, whwh, keep, t, t_next, SCHEDULE.alphas_cumprod, 1.0, SCALE, noise, renew))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -351,136 +388,122 @@ def test_draw_distributions():
 # Bad input
 # ------------------------------------------------------------------------------------------------
 
-def _q_args():
+def _q_args(**changes):
+    """The arguments of q_sample_boxes for a small valid case (B = 2, G = 3, N = 4), with
+    ``changes``: arguments by name, or fields of the draws (``t``, ``noise``, ...)."""
     g = torch.Generator().manual_seed(500)
     _, _, padded, whwh = make_gt([2, 1], 3, g)
     draws = fops.draw_q_sample_inputs([2, 1], 4, g)
-    return [torch.nan_to_num(padded), torch.tensor([2, 1]), *draws, SCHEDULE.sqrt_alphas_cumprod,
-            SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE, whwh]
+    draws = draws._replace(**{name: changes.pop(name) for name in list(changes) if name in draws._fields})
+    args = dict(gt_boxes=torch.nan_to_num(padded), gt_counts=torch.tensor([2, 1]), images_whwh=whwh, draws=draws,
+                schedule=SCHEDULE, scale=SCALE)
+    return args | changes
 
 
-@pytest.mark.parametrize("index, value, error, match", [
-    (0, torch.zeros(2, 3), ValueError, r"gt_boxes must be \[B, G, 4\]"),
-    (1, torch.tensor([2]), ValueError, r"gt_counts must be \[2\]"),
-    (1, torch.tensor([2.0, 1.0]), TypeError, "gt_counts must be torch.int64"),
-    (2, torch.tensor([1, 2, 3]), ValueError, r"t must be \[2\]"),
-    (3, torch.zeros(3, 4, 4), ValueError, "noise has batch size 3"),
-    (4, torch.zeros(2, 5, 4), ValueError, "placeholder_noise has 5 proposals"),
-    (5, torch.zeros(2, 4), ValueError, "select_index must be int64"),
-    (9, torch.zeros(2, 3), ValueError, r"images_whwh must be \[B, 4\]"),
-    (8, 0.0, ValueError, "scale must be a positive"),
+@pytest.mark.parametrize("name, value, error, match", [
+    ("gt_boxes", torch.zeros(2, 3), ValueError, r"gt_boxes must be \[B, G, 4\]"),
+    ("gt_counts", torch.tensor([2]), ValueError, r"gt_counts must be \[2\]"),
+    ("gt_counts", torch.tensor([2.0, 1.0]), TypeError, "gt_counts must be torch.int64"),
+    ("t", torch.tensor([1, 2, 3]), ValueError, r"draws.t must be \[2\]"),
+    ("noise", torch.zeros(3, 4, 4), ValueError, "draws.noise has batch size 3"),
+    ("placeholder_noise", torch.zeros(2, 5, 4), ValueError, "draws.placeholder_noise has 5 proposals"),
+    ("select_index", torch.zeros(2, 4), ValueError, "draws.select_index must be int64"),
+    ("images_whwh", torch.zeros(2, 3), ValueError, r"images_whwh must be \[B, 4\]"),
+    ("scale", 0.0, ValueError, "scale must be a positive"),
+    ("draws", (1, 2, 3, 4), TypeError, "draws must be a QSampleDraws"),
+    ("schedule", SCHEDULE.sqrt_alphas_cumprod, TypeError, "schedule must be a DiffusionSchedule"),
+    ("schedule", dataclasses.replace(SCHEDULE, sqrt_one_minus_alphas_cumprod=SCHEDULE.betas[:10]), ValueError,
+     r"schedule.sqrt_one_minus_alphas_cumprod must be a non-empty \[T\] buffer"),
 ])
-def test_q_sample_bad_arguments(index, value, error, match):
-    args = _q_args()
-    args[index] = value
+def test_q_sample_bad_arguments(name, value, error, match):
     with pytest.raises(error, match=match):
-        fops.q_sample_boxes(*args)
+        fops.q_sample_boxes(**_q_args(**{name: value}))
 
 
-@pytest.mark.parametrize("index, value, match", [
-    (1, torch.tensor([4, 1]), r"gt_counts\[0\] must be in \[0, G = 3\]"),
-    (1, torch.tensor([-1, 1]), r"gt_counts\[0\] must be in"),
-    (2, torch.tensor([0, 1000]), r"t\[1\] must be in \[0, 1000\)"),
-    (2, torch.tensor([-1, 5]), r"t\[0\] must be in"),
-    (5, torch.tensor([[0, 1, 2, -1], [0, -1, -1, -1]]), r"select_index\[0, 2\] must be -1 or in \[0, 2\)"),
-    (5, torch.tensor([[0, 1, -1, -1], [0, -2, -1, -1]]), r"select_index\[1, 1\]"),
-    (3, torch.full((2, 4, 4), float("nan")), r"noise\[0, 0\] must be finite"),
+@pytest.mark.parametrize("name, value, match", [
+    ("gt_counts", torch.tensor([4, 1]), r"gt_counts\[0\] must be in \[0, G = 3\]"),
+    ("gt_counts", torch.tensor([-1, 1]), r"gt_counts\[0\] must be in"),
+    ("t", torch.tensor([0, 1000]), r"t\[1\] must be in \[0, 1000\)"),
+    ("t", torch.tensor([-1, 5]), r"t\[0\] must be in"),
+    ("select_index", torch.tensor([[0, 1, 2, -1], [0, -1, -1, -1]]), r"select_index\[0, 2\] must be -1 or in \[0, 2\)"),
+    ("select_index", torch.tensor([[0, 1, -1, -1], [0, -2, -1, -1]]), r"select_index\[1, 1\]"),
+    ("noise", torch.full((2, 4, 4), float("nan")), r"noise\[0, 0\] must be finite"),
 ])
-def test_q_sample_bad_values(index, value, match):
-    args = _q_args()
-    args[index] = value
+def test_q_sample_bad_values(name, value, match):
     with pytest.raises(RuntimeError, match=match):
-        fops.q_sample_boxes(*args)
+        fops.q_sample_boxes(**_q_args(**{name: value}))
 
 
 def test_q_sample_non_finite_gt_and_whwh():
     args = _q_args()
-    args[0] = args[0].clone()
-    args[0][1, 0, 2] = float("inf")
+    args["gt_boxes"][1, 0, 2] = float("inf")
     with pytest.raises(RuntimeError, match=r"gt_boxes\[1, 0\] must be finite"):
-        fops.q_sample_boxes(*args)
+        fops.q_sample_boxes(**args)
     args = _q_args()
-    args[9] = args[9].clone()
-    args[9][0, 0] = float("nan")
+    args["images_whwh"][0, 0] = float("nan")
     with pytest.raises(RuntimeError, match=r"images_whwh\[0\] must be finite"):
-        fops.q_sample_boxes(*args)
+        fops.q_sample_boxes(**args)
 
 
 def test_q_sample_bad_schedule_and_sizes():
     args = _q_args()
-    args[6] = SCHEDULE.sqrt_alphas_cumprod.clone()
-    args[6][args[2][1]] = float("nan")  # the entry image 1 reads
+    bad = SCHEDULE.sqrt_alphas_cumprod.clone()
+    bad[args["draws"].t[1]] = float("nan")  # the entry image 1 reads
     with pytest.raises(RuntimeError, match=r"schedule must hold values in \[0, 1\].*sqrt_alphas_cumprod\["):
-        fops.q_sample_boxes(*args)
+        fops.q_sample_boxes(**(args | dict(schedule=dataclasses.replace(SCHEDULE, sqrt_alphas_cumprod=bad))))
     args = _q_args()
-    args[9] = args[9].clone()
-    args[9][1, 2] = 0.0
+    args["images_whwh"][1, 2] = 0.0
     with pytest.raises(RuntimeError, match=r"images_whwh\[1\] must hold positive sizes"):
-        fops.q_sample_boxes(*args)
+        fops.q_sample_boxes(**args)
 
 
-def _d_args():
+def _d_args(**changes):
+    """The arguments of ddim_step_boxes for a small valid case (B = 2, N = 5), with ``changes``."""
     g = torch.Generator().manual_seed(501)
     x_t, pred, whwh, keep, noise, renew = make_step(2, 5, g)
-    return [x_t, pred, whwh, keep, 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE, noise, renew]
+    args = dict(x_t=x_t, images_whwh=whwh, pred_boxes=pred, keep=keep, t=999, t_next=749, schedule=SCHEDULE,
+                noise=noise, renew_noise=renew, eta=1.0, scale=SCALE)
+    return args | changes
 
 
-@pytest.mark.parametrize("index, value, error, match", [
-    (0, torch.zeros(2, 5), ValueError, r"x_t must be \[B, N, 4\]"),
-    (1, torch.zeros(3, 5, 4), ValueError, "pred_boxes has batch size 3"),
-    (3, torch.ones(2, 5), ValueError, "keep must be bool"),
-    (3, torch.ones(2, 4, dtype=torch.bool), ValueError, "keep must be bool"),
-    (4, 1000, ValueError, r"t must be in \[0, 1000\)"),
-    (4, -1, ValueError, r"t must be in \[0, 1000\)"),
-    (5, 999, ValueError, "t_next must be in"),
-    (5, -2, ValueError, "t_next must be in"),
-    (7, -0.5, ValueError, "eta must be"),
-    (9, torch.zeros(2, 4, 4), ValueError, "noise has 4 proposals"),
-    (2, torch.zeros(1, 4), ValueError, r"images_whwh must be \[B, 4\]"),
+@pytest.mark.parametrize("name, value, error, match", [
+    ("x_t", torch.zeros(2, 5), ValueError, r"x_t must be \[B, N, 4\]"),
+    ("pred_boxes", torch.zeros(3, 5, 4), ValueError, "pred_boxes has batch size 3"),
+    ("keep", torch.ones(2, 5), ValueError, "keep must be bool"),
+    ("keep", torch.ones(2, 4, dtype=torch.bool), ValueError, "keep must be bool"),
+    ("t", 1000, ValueError, r"t must be in \[0, 1000\)"),
+    ("t", -1, ValueError, r"t must be in \[0, 1000\)"),
+    ("t_next", 999, ValueError, "t_next must be in"),
+    ("t_next", -2, ValueError, "t_next must be in"),
+    ("eta", -0.5, ValueError, "eta must be"),
+    ("noise", torch.zeros(2, 4, 4), ValueError, "noise has 4 proposals"),
+    ("images_whwh", torch.zeros(1, 4), ValueError, r"images_whwh must be \[B, 4\]"),
+    ("schedule", SCHEDULE.alphas_cumprod, TypeError, "schedule must be a DiffusionSchedule"),
+    ("schedule", dataclasses.replace(SCHEDULE, alphas_cumprod=SCHEDULE.alphas_cumprod[:0]), ValueError,
+     r"schedule.alphas_cumprod must be a non-empty \[T\] buffer"),
 ])
-def test_ddim_bad_arguments(index, value, error, match):
-    args = _d_args()
-    args[index] = value
+def test_ddim_bad_arguments(name, value, error, match):
     with pytest.raises(error, match=match):
-        fops.ddim_step_boxes(*args)
+        fops.ddim_step_boxes(**_d_args(**{name: value}))
 
 
-@pytest.mark.parametrize("index", [0, 1, 2, 9, 10])
-def test_ddim_non_finite_inputs(index):
+@pytest.mark.parametrize("name", ["x_t", "pred_boxes", "images_whwh", "noise", "renew_noise"])
+def test_ddim_non_finite_inputs(name):
     args = _d_args()
-    args[index] = args[index].clone()
-    args[index].view(-1)[1] = float("nan")
+    args[name].view(-1)[1] = float("nan")
     with pytest.raises(RuntimeError, match="must be finite"):
-        fops.ddim_step_boxes(*args)
+        fops.ddim_step_boxes(**args)
 
 
 def test_ddim_bad_schedule_eta_and_sizes():
-    args = _d_args()
-    args[7] = 2.0  # sigma^2 > 1 - alpha_next
     with pytest.raises(RuntimeError, match="eta = 2(.0)? is too large for the step 999 -> 749"):
-        fops.ddim_step_boxes(*args)
+        fops.ddim_step_boxes(**_d_args(eta=2.0))  # sigma^2 > 1 - alpha_next
     for bad in (torch.zeros(1000, dtype=torch.float64), torch.full((1000,), 1.5, dtype=torch.float64)):
-        args = _d_args()
-        args[6] = bad
         with pytest.raises(RuntimeError, match=r"alphas_cumprod\[t = 999\] must be in \(0, 1\)"):
-            fops.ddim_step_boxes(*args)
+            fops.ddim_step_boxes(**_d_args(schedule=dataclasses.replace(SCHEDULE, alphas_cumprod=bad)))
     args = _d_args()
-    args[2] = torch.zeros_like(args[2])
     with pytest.raises(RuntimeError, match=r"images_whwh\[0\] must hold positive sizes"):
-        fops.ddim_step_boxes(*args)
-
-
-def test_empty_batches():
-    out = fops.q_sample_boxes(torch.zeros(0, 0, 4), torch.zeros(0, dtype=torch.int64),
-                              torch.zeros(0, dtype=torch.int64), torch.zeros(0, 5, 4), torch.zeros(0, 5, 4),
-                              torch.zeros(0, 5, dtype=torch.int64),
-                              SCHEDULE.sqrt_alphas_cumprod, SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE,
-                              torch.zeros(0, 4))
-    assert out.shape == (0, 5, 4)
-    outs = fops.ddim_step_boxes(torch.zeros(2, 0, 4), torch.zeros(2, 0, 4), torch.ones(2, 4),
-                                torch.zeros(2, 0, dtype=torch.bool), 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE,
-                                torch.zeros(2, 0, 4), torch.zeros(2, 0, 4))
-    assert [tuple(o.shape) for o in outs] == [(2, 0, 4)] * 3 + [(2,)] and outs[3].tolist() == [0, 0]
+        fops.ddim_step_boxes(**(args | dict(images_whwh=torch.zeros_like(args["images_whwh"]))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -493,22 +516,27 @@ def test_cuda_matches_cpu(device):
     _, _, padded, whwh = make_gt(COUNTS, 23, g)
     padded = torch.nan_to_num(padded)
     draws = fops.draw_q_sample_inputs(COUNTS, 300, g)  # > one CUDA block of proposals
+    schedule = _schedule_on(device)
     cpu = q_sample(padded, COUNTS, draws, whwh)
-    cuda = q_sample(padded.to(device), COUNTS, fops.QSampleDraws(*(d.to(device) for d in draws)), whwh.to(device),
-                    lambda *a: fops.q_sample_boxes(*[x.to(device) if torch.is_tensor(x) else x for x in a]))
+    cuda = fops.q_sample_boxes(padded.to(device), torch.tensor(COUNTS, device=device), whwh.to(device),
+                               draws=fops.QSampleDraws(*(d.to(device) for d in draws)), schedule=schedule, scale=SCALE)
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=1e-9)
     args = make_step(3, 600, g)
     for t_next in (749, -1):
-        cpu_out = fops.ddim_step_boxes(*args[:4], 999, t_next, SCHEDULE.alphas_cumprod, 1.0, SCALE, *args[4:])
-        moved = [a.to(device) for a in args]
-        cuda_out = fops.ddim_step_boxes(*moved[:4], 999, t_next, SCHEDULE.alphas_cumprod.to(device), 1.0, SCALE,
-                                        *moved[4:])
+        cpu_out = ddim_step(*args[:4], 999, t_next, *args[4:])
+        x_t, pred, whwh, keep, noise, renew = (a.to(device) for a in args)
+        cuda_out = fops.ddim_step_boxes(x_t, whwh, pred_boxes=pred, keep=keep, t=999, t_next=t_next, schedule=schedule,
+                                        noise=noise, renew_noise=renew, eta=1.0, scale=SCALE)
         for a, e in zip(cuda_out, cpu_out):
             # nvcc contracts multiply-adds into FMAs, which round once instead of twice: the fp64
             # results differ from the CPU's in the last bits (up to 1.3e-11 on an H200).
             torch.testing.assert_close(a.cpu(), e, rtol=1e-9, atol=1e-10)
-    torch.library.opcheck(native.ddim_step_boxes, (*moved[:4], 999, 749, SCHEDULE.alphas_cumprod.to(device), 1.0,
-                                                   SCALE, *moved[4:]))
+    torch.library.opcheck(native.ddim_step_boxes, (x_t, pred, whwh, keep, 999, 749, schedule.alphas_cumprod, 1.0,
+                                                   SCALE, noise, renew))
+
+
+def _schedule_on(device):
+    return DiffusionSchedule(*(getattr(SCHEDULE, f).to(device) for f in DiffusionSchedule.__dataclass_fields__))
 
 
 def test_devices_helper_lists_cuda():
@@ -517,31 +545,38 @@ def test_devices_helper_lists_cuda():
 
 def test_synchronising_value_checks_of_the_cuda_path():
     """The checks set_input_checks(True) adds on CUDA are device-agnostic: run them on CPU tensors."""
-    from fastdiffinst.ops.box_diffusion import _check_ddim_values, _check_q_sample_values
+    from fastdiffinst.ops.box_diffusion import _check_ddim_step_values, _check_q_sample_values
 
-    args = _q_args()
-    gt, counts, t, noise, placeholder, select, sa, s1a, _, whwh = args
-    _check_q_sample_values(gt, counts, t, select, 1000, noise, placeholder, sa, s1a, whwh)  # valid: no error
+    def q_sample_values(**changes):
+        args = _q_args(**changes)
+        _check_q_sample_values(args["gt_boxes"], args["gt_counts"], args["images_whwh"], args["draws"],
+                               changes.get("sqrt_alphas_cumprod", SCHEDULE.sqrt_alphas_cumprod),
+                               SCHEDULE.sqrt_one_minus_alphas_cumprod)
+
+    q_sample_values()  # valid: no error
+    # The index checks have the CPU kernel's messages (test_q_sample_bad_values).
     for bad, match in [
-        (dict(counts=torch.tensor([4, 1])), r"gt_counts must be in \[0, G = 3\]"),
-        (dict(t=torch.tensor([0, 1000])), r"t must be in \[0, 1000\)"),
-        (dict(select=torch.tensor([[0, 2, -1, -1], [0, -1, -1, -1]])), "select_index must be -1 or in"),
-        (dict(noise=torch.full_like(noise, float("inf"))), "noise must be finite"),
-        (dict(whwh=torch.zeros_like(whwh)), "images_whwh must hold positive sizes"),
-        (dict(sa=sa * 2), r"schedule must hold values in \[0, 1\]"),
+        (dict(gt_counts=torch.tensor([4, 1])), r"gt_counts\[0\] must be in \[0, G = 3\], got 4"),
+        (dict(gt_counts=torch.tensor([1, -1])), r"gt_counts\[1\] must be in \[0, G = 3\], got -1"),
+        (dict(t=torch.tensor([0, 1000])), r"t\[1\] must be in \[0, 1000\), got 1000"),
+        (dict(select_index=torch.tensor([[0, 1, -1, -1], [0, 1, -1, -1]])),
+         r"select_index\[1, 1\] must be -1 or in \[0, 1\), got 1"),
+        (dict(select_index=torch.tensor([[0, -2, -1, -1], [0, -1, -1, -1]])), r"select_index\[0, 1\] must be -1 or in"),
+        (dict(noise=torch.full((2, 4, 4), float("inf"))), "noise must be finite"),
+        (dict(images_whwh=torch.zeros(2, 4)), "images_whwh must hold positive sizes"),
+        (dict(sqrt_alphas_cumprod=SCHEDULE.sqrt_alphas_cumprod * 2), r"schedule must hold values in \[0, 1\]"),
     ]:
-        values = dict(counts=counts, t=t, select=select, noise=noise, whwh=whwh, sa=sa) | bad
         with pytest.raises(RuntimeError, match=match):
-            _check_q_sample_values(gt, values["counts"], values["t"], values["select"], 1000, values["noise"],
-                                   placeholder, values["sa"], s1a, values["whwh"])
-    x_t, pred, whwh, _, t, t_next, ac, eta, _, noise, renew = _d_args()
-    _check_ddim_values(x_t, pred, whwh, t, t_next, ac, eta, noise, renew)  # valid: no error
+            q_sample_values(**bad)
+    x_t, whwh, pred, _, t, t_next, schedule, noise, renew, eta, _ = _d_args().values()
+    ac = schedule.alphas_cumprod
+    _check_ddim_step_values(x_t, whwh, pred, t, t_next, ac, eta, noise, renew)  # valid: no error
     with pytest.raises(RuntimeError, match="renew_noise must be finite"):
-        _check_ddim_values(x_t, pred, whwh, t, t_next, ac, eta, noise, renew * float("nan"))
+        _check_ddim_step_values(x_t, whwh, pred, t, t_next, ac, eta, noise, renew * float("nan"))
     with pytest.raises(RuntimeError, match="eta = 2.0 is too large"):
-        _check_ddim_values(x_t, pred, whwh, t, t_next, ac, 2.0, noise, renew)
+        _check_ddim_step_values(x_t, whwh, pred, t, t_next, ac, 2.0, noise, renew)
     with pytest.raises(RuntimeError, match=r"alphas_cumprod\[t\] must be in \(0, 1\)"):
-        _check_ddim_values(x_t, pred, whwh, t, t_next, torch.ones_like(ac), eta, noise, renew)
+        _check_ddim_step_values(x_t, whwh, pred, t, t_next, torch.ones_like(ac), eta, noise, renew)
 
 
 def test_inductor_compiles_both_ops_in_one_graph():
@@ -554,12 +589,11 @@ def test_inductor_compiles_both_ops_in_one_graph():
     noise, renew = fops.draw_ddim_noise(len(COUNTS), 19, g)
 
     def step(padded, whwh):
-        boxes = fops.q_sample_boxes(padded, counts, *draws, SCHEDULE.sqrt_alphas_cumprod,
-                                    SCHEDULE.sqrt_one_minus_alphas_cumprod, SCALE, whwh)
+        boxes = fops.q_sample_boxes(padded, counts, whwh, draws=draws, schedule=SCHEDULE, scale=SCALE)
         x_t = boxes_to_signal(boxes, whwh.double())
         keep = boxes[..., 2] > boxes[..., 0] + 5.0
-        return fops.ddim_step_boxes(x_t, boxes * 0.99, whwh, keep, 999, 749, SCHEDULE.alphas_cumprod, 1.0, SCALE,
-                                    noise, renew)
+        return fops.ddim_step_boxes(x_t, whwh, pred_boxes=boxes * 0.99, keep=keep, t=999, t_next=749, schedule=SCHEDULE,
+                                    noise=noise, renew_noise=renew, eta=1.0, scale=SCALE)
 
     eager = step(padded, whwh)
     compiled = torch.compile(step, fullgraph=True, backend="inductor")(padded, whwh)

@@ -1,8 +1,9 @@
 """``dynamic_mask_head`` and ``dynamic_mask_dice_sums``, once per backend (the C++ kernels, and the
 Triton kernels through the interpreter on CPU / compiled on CUDA): parity with the official
 grouped-convolution formulation and a float64 einsum, gradients against autograd through the
-reference, gradcheck, dice sums against the unfused dice, opcheck, torch.compile, fp16/bf16,
-unwritten outputs, determinism, empty inputs and bad input (docs/design.md §2.1, §6)."""
+reference, dice sums against the unfused dice, the op contract of each (opcheck, torch.compile,
+unwritten outputs, empty inputs, gradcheck: tests/op_contract.py), fp16/bf16, determinism and bad
+input (docs/design.md §2.1, §6)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 import fastdiffinst.ops as fops
 from fastdiffinst.ops import dice_loss_from_sums
 from fastdiffinst.reference import dynamic_mask_head as ref
-from utils import assert_close_to_f64, deterministic_with_nan_fill, nan_count, runs_at_two_thread_counts, tolerance
+from op_contract import DifferentiableOpContract
+from utils import assert_close_to_f64, runs_at_two_thread_counts, tolerance
 
 # On a GPU machine the Triton kernels are tested compiled, on CUDA tensors (the cuda-marked tests);
 # on CPU tensors they run through the interpreter, which conftest turns on only without a GPU.
@@ -270,19 +272,6 @@ def test_reference_rejects_out_of_range_indices():
                                         torch.tensor([4, 0, 0, 0, 0, 0, 0]))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("coords", [False, True])
-def test_gradcheck(backend, coords):
-    feats, params, image_index, rel = _case(4, 3, 3, coords, batch=2, n=3, height=5, width=7, dtype=torch.float64)
-    feats.requires_grad_(True)
-    params.requires_grad_(True)
-
-    def fn(f, p):
-        return _run(backend, fops.dynamic_mask_head, f, p, image_index, channels=3, rel_coords=rel, sigmoid=True)
-
-    assert torch.autograd.gradcheck(fn, (feats, params), fast_mode=backend == "triton")
-
-
 # --------------------------------------------------------------------------------------------
 # Dice sums
 
@@ -316,70 +305,131 @@ def test_dice_sums_match_unfused_dice(backend, coords):
     assert_close_to_f64(p.grad, p64.grad, reduce_len=hw)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_dice_sums_gradcheck(backend):
-    feats, params, image_index, _ = _case(3, 4, 2, False, n=4, height=5, width=6, dtype=torch.float64)
-    gt, gt_index = _targets(4, 5, 6)
-    feats.requires_grad_(True)
-    params.requires_grad_(True)
+# --------------------------------------------------------------------------------------------
+# The op contracts: opcheck, torch.compile, unwritten outputs, empty inputs, gradcheck
 
-    def fn(f, p):
-        return _run(backend, fops.dynamic_mask_dice_sums, f, p, image_index, gt, gt_index, channels=4, num_layers=2)
+class _MaskHeadContract(DifferentiableOpContract):
+    """What the contracts of the two functions share: both backends (``use_backend("dynamic_mask_head",
+    ...)`` covers both), gradients for ``mask_feats`` and ``params``, no double backward."""
 
-    assert torch.autograd.gradcheck(fn, (feats, params), fast_mode=backend == "triton")
+    op = "dynamic_mask_head"
+    backends = BACKENDS
+    grad_inputs = (0, 1)
+    compile_variants = ("condinst",)
+    test_gradgradcheck = None  # the backward ops have no autograd of their own
+    CHANNELS = 4  # the position of ``channels`` in the inputs
+
+    def gradcheck_fast_mode(self, backend):
+        return backend == "triton"
+
+    def grad_reduce_lens(self, inputs):
+        feats, params, channels = inputs[0], inputs[1], inputs[self.CHANNELS]
+        return [params.shape[0] * channels, feats.shape[2] * feats.shape[3]]
+
+    @staticmethod
+    def condinst_case(variant):
+        """CondInst heads: "condinst" 13x17, "condinst, 19x23" 3 images of 437 px (a partial tile)."""
+        return _case(coords=True) if variant == "condinst" else _case(coords=True, batch=3, height=19, width=23)
+
+    @staticmethod
+    def native(name, backend):
+        """The registered op ``name`` ("{}" marks where the Triton ops have "_triton") of ``backend``."""
+        return getattr(torch.ops.fastdiffinst, name.format("_triton" if backend == "triton" else ""))
+
+
+class TestDynamicMaskHeadContract(_MaskHeadContract):
+    """tests/op_contract.py on ``dynamic_mask_head`` against the grouped-convolution reference."""
+
+    variants = ("condinst, 19x23",)
+    empty_variants = ("no instances", "empty mask map")
+    gradcheck_cases = ("no coords", "coords")
+
+    def make_inputs(self, variant):
+        feats, params, image_index, rel = self.condinst_case(variant)
+        return feats, params, image_index, rel, 8, 3, False
+
+    def make_empty_inputs(self, variant):
+        if variant == "no instances":
+            return torch.randn(2, 8, 5, 6), torch.randn(0, 153), torch.zeros(0, dtype=torch.int64), None, 8, 3, False
+        return torch.randn(1, 8, 0, 6), torch.randn(3, 153), torch.zeros(3, dtype=torch.int64), None, 8, 3, False
+
+    def make_gradcheck_inputs(self, case):
+        feats, params, image_index, rel = _case(4, 3, 3, case == "coords", batch=2, n=3, height=5, width=7,
+                                                dtype=torch.float64)
+        return feats, params, image_index, rel, 3, 3, True
+
+    def call(self, mask_feats, params, image_index, rel_coords, channels, num_layers, sigmoid):
+        return fops.dynamic_mask_head(mask_feats, params, image_index, channels=channels, num_layers=num_layers,
+                                      rel_coords=rel_coords, sigmoid=sigmoid)
+
+    def reference(self, mask_feats, params, image_index, rel_coords, channels, num_layers, sigmoid):
+        return ref.dynamic_mask_head(mask_feats, params, image_index, channels=channels, num_layers=num_layers,
+                                     rel_coords=rel_coords, sigmoid=sigmoid)
+
+    def output_reduce_len(self, inputs):
+        return inputs[self.CHANNELS]
+
+    def opcheck_cases(self, backend, requires_grad):
+        feats, params, image_index, _ = _case(n=5, height=7, width=9)
+        cases = [(self.native("dynamic_mask_head{}", backend),
+                  (feats.requires_grad_(requires_grad), params.requires_grad_(requires_grad), image_index, None, None,
+                   4, 8, 3, True))]
+        if not requires_grad:
+            feats, params, image_index, (xy, soi, stride) = _case(coords=True, n=5, height=7, width=9)
+            cases.append((self.native("_dynamic_mask_head{}_backward", backend),
+                          (torch.randn(5, 7, 9), feats, params, image_index, xy, soi, stride, 8, 3, False)))
+        return cases
+
+
+class TestDiceSumsContract(_MaskHeadContract):
+    """tests/op_contract.py on ``dynamic_mask_dice_sums`` against the unfused reference (head,
+    sigmoid, dice sums)."""
+
+    variants = ("condinst, 19x23",)
+    empty_variants = ("no instances",)
+    gradcheck_cases = ("2 layers",)
+    CHANNELS = 6
+
+    def make_inputs(self, variant):
+        feats, params, image_index, rel = self.condinst_case(variant)
+        gt, gt_index = _targets(params.shape[0], feats.shape[2], feats.shape[3])
+        return feats, params, image_index, gt, gt_index, rel, 8, 3
+
+    def make_empty_inputs(self, variant):
+        index = torch.zeros(0, dtype=torch.int64)
+        return (torch.randn(2, 8, 5, 6), torch.randn(0, 153), index, torch.zeros(1, 5, 6, dtype=torch.uint8), index,
+                None, 8, 3)
+
+    def make_gradcheck_inputs(self, case):
+        feats, params, image_index, _ = _case(3, 4, 2, False, n=4, height=5, width=6, dtype=torch.float64)
+        gt, gt_index = _targets(4, 5, 6)
+        return feats, params, image_index, gt, gt_index, None, 4, 2
+
+    def call(self, mask_feats, params, image_index, gt_masks, gt_index, rel_coords, channels, num_layers):
+        return fops.dynamic_mask_dice_sums(mask_feats, params, image_index, gt_masks, gt_index, channels=channels,
+                                           num_layers=num_layers, rel_coords=rel_coords)
+
+    def reference(self, mask_feats, params, image_index, gt_masks, gt_index, rel_coords, channels, num_layers):
+        return ref.dynamic_mask_dice_sums(mask_feats, params, image_index, gt_masks, gt_index, channels=channels,
+                                          num_layers=num_layers, rel_coords=rel_coords)
+
+    def output_reduce_len(self, inputs):
+        return inputs[0].shape[2] * inputs[0].shape[3]
+
+    def opcheck_cases(self, backend, requires_grad):
+        feats, params, image_index, (xy, soi, stride) = _case(coords=True, n=5, height=7, width=9)
+        gt, gt_index = _targets(5, 7, 9)
+        cases = [(self.native("dynamic_mask_dice_sums{}", backend),
+                  (feats.requires_grad_(requires_grad), params.requires_grad_(requires_grad), image_index, gt,
+                   gt_index, xy, soi, stride, 8, 3))]
+        if not requires_grad:
+            cases.append((self.native("_dynamic_mask_dice_sums{}_backward", backend),
+                          (torch.randn(5, 3), feats, params, image_index, gt, gt_index, xy, soi, stride, 8, 3)))
+        return cases
 
 
 # --------------------------------------------------------------------------------------------
-# Registration: opcheck, torch.compile
-
-def _native_args(coords, backend, dice=False):
-    feats, params, image_index, rel = _case(coords=coords, n=5, height=7, width=9)
-    xy, soi, stride = rel if rel is not None else (None, None, 4)
-    suffix = "_triton" if backend == "triton" else ""
-    if dice:
-        gt, gt_index = _targets(5, 7, 9)
-        op = getattr(torch.ops.fastdiffinst, "dynamic_mask_dice_sums" + suffix)
-        return op, (feats, params, image_index, gt, gt_index, xy, soi, stride, 8, 3)
-    op = getattr(torch.ops.fastdiffinst, "dynamic_mask_head" + suffix)
-    return op, (feats, params, image_index, xy, soi, stride, 8, 3, True)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dice", [False, True])
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(backend, dice, requires_grad):
-    op, args = _native_args(coords=dice, backend=backend, dice=dice)
-    args[0].requires_grad_(requires_grad)
-    args[1].requires_grad_(requires_grad)
-    torch.library.opcheck(op, args)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_backward_ops(backend):
-    feats, params, image_index, rel = _case(coords=True, n=5, height=7, width=9)
-    suffix = "_triton" if backend == "triton" else ""
-    ops = torch.ops.fastdiffinst
-    grad = torch.randn(5, 7, 9)
-    torch.library.opcheck(getattr(ops, f"_dynamic_mask_head{suffix}_backward"),
-                          (grad, feats, params, image_index, rel[0], rel[1], rel[2], 8, 3, False))
-    gt, gt_index = _targets(5, 7, 9)
-    torch.library.opcheck(getattr(ops, f"_dynamic_mask_dice_sums{suffix}_backward"),
-                          (torch.randn(5, 3), feats, params, image_index, gt, gt_index, rel[0], rel[1], rel[2], 8, 3))
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_compile_aot_eager_fullgraph(backend):
-    feats, params, image_index, rel = _case(coords=True)
-    gt, gt_index = _targets(params.shape[0], feats.shape[2], feats.shape[3])
-
-    def fn(f, p):
-        with fops.use_backend("dynamic_mask_head", backend):
-            logits = fops.dynamic_mask_head(f * 1.5, p, image_index, rel_coords=rel)
-            sums = fops.dynamic_mask_dice_sums(f, p, image_index, gt, gt_index, rel_coords=rel)
-        return logits.sigmoid().mean() + dice_loss_from_sums(sums).sum()
-
-    _assert_compiled_matches_eager(fn, feats, params, "aot_eager")
-
+# torch.compile with inductor
 
 def _assert_compiled_matches_eager(fn, feats, params, backend):
     """Loss and both gradients of ``fn(feats, params)``, eager and ``torch.compile(fullgraph=True)``."""
@@ -406,24 +456,7 @@ def test_compile_inductor_matches_eager():
 
 
 # --------------------------------------------------------------------------------------------
-# Unwritten outputs, determinism, empty inputs
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_outputs_fully_written_and_deterministic(backend):
-    feats, params, image_index, rel = _case(coords=True, batch=3, height=19, width=23)  # 437 px: a partial tile
-    gt, gt_index = _targets(params.shape[0], 19, 23)
-    runs = []
-    with deterministic_with_nan_fill():
-        for _ in range(2):
-            f, p = feats.clone().requires_grad_(), params.clone().requires_grad_()
-            out = _run(backend, fops.dynamic_mask_head, f, p, image_index, rel_coords=rel)
-            sums = _run(backend, fops.dynamic_mask_dice_sums, f, p, image_index, gt, gt_index, rel_coords=rel)
-            (out.square().mean() + sums.sum()).backward()
-            assert nan_count(out, sums, f.grad, p.grad) == 0
-            runs.append((out, sums, f.grad, p.grad))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
-
+# Determinism, empty inputs
 
 @pytest.mark.skipif(not _INTERPRETING, reason="Triton on CPU tensors needs the interpreter")
 def test_cpp_results_do_not_depend_on_the_thread_count():
@@ -456,8 +489,10 @@ def test_triton_atomic_and_deterministic_feature_gradients_agree():
     torch.testing.assert_close(grads[0], grads[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS + ("reference",))
-def test_no_instances(backend):
+def test_reference_backend_with_no_instances():
+    """The contracts' test_empty on the reference backend (which has no registered op to opcheck or
+    compile, so it runs no contract)."""
+    backend = "reference"
     feats = torch.randn(2, 8, 5, 6, requires_grad=True)
     params = torch.randn(0, 153, requires_grad=True)
     index = torch.zeros(0, dtype=torch.int64)
@@ -468,16 +503,6 @@ def test_no_instances(backend):
     assert sums.shape == (0, 3)
     (out.sum() + sums.sum()).backward()
     assert torch.equal(feats.grad, torch.zeros_like(feats)) and params.grad.shape == (0, 153)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_mask_map(backend):
-    feats = torch.randn(1, 8, 0, 6, requires_grad=True)
-    params = torch.randn(3, 153, requires_grad=True)
-    out = _run(backend, fops.dynamic_mask_head, feats, params, torch.zeros(3, dtype=torch.int64))
-    assert out.shape == (3, 0, 6)
-    out.sum().backward()
-    assert torch.equal(params.grad, torch.zeros_like(params))
 
 
 @pytest.mark.skipif(not _INTERPRETING, reason="Triton on CPU tensors needs the interpreter")

@@ -1,7 +1,8 @@
 """``fastdiffinst.ops.multilevel_roi_align`` / ``MultiLevelRoIAlign``: parity with detectron2's
 ``ROIPooler`` written as a per-level composition of ``torchvision.ops.roi_align`` (forward and
-per-level gradients), the FPN level rule and its clamps and boundaries, gradcheck, opcheck,
-torch.compile, determinism, unwritten outputs and input errors (docs/design.md §2, §2.2, §6)."""
+per-level gradients), the FPN level rule and its clamps and boundaries, the op contract (opcheck,
+torch.compile, unwritten outputs, empty input, gradcheck: tests/op_contract.py), determinism and
+input errors (docs/design.md §2, §2.2, §6)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from torch import Tensor
 
 import fastdiffinst.ops as fops
 from fastdiffinst import reference
+from op_contract import DifferentiableOpContract
 from utils import (
-    as_rois,
     assert_close_to_f64,
     deterministic_with_nan_fill,
     nan_count,
     random_boxes,
+    rois_from_list,
     runs_at_two_thread_counts,
     tolerance,
     torchvision_roi_align,
@@ -236,12 +238,12 @@ def test_module_with_list_boxes_and_an_empty_image():
     boxes = [torch.cat([level_boxes()[:6], random_boxes(5, IMG_W, IMG_H, 2.0, 900.0, generator=g)]),
              torch.zeros(0, 4),
              torch.cat([level_boxes()[6:], random_boxes(9, IMG_W, IMG_H, 2.0, 900.0, generator=g)])]
-    pooler = fops.MultiLevelRoIAlign(OUT, SCALES, sampling_ratio=2)
-    assert pooler.aligned and (pooler.min_level, pooler.max_level) == (2, 5)
+    pooler = fops.MultiLevelRoIAlign(OUT, spatial_scales=SCALES, sampling_ratio=2)
+    assert pooler.aligned and (pooler.min_level, pooler.max_level) == (2, 5) and pooler.spatial_scales == SCALES
     assert "levels=P2-P5" in repr(pooler)
     out = pooler(features, boxes)
     assert out.shape == (11 + 0 + 15, C, *OUT)
-    rois = as_rois(boxes)
+    rois = rois_from_list(boxes)
     torch.testing.assert_close(out, torchvision_pooler(features, rois, OUT, SCALES, 2, True),
                                **tolerance(torch.float32))
     torch.testing.assert_close(out, fops.multilevel_roi_align(features, rois, OUT, SCALES, 2, True), rtol=0, atol=0)
@@ -305,62 +307,64 @@ def _tiny_case(seed: int) -> tuple[list[Tensor], Tensor]:
     return features, rois
 
 
-@pytest.mark.parametrize("aligned, sampling_ratio", [(True, 2), (False, 1)])
-def test_gradcheck(aligned, sampling_ratio):
-    features, rois = _tiny_case(6200 + sampling_ratio)
-    leaves = tuple(f.requires_grad_() for f in features)
-    assert torch.autograd.gradcheck(
-        lambda *f: fops.multilevel_roi_align(list(f), rois, (2, 3), TINY_SCALES, sampling_ratio, aligned, 16, 3),
-        leaves)
+# --------------------------------------------------------------------------------------------
+# The op contract: opcheck, torch.compile, unwritten outputs, empty input, gradcheck
+# --------------------------------------------------------------------------------------------
 
+class TestMultiLevelRoIAlignContract(DifferentiableOpContract):
+    """tests/op_contract.py on ``multilevel_roi_align(features, boxes, OUT, SCALES, ...)`` against
+    the torchvision pooler: fp32/fp16 levels (one channels-last), boxes as a tensor and as a list;
+    gradcheck on the tiny P2-P4 pyramid."""
 
-def test_gradgradcheck():
-    """Double backward: the backward is linear in the incoming gradient, its adjoint the forward."""
-    features, rois = _tiny_case(6250)
-    leaves = tuple(f.requires_grad_() for f in features)
-    assert torch.autograd.gradgradcheck(
-        lambda *f: fops.multilevel_roi_align(list(f), rois, (2, 3), TINY_SCALES, 2, True, 16, 3), leaves)
+    op = "multilevel_roi_align"
+    grad_inputs = (0,)
+    variants = ("fp32", "fp16", "fp32 list boxes")
+    compile_variants = ("fp32", "fp32 list boxes")
+    empty_variants = ("tensor boxes", "list boxes")
+    GRADCHECK = {"aligned, sampling 2": (True, 2), "sampling 1": (False, 1)}  # (aligned, sampling_ratio)
+    gradcheck_cases = ("aligned, sampling 2", "sampling 1")
+    # Double backward: the backward is linear in the incoming gradient, its adjoint the forward.
+    gradgradcheck_cases = ("aligned, sampling 2",)
 
+    def make_inputs(self, variant):
+        features, rois = make_case(6800, dtype=torch.float16 if variant == "fp16" else torch.float32, shift=OFF_GRID)
+        features[1] = features[1].contiguous(memory_format=torch.channels_last)
+        boxes = [rois[rois[:, 0] == i, 1:] for i in range(B)] if variant.endswith("list boxes") else rois
+        return features, boxes, OUT, SCALES, 0, True
 
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_multilevel_roi_align(requires_grad):
-    features, rois = _tiny_case(6300)
-    features = [f.float().requires_grad_(requires_grad) for f in features]
-    torch.library.opcheck(native.multilevel_roi_align, (features, rois.float(), TINY_SCALES, 2, 3, 2, True, 16, 3))
+    def make_empty_inputs(self, variant):
+        features, _ = make_case(6700)
+        boxes = torch.zeros(0, 5) if variant == "tensor boxes" else [torch.zeros(0, 4)] * B
+        return features, boxes, OUT, SCALES, 2, True
 
+    def make_gradcheck_inputs(self, case):
+        aligned, sampling_ratio = self.GRADCHECK[case]
+        features, rois = _tiny_case(6200 + sampling_ratio)
+        return features, rois, (2, 3), TINY_SCALES, sampling_ratio, aligned, 16, 3
 
-def test_opcheck_multilevel_roi_align_backward():
-    features, rois = _tiny_case(6400)
-    grad = torch.randn(rois.shape[0], 2, 2, 3, generator=torch.Generator().manual_seed(6401))
-    torch.library.opcheck(native._multilevel_roi_align_backward,
-                          (grad, rois.float(), TINY_SCALES, [9, 5, 3], [11, 6, 3], 2, 2, 2, False, 16, 3))
+    def call(self, features, boxes, *params):
+        return fops.multilevel_roi_align(features, boxes, *params)
+
+    def reference(self, features, boxes, *params):
+        return torchvision_pooler(list(features), rois_from_list(boxes), *params)
+
+    def grad_reduce_lens(self, inputs):
+        return [rois_from_list(inputs[1]).shape[0]] * len(inputs[0])
+
+    def opcheck_cases(self, backend, requires_grad):
+        features, rois = _tiny_case(6300)
+        features = [f.float().requires_grad_(requires_grad) for f in features]
+        cases = [(native.multilevel_roi_align, (features, rois.float(), TINY_SCALES, 2, 3, 2, True, 16, 3))]
+        if not requires_grad:
+            grad = torch.randn(rois.shape[0], 2, 2, 3, generator=torch.Generator().manual_seed(6401))
+            cases.append((native._multilevel_roi_align_backward,
+                          (grad, rois.float(), TINY_SCALES, [9, 5, 3], [11, 6, 3], 2, 2, 2, False, 16, 3)))
+        return cases
 
 
 # --------------------------------------------------------------------------------------------
 # torch.compile
 # --------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("boxes_form", ["tensor", "list"])
-def test_compile_aot_eager_matches_eager(boxes_form):
-    torch._dynamo.reset()
-    features, rois = make_case(6500 + len(boxes_form))
-    boxes = rois if boxes_form == "tensor" else [rois[rois[:, 0] == i, 1:] for i in range(B)]
-    if boxes_form == "list":
-        rois = as_rois(boxes)
-
-    def fn(f, b):
-        return fops.multilevel_roi_align(f, b, OUT, SCALES, 2, True)
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    go = torch.randn(rois.shape[0], C, *OUT, generator=torch.Generator().manual_seed(6501))
-    out_e, g_e = grads(lambda f: fn(f, boxes), features, go)
-    out_c, g_c = grads(lambda f: compiled(f, boxes), features, go)
-    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
-    _, g_tv = grads(lambda f: torchvision_pooler(f, rois, OUT, SCALES, 2, True), features, go)
-    for a, e, t in zip(g_c, g_e, g_tv):
-        torch.testing.assert_close(a, e, rtol=0, atol=0)
-        torch.testing.assert_close(a, t, **tolerance(torch.float32, rois.shape[0]))
-
 
 def test_compile_module_has_no_graph_break():
     torch._dynamo.reset()
@@ -372,36 +376,8 @@ def test_compile_module_has_no_graph_break():
 
 
 # --------------------------------------------------------------------------------------------
-# Empty input, unwritten outputs, determinism, autocast
+# Determinism, autocast
 # --------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("boxes_form", ["tensor", "list"])
-def test_no_boxes(boxes_form):
-    features, _ = make_case(6700)
-    boxes = torch.zeros(0, 5) if boxes_form == "tensor" else [torch.zeros(0, 4) for _ in range(B)]
-    out, g = grads(lambda f: fops.multilevel_roi_align(f, boxes, OUT, SCALES, 2, True).sum(), features)
-    assert out.numel() == 1 and out.item() == 0
-    assert fops.multilevel_roi_align(features, boxes, OUT, SCALES, 2, True).shape == (0, C, *OUT)
-    for f, grad in zip(features, g):
-        assert grad.shape == f.shape and torch.count_nonzero(grad) == 0 and nan_count(grad) == 0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_no_unwritten_outputs(dtype):
-    features, rois = make_case(6800, dtype=dtype, shift=OFF_GRID)
-    features[1] = features[1].contiguous(memory_format=torch.channels_last)
-    go = torch.randn(rois.shape[0], C, *OUT, generator=torch.Generator().manual_seed(6801)).to(dtype)
-    with deterministic_with_nan_fill():
-        out, g = grads(lambda f: fops.multilevel_roi_align(f, rois, OUT, SCALES, 0, True), features, go)
-        empty_out, empty_g = grads(
-            lambda f: fops.multilevel_roi_align(f, torch.zeros(0, 5), OUT, SCALES, 0, True).sum(), features)
-    assert nan_count(out, *g, empty_out, *empty_g) == 0
-    out64, g64 = grads(lambda f: torchvision_pooler(f, rois.double(), OUT, SCALES, 0, True),
-                       [f.double() for f in features], go.double())
-    assert_close_to_f64(out, out64)
-    for a, e in zip(g, g64):
-        assert_close_to_f64(a, e, reduce_len=rois.shape[0])
-
 
 def test_backward_deterministic():
     features, rois = make_case(6900, channels=37, num_random=48)  # K = 60, several channel blocks

@@ -1,6 +1,7 @@
 """paste_masks: the fused mask post-processing against the official chain
-(fastdiffinst.reference.masks.paste_masks) and a float64 re-computation; edge boxes, empty inputs,
-unwritten outputs, bad input, opcheck, torch.compile, and CUDA against CPU."""
+(fastdiffinst.reference.masks.paste_masks) and a float64 re-computation; edge boxes, bad input, the
+op contract (opcheck, torch.compile, unwritten outputs, empty input: tests/op_contract.py), and
+CUDA against CPU."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 
 from fastdiffinst import ops
 from fastdiffinst.reference import masks as reference
+from op_contract import OpContract
 from utils import deterministic_with_nan_fill, official_mask_probabilities64
 
 # (Hm, Wm) stride-4 map, (h, w) unpadded image, (H, W) output: identity, up, down, odd/prime sizes.
@@ -52,6 +54,19 @@ def test_thresholds(threshold):
     _assert_agrees(masks, probs, boxes, (61, 77), (100, 70), threshold)
 
 
+@pytest.mark.parametrize("mask_stride", [1, 2, 3, 8])
+@pytest.mark.parametrize("resize", [False, True])
+def test_other_mask_strides(mask_stride, resize):
+    """Models whose masks have another stride: mask_stride is the aligned upsampling factor."""
+    mask_size, image_size = (9, 13), (9 * mask_stride - mask_stride // 2, 13 * mask_stride)
+    output_size = (41, 53) if resize else image_size
+    probs, boxes = _inputs(6, mask_size, output_size, seed=8)
+    masks = ops.paste_masks(probs, boxes, image_size, output_size, mask_stride=mask_stride)
+    expected = reference.paste_masks(probs, boxes, image_size, output_size, mask_stride=mask_stride)
+    assert torch.equal(masks, expected)
+    assert masks.any()
+
+
 def test_edge_boxes():
     probs = torch.full((6, 8, 8), 0.9)
     boxes = torch.tensor([[-5.0, -5.0, 100.0, 100.0],   # covers everything
@@ -82,25 +97,12 @@ def test_compiles_with_inductor():
     assert torch.equal(compiled(probs, boxes), ops.paste_masks(probs.sigmoid(), boxes, (25, 41), (29, 37)))
 
 
-def test_empty_inputs():
-    out = ops.paste_masks(torch.rand(0, 8, 8), torch.zeros(0, 4), (30, 30), (40, 50))
-    assert out.shape == (0, 40, 50) and out.dtype == torch.bool
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_other_dtypes_compute_in_fp32_as_the_official_code(dtype):
     probs, boxes = _inputs(4, (16, 20), (70, 90), seed=2)
     probs, boxes = probs.to(dtype), boxes.to(dtype)
     masks = ops.paste_masks(probs, boxes, (61, 77), (70, 90))
     assert torch.equal(masks, reference.paste_masks(probs, boxes, (61, 77), (70, 90)))
-
-
-def test_every_output_pixel_written():
-    probs, boxes = _inputs(7, (16, 20), (90, 60), seed=3)
-    expected = reference.paste_masks(probs, boxes, (61, 77), (90, 60))
-    with deterministic_with_nan_fill():  # fresh bool outputs start True
-        masks = ops.paste_masks(probs, boxes, (61, 77), (90, 60))
-    assert torch.equal(masks, expected)
 
 
 def test_model_sized_case_matches():
@@ -124,11 +126,20 @@ def test_model_sized_case_matches():
     (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), threshold=float("inf")), ValueError,
      "threshold must be finite"),
     (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), threshold="0.5"), TypeError, "threshold must be a number"),
+    (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), mask_stride=0), ValueError,
+     "mask_stride must be a positive int"),
+    (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), mask_stride=4.0), TypeError, "mask_stride must be an int"),
+    (lambda p, b: ops.paste_masks(p, b, (61, 77), (61, 77), mask_stride=2), ValueError,
+     "a 16x20 stride-2 map does not cover the 61x77 image"),
     (lambda p, b: ops.paste_masks(p, b.index_fill(0, torch.tensor([1]), float("nan")), (61, 77), (61, 77)),
      RuntimeError, "boxes must be finite"),
     (lambda p, b: torch.ops.fastdiffinst.paste_masks(p, b, 65, 77, 61, 77, 0.5), RuntimeError, "does not cover"),
     (lambda p, b: torch.ops.fastdiffinst.paste_masks(p.double(), b, 61, 77, 61, 77, 0.5), RuntimeError,
      "probs must be float32"),
+    (lambda p, b: torch.ops.fastdiffinst.paste_masks(p, b, 61, 77, 61, 77, 0.5, 0), RuntimeError,
+     "mask_stride must be a positive int"),
+    (lambda p, b: torch.ops.fastdiffinst.paste_masks(p, b, 61, 77, 61, 77, 0.5, 3), RuntimeError,
+     "stride-3 map does not cover"),
 ])
 def test_bad_input_is_a_clear_error(call, error, message):
     probs, boxes = _inputs(3, (16, 20), (61, 77))
@@ -136,17 +147,30 @@ def test_bad_input_is_a_clear_error(call, error, message):
         call(probs, boxes)
 
 
-def test_opcheck():
-    probs, boxes = _inputs(4, (7, 11), (29, 37))
-    torch.library.opcheck(torch.ops.fastdiffinst.paste_masks, (probs, boxes, 25, 41, 29, 37, 0.5))
-    torch.library.opcheck(torch.ops.fastdiffinst.paste_masks, (probs[:0], boxes[:0], 25, 41, 29, 37, 0.5))
+class TestPasteMasksContract(OpContract):
+    """tests/op_contract.py on ``paste_masks`` against the official chain (bool masks, so exact;
+    fresh bool outputs start True, so an unwritten pixel shows as a difference)."""
 
+    op = "paste_masks"
 
-def test_compiles_without_graph_breaks():
-    probs, boxes = _inputs(4, (16, 20), (70, 90))
-    compiled = torch.compile(lambda p, b: ops.paste_masks(p, b, (61, 77), (70, 90)), fullgraph=True,
-                             backend="aot_eager")
-    assert torch.equal(compiled(probs, boxes), ops.paste_masks(probs, boxes, (61, 77), (70, 90)))
+    def make_inputs(self, variant):
+        probs, boxes = _inputs(7, (16, 20), (90, 60), seed=3)
+        return probs, boxes, (61, 77), (90, 60)
+
+    def make_empty_inputs(self, variant):
+        return torch.rand(0, 8, 8), torch.zeros(0, 4), (30, 30), (40, 50)
+
+    def call(self, mask_probs, boxes, image_size, output_size):
+        return ops.paste_masks(mask_probs, boxes, image_size, output_size)
+
+    def reference(self, mask_probs, boxes, image_size, output_size):
+        return reference.paste_masks(mask_probs, boxes, image_size, output_size)
+
+    def opcheck_cases(self, backend, requires_grad):
+        probs, boxes = _inputs(4, (7, 11), (29, 37))
+        return [(torch.ops.fastdiffinst.paste_masks, args) for args in
+                ((probs, boxes, 25, 41, 29, 37, 0.5), (probs[:0], boxes[:0], 25, 41, 29, 37, 0.5),
+                 (probs, boxes, 19, 30, 29, 37, 0.5, 3))]
 
 
 @pytest.mark.cuda
@@ -158,4 +182,15 @@ def test_cuda_matches_cpu(mask_size, image_size, output_size):
         cuda = ops.paste_masks(probs.cuda(), boxes.cuda(), image_size, output_size)
     assert cuda.device.type == "cuda"
     _assert_agrees(cuda.cpu(), probs, boxes, image_size, output_size)
+    assert int((cuda.cpu() != cpu).sum()) <= int(cpu.numel() * 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mask_stride", [1, 3, 8])
+def test_cuda_other_mask_strides(mask_stride):
+    mask_size, image_size, output_size = (9, 13), (9 * mask_stride - 1, 13 * mask_stride), (41, 53)
+    probs, boxes = _inputs(6, mask_size, output_size, seed=9)
+    cpu = ops.paste_masks(probs, boxes, image_size, output_size, mask_stride=mask_stride)
+    with deterministic_with_nan_fill():
+        cuda = ops.paste_masks(probs.cuda(), boxes.cuda(), image_size, output_size, mask_stride=mask_stride)
     assert int((cuda.cpu() != cpu).sum()) <= int(cpu.numel() * 1e-5)

@@ -3,6 +3,7 @@ import footprint of ``fastdiffinst.ops`` (docs/design.md §2, §3)."""
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 
@@ -65,6 +66,23 @@ def test_fake_kernel_registered(op):
                                 "dynamic_mask_head_triton", "dynamic_mask_dice_sums_triton"))
 def test_autograd_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastdiffinst::{op}", "Autograd")
+
+
+def test_python_limits_are_the_kernels():
+    """The argument checks use the kernels' limits, exported by fastdiffinst._C; the fallbacks used
+    without the extension hold the same values."""
+    # The modules, by name: fastdiffinst.ops re-exports functions called like two of them.
+    checks = importlib.import_module("fastdiffinst.ops._checks")
+    mask_head = importlib.import_module("fastdiffinst.ops.dynamic_mask_head")
+    multilevel = importlib.import_module("fastdiffinst.ops.multilevel_roi_align")
+    assert _extension.has_ops(), "fastdiffinst._C is not loaded"
+    native = _extension._C
+    assert {name: getattr(native, name) for name in _extension._FALLBACK_LIMITS} == _extension._FALLBACK_LIMITS
+    assert checks.MAX_SAMPLING_RATIO == native.MAX_SAMPLING_RATIO
+    assert multilevel._MAX_LEVELS == native.MAX_LEVELS
+    assert mask_head.MAX_CHANNELS == native.MASK_HEAD_MAX_CHANNELS
+    assert mask_head._MAX_FEATURE_CHANNELS == native.MASK_HEAD_MAX_FEATURE_CHANNELS
+    assert mask_head.MAX_LAYERS == native.MASK_HEAD_MAX_LAYERS
 
 
 def test_has_kernel_rejects_unknown_device():

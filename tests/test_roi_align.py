@@ -1,6 +1,7 @@
 """``fastdiffinst.ops.roi_align`` / ``RoIAlign``: parity with ``torchvision.ops.roi_align`` (forward
-and backward, every dtype and layout), gradcheck, opcheck, torch.compile, determinism, unwritten
-outputs, autocast and input errors (docs/design.md §2, §2.2, §6)."""
+and backward, every dtype and layout), the op contract (opcheck, torch.compile, unwritten outputs,
+empty input, gradcheck: tests/op_contract.py), determinism, autocast and input errors
+(docs/design.md §2, §2.2, §6)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from torch import Tensor
 
 import fastdiffinst.ops as fops
 from fastdiffinst import reference
+from op_contract import DifferentiableOpContract
 from utils import (
-    as_rois,
     assert_close_to_f64,
     deterministic_with_nan_fill,
     edge_case_boxes,
     nan_count,
     random_boxes,
+    rois_from_list,
     runs_at_two_thread_counts,
     tolerance,
     with_batch_index,
@@ -157,7 +159,7 @@ def test_list_of_boxes_matches_torchvision():
     out = fops.roi_align(x, boxes, OUT, 0.5, -1, True)
     assert out.shape == (4 + 0 + 7 + 13, C, *OUT)
     torch.testing.assert_close(out, tv_roi_align(x, boxes, OUT, 0.5, -1, True), **tolerance(torch.float32))
-    rois = as_rois(boxes)
+    rois = rois_from_list(boxes)
     torch.testing.assert_close(out, fops.roi_align(x, rois, OUT, 0.5, -1, True), rtol=0, atol=0)
 
 
@@ -210,7 +212,7 @@ def test_module_matches_torchvision_module():
     ours = fops.RoIAlign(OUT, 0.25, 2, aligned=True)
     theirs = torchvision.ops.RoIAlign(OUT, 0.25, 2, aligned=True)
     torch.testing.assert_close(ours(x, boxes), theirs(x, boxes), **tolerance(torch.float32))
-    rois = as_rois(boxes)
+    rois = rois_from_list(boxes)
     torch.testing.assert_close(ours(x, rois), theirs(x, rois), **tolerance(torch.float32))
     assert "output_size=(7, 5)" in repr(ours) and "aligned=True" in repr(ours)
 
@@ -277,56 +279,62 @@ def _gradcheck_case(seed: int) -> tuple[Tensor, Tensor]:
     return x, rois
 
 
-@pytest.mark.parametrize("sampling_ratio", [1, 2])
-@pytest.mark.parametrize("aligned", [False, True])
-def test_gradcheck(aligned, sampling_ratio):
-    x, rois = _gradcheck_case(2400 + sampling_ratio)
-    assert torch.autograd.gradcheck(lambda t: fops.roi_align(t, rois, (3, 2), 0.5, sampling_ratio, aligned),
-                                    (x.requires_grad_(),))
+# --------------------------------------------------------------------------------------------
+# The op contract: opcheck, torch.compile, unwritten outputs, empty input, gradcheck
+# --------------------------------------------------------------------------------------------
 
+class TestRoIAlignContract(DifferentiableOpContract):
+    """tests/op_contract.py on ``roi_align(input, boxes, OUT, 0.5, 2, aligned=True)`` against
+    torchvision: fp32/bf16 features, NCHW and channels-last, boxes as a tensor and as a list."""
 
-@pytest.mark.parametrize("aligned, sampling_ratio", [(True, 2), (False, -1)])
-def test_gradgradcheck(aligned, sampling_ratio):
-    x, rois = _gradcheck_case(2500)
-    assert torch.autograd.gradgradcheck(lambda t: fops.roi_align(t, rois, (3, 2), 0.5, sampling_ratio, aligned),
-                                        (x.requires_grad_(),))
+    op = "roi_align"
+    grad_inputs = (0,)
+    variants = ("fp32", "fp32 channels-last", "bf16", "bf16 channels-last", "fp32 list boxes")
+    compile_variants = ("fp32", "fp32 list boxes")
+    empty_variants = ("tensor boxes", "list boxes")
+    # (aligned, sampling_ratio) on the small float64 case
+    GRADCHECK = {"sampling 1": (False, 1), "sampling 2": (False, 2), "aligned, sampling 1": (True, 1),
+                 "aligned, sampling 2": (True, 2), "adaptive": (False, -1)}
+    gradcheck_cases = ("sampling 1", "sampling 2", "aligned, sampling 1", "aligned, sampling 2")
+    gradgradcheck_cases = ("aligned, sampling 2", "adaptive")
 
+    def make_inputs(self, variant):
+        x, rois = make_case(3100, scale=0.5, dtype=torch.bfloat16 if variant.startswith("bf16") else torch.float32)
+        if variant.endswith("channels-last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        boxes = [rois[rois[:, 0] == i, 1:] for i in range(B)] if variant.endswith("list boxes") else rois
+        return x, boxes, OUT, 0.5, 2, True
 
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck_roi_align(requires_grad):
-    x, rois = _gradcheck_case(2600)
-    x = x.float().requires_grad_(requires_grad)
-    torch.library.opcheck(native.roi_align, (x, rois.float(), 0.5, 3, 2, 2, True))
+    def make_empty_inputs(self, variant):
+        x, _ = make_case(3000)
+        return x, torch.zeros(0, 5) if variant == "tensor boxes" else [torch.zeros(0, 4)] * B, OUT, 0.5, 2, True
 
+    def make_gradcheck_inputs(self, case):
+        aligned, sampling_ratio = self.GRADCHECK[case]
+        x, rois = _gradcheck_case(2400 + sampling_ratio)
+        return x, rois, (3, 2), 0.5, sampling_ratio, aligned
 
-def test_opcheck_roi_align_backward():
-    _, rois = _gradcheck_case(2700)
-    grad = torch.randn(rois.shape[0], 3, 3, 2, generator=torch.Generator().manual_seed(2701))
-    torch.library.opcheck(native._roi_align_backward, (grad, rois.float(), 0.5, 3, 2, 2, 3, 9, 11, -1, False))
+    def call(self, input, boxes, *params):
+        return fops.roi_align(input, boxes, *params)
+
+    def reference(self, input, boxes, *params):
+        return tv_roi_align(input, rois_from_list(boxes).to(input.dtype), *params)
+
+    def grad_reduce_lens(self, inputs):
+        return [rois_from_list(inputs[1]).shape[0]]
+
+    def opcheck_cases(self, backend, requires_grad):
+        x, rois = _gradcheck_case(2600)
+        cases = [(native.roi_align, (x.float().requires_grad_(requires_grad), rois.float(), 0.5, 3, 2, 2, True))]
+        if not requires_grad:
+            grad = torch.randn(rois.shape[0], 3, 3, 2, generator=torch.Generator().manual_seed(2701))
+            cases.append((native._roi_align_backward, (grad, rois.float(), 0.5, 3, 2, 2, 3, 9, 11, -1, False)))
+        return cases
 
 
 # --------------------------------------------------------------------------------------------
 # torch.compile
 # --------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("boxes_form", ["tensor", "list"])
-def test_compile_aot_eager_matches_eager(boxes_form):
-    torch._dynamo.reset()
-    x, rois = make_case(2800 + len(boxes_form), scale=0.5)
-    boxes = rois if boxes_form == "tensor" else [rois[rois[:, 0] == i, 1:] for i in range(B)]
-
-    def fn(t, b):
-        return fops.roi_align(t, b, OUT, 0.5, 2, True)
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    go = torch.randn(rois.shape[0], C, *OUT, generator=torch.Generator().manual_seed(2801))
-    out_e, g_e = grads(lambda t: fn(t, boxes), x, go)
-    out_c, g_c = grads(lambda t: compiled(t, boxes), x, go)
-    torch.testing.assert_close(out_c, out_e, rtol=0, atol=0)
-    torch.testing.assert_close(g_c, g_e, rtol=0, atol=0)
-    _, g_tv = grads(lambda t: tv_roi_align(t, boxes, OUT, 0.5, 2, True), x, go)
-    torch.testing.assert_close(g_c, g_tv, **tolerance(torch.float32, rois.shape[0]))
-
 
 def test_compile_explain_has_no_graph_break():
     torch._dynamo.reset()
@@ -354,37 +362,8 @@ def test_compile_inductor_matches_eager():
 
 
 # --------------------------------------------------------------------------------------------
-# Empty input, unwritten outputs, determinism, autocast
+# Determinism, autocast
 # --------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("boxes_form", ["tensor", "list"])
-def test_no_boxes(boxes_form):
-    x, _ = make_case(3000)
-    boxes = torch.zeros(0, 5) if boxes_form == "tensor" else [torch.zeros(0, 4) for _ in range(B)]
-    leaf = x.clone().requires_grad_()
-    out = fops.roi_align(leaf, boxes, OUT, 0.5, 2, True)
-    assert out.shape == (0, C, *OUT) and out.dtype == x.dtype
-    out.sum().backward()
-    assert leaf.grad is not None and leaf.grad.shape == x.shape
-    assert torch.count_nonzero(leaf.grad) == 0
-    assert nan_count(leaf.grad) == 0
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_no_unwritten_outputs(dtype, layout):
-    x, rois = make_case(3100, scale=0.5, dtype=dtype)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    go = torch.randn(rois.shape[0], C, *OUT, generator=torch.Generator().manual_seed(3101)).to(dtype)
-    with deterministic_with_nan_fill():
-        out, g = grads(lambda t: fops.roi_align(t, rois, OUT, 0.5, 2, True), x, go)
-        empty_out, empty_g = grads(lambda t: fops.roi_align(t, torch.zeros(0, 5), OUT, 0.5, 2, True).sum(), x)
-    assert nan_count(out, g, empty_out, empty_g) == 0
-    out64, g64 = grads(lambda t: tv_roi_align(t, rois.double(), OUT, 0.5, 2, True), x.double(), go.double())
-    assert_close_to_f64(out, out64)
-    assert_close_to_f64(g, g64, reduce_len=rois.shape[0])
-
 
 def test_backward_deterministic_across_runs_and_threads():
     x, rois = make_case(3200, channels=37, num_random=47, scale=0.5)  # K = 60; several channel blocks

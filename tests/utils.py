@@ -109,8 +109,9 @@ def nan_count(*tensors: Tensor) -> int:
     return sum(int(torch.isnan(t).sum()) for t in tensors)
 
 
-def as_rois(boxes: Tensor | list[Tensor]) -> Tensor:
-    """A list of per-image [k, 4] boxes as [K, 5] rois."""
+def rois_from_list(boxes: Tensor | list[Tensor]) -> Tensor:
+    """A list of per-image [k, 4] boxes as [K, 5] rois, the image index first (an independent
+    re-implementation of what the RoI ops do with such a list); a tensor is returned as it is."""
     if isinstance(boxes, Tensor):
         return boxes
     return torch.cat([torch.cat([torch.full((len(b), 1), float(i), dtype=b.dtype), b], 1) for i, b in enumerate(boxes)])
@@ -129,7 +130,7 @@ def torchvision_roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_si
     is what torchvision itself returns when both sides are reversed); those rows are filled with 0."""
     import torchvision
 
-    rois = as_rois(boxes)
+    rois = rois_from_list(boxes)
     if not (aligned and sampling_ratio <= 0):
         return torchvision.ops.roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
     keep = ~reversed_boxes(rois)

@@ -108,33 +108,34 @@ constexpr int64_t kGrain = 4096;
 // Training corruption of images [begin, end) (see q_sample_boxes_cpu, which has checked every value:
 // exceptions must not cross the multi-versioned function).
 struct QSampleImages {
-  const Float64Reader &gt, &eps, &draws, &whwh, &sa, &s1a;
-  const int64_t *count_p, *t_p, *sel_p;
+  const Float64Reader& gt_boxes;  // [B, G, 4] normalised cxcywh
+  const Float64Reader& noise;     // [B, N, 4]
+  const Float64Reader& placeholder_noise;
+  const Float64Reader& images_whwh;  // [B, 4]
+  const Float64Reader& sqrt_alphas_cumprod;
+  const Float64Reader& sqrt_one_minus_alphas_cumprod;
+  const int64_t* gt_counts;     // [B]
+  const int64_t* t;             // [B]
+  const int64_t* select_index;  // [B, N]
   int64_t max_gt, proposals;
   double scale;
-  double* out_p;
+  double* out;  // [B, N, 4] absolute xyxy
 };
 
 FASTDIFFINST_CPU_CLONES
 void q_sample_images(const QSampleImages& a, int64_t begin, int64_t end) {
-  static constexpr double kFakeBox[4] = {0.5, 0.5, 1.0, 1.0};
-  const auto& [gt, eps, draws, whwh, sa, s1a, count_p, t_p, sel_p, max_gt, proposals, scale, out_p] = a;
   for (int64_t b = begin; b < end; ++b) {
-    double image_whwh[4], x0[4], e[4];
-    whwh.row4(b, image_whwh);
-    const double sqrt_alpha = sa[t_p[b]], sqrt_one_minus_alpha = s1a[t_p[b]];
-    for (int64_t i = 0; i < proposals; ++i) {
-      const int64_t k = b * proposals + i, sel = sel_p[k];
-      if (sel < 0) {
-        draws.row4(k, e);
-        diffusion::placeholder_box(e, x0);
-      } else if (count_p[b] == 0) {
-        for (int j = 0; j < 4; ++j) x0[j] = kFakeBox[j];
-      } else {
-        gt.row4(b * max_gt + sel, x0);
-      }
-      eps.row4(k, e);
-      diffusion::q_sample_box(x0, e, sqrt_alpha, sqrt_one_minus_alpha, scale, image_whwh, out_p + 4 * k);
+    double image_whwh[4], x0[4], eps[4];
+    a.images_whwh.row4(b, image_whwh);
+    const double sqrt_alpha = a.sqrt_alphas_cumprod[a.t[b]];
+    const double sqrt_one_minus_alpha = a.sqrt_one_minus_alphas_cumprod[a.t[b]];
+    for (int64_t i = 0; i < a.proposals; ++i) {
+      const int64_t k = b * a.proposals + i;
+      diffusion::start_box(
+          a.select_index[k], a.gt_counts[b], [&](double* draw) { a.placeholder_noise.row4(k, draw); },
+          [&](int64_t select, double* box) { a.gt_boxes.row4(b * a.max_gt + select, box); }, x0);
+      a.noise.row4(k, eps);
+      diffusion::q_sample_box(x0, eps, sqrt_alpha, sqrt_one_minus_alpha, a.scale, image_whwh, a.out + 4 * k);
     }
   }
 }
@@ -180,8 +181,19 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
   check_finite(draws, s.proposals, op, "placeholder_noise");
 
   auto out = at::empty({s.batch, s.proposals, 4}, gt_boxes.options().dtype(at::kDouble));
-  const QSampleImages images{
-      gt, eps, draws, whwh, sa, s1a, count_p, t_p, sel_p, s.max_gt, s.proposals, scale, out.data_ptr<double>()};
+  const QSampleImages images{.gt_boxes = gt,
+                             .noise = eps,
+                             .placeholder_noise = draws,
+                             .images_whwh = whwh,
+                             .sqrt_alphas_cumprod = sa,
+                             .sqrt_one_minus_alphas_cumprod = s1a,
+                             .gt_counts = count_p,
+                             .t = t_p,
+                             .select_index = sel_p,
+                             .max_gt = s.max_gt,
+                             .proposals = s.proposals,
+                             .scale = scale,
+                             .out = out.data_ptr<double>()};
   at::parallel_for(0, s.batch, std::max<int64_t>(1, kGrain / std::max<int64_t>(s.proposals, 1)),
                    [&](int64_t begin, int64_t end) { q_sample_images(images, begin, end); });
   return out;
@@ -190,49 +202,56 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
 // One DDIM step for images [begin, end) (see ddim_step_boxes_cpu, which has checked every value:
 // exceptions must not cross the multi-versioned function).
 struct DDIMImages {
-  const Float64Reader &xt, &pred, &whwh, &z, &fresh;
-  const bool* keep_p;
-  diffusion::DDIMCoefficients k;
+  const Float64Reader& x_t;          // [B, N, 4] diffusion space
+  const Float64Reader& pred_boxes;   // [B, N, 4] absolute xyxy
+  const Float64Reader& images_whwh;  // [B, 4]
+  const Float64Reader& noise;        // [B, N, 4] the eta noise of kept slot p: noise[b, p]
+  const Float64Reader& renew_noise;  // [B, N, 4] the renewed slots
+  const bool* keep;                  // [B, N]
+  diffusion::DDIMCoefficients coefficients;
   int64_t t_next;
   double scale;
   int64_t proposals;
-  double *x0_p, *next_p, *boxes_p;
-  int64_t* kept_p;
+  double* x0;          // [B, N, 4] outputs
+  double* x_next;      // [B, N, 4]
+  double* next_boxes;  // [B, N, 4]
+  int64_t* num_kept;   // [B]
 };
 
 FASTDIFFINST_CPU_CLONES
 void ddim_images(const DDIMImages& a, int64_t begin, int64_t end) {
-  const auto& [xt, pred, whwh, z, fresh, keep_p, k, t_next, scale, proposals, x0_p, next_p, boxes_p, kept_p] = a;
   for (int64_t b = begin; b < end; ++b) {
-    const int64_t base = b * proposals;
+    const int64_t base = b * a.proposals;
     double image_whwh[4], row[4];
-    whwh.row4(b, image_whwh);
+    a.images_whwh.row4(b, image_whwh);
     const double inv_whwh[4] = {1.0 / image_whwh[0], 1.0 / image_whwh[1], 1.0 / image_whwh[2], 1.0 / image_whwh[3]};
+    double* x0 = a.x0 + 4 * base;
+    double* x_next = a.x_next + 4 * base;
     int64_t kept = 0;
-    for (int64_t i = 0; i < proposals; ++i) {
-      pred.row4(base + i, row);
-      diffusion::box_to_signal(row, inv_whwh, scale, x0_p + 4 * (base + i));
-      kept += keep_p[base + i] ? 1 : 0;
+    for (int64_t i = 0; i < a.proposals; ++i) {
+      a.pred_boxes.row4(base + i, row);
+      diffusion::box_to_signal(row, inv_whwh, a.scale, x0 + 4 * i);
+      kept += a.keep[base + i] ? 1 : 0;
     }
-    kept_p[b] = kept;
-    if (t_next < 0) {
+    a.num_kept[b] = kept;
+    if (a.t_next < 0) {
       // The final step returns x̂0 for every proposal, no renewal.
-      for (int64_t i = 0; i < 4 * proposals; ++i) next_p[4 * base + i] = x0_p[4 * base + i];
+      for (int64_t i = 0; i < 4 * a.proposals; ++i) x_next[i] = x0[i];
     } else {
       // Kept proposals move to the front in their order; slot p's eta noise is noise[b, p].
       int64_t p = 0;
       double noise_row[4];
-      for (int64_t i = 0; i < proposals; ++i) {
-        if (!keep_p[base + i]) continue;
-        xt.row4(base + i, row);
-        z.row4(base + p, noise_row);
-        diffusion::ddim_update(row, x0_p + 4 * (base + i), noise_row, k, next_p + 4 * (base + p));
+      for (int64_t i = 0; i < a.proposals; ++i) {
+        if (!a.keep[base + i]) continue;
+        a.x_t.row4(base + i, row);
+        a.noise.row4(base + p, noise_row);
+        diffusion::ddim_update(row, x0 + 4 * i, noise_row, a.coefficients, x_next + 4 * p);
         ++p;
       }
-      for (; p < proposals; ++p) fresh.row4(base + p, next_p + 4 * (base + p));
+      for (; p < a.proposals; ++p) a.renew_noise.row4(base + p, x_next + 4 * p);
     }
-    for (int64_t i = 0; i < proposals; ++i)
-      diffusion::signal_to_box(next_p + 4 * (base + i), image_whwh, scale, boxes_p + 4 * (base + i));
+    for (int64_t i = 0; i < a.proposals; ++i)
+      diffusion::signal_to_box(x_next + 4 * i, image_whwh, a.scale, a.next_boxes + 4 * (base + i));
   }
 }
 
@@ -245,7 +264,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cpu(
   const int64_t batch = x_t.size(0), proposals = x_t.size(1);
   const Float64Reader xt(x_t), pred(pred_boxes), whwh(images_whwh), z(noise), fresh(renew_noise), ac(alphas_cumprod);
   const auto keep_c = keep.contiguous();
-  const bool* keep_p = keep_c.data_ptr<bool>();
   const double alpha = ac[t], alpha_next = t_next >= 0 ? ac[t_next] : 1.0;
   TORCH_CHECK(alpha > 0 && alpha < 1, op, ": alphas_cumprod[t = ", t, "] must be in (0, 1), got ", alpha);
   TORCH_CHECK(alpha_next > 0 && alpha_next <= 1, op, ": alphas_cumprod[t_next = ", t_next, "] must be in (0, 1], got ",
@@ -265,10 +283,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cpu(
   auto x_next = at::empty({batch, proposals, 4}, options);
   auto next_boxes = at::empty({batch, proposals, 4}, options);
   auto num_kept = at::empty({batch}, options.dtype(at::kLong));
-  double *x0_p = x0.data_ptr<double>(), *next_p = x_next.data_ptr<double>(), *boxes_p = next_boxes.data_ptr<double>();
-  int64_t* kept_p = num_kept.data_ptr<int64_t>();
-
-  const DDIMImages images{xt, pred, whwh, z, fresh, keep_p, k, t_next, scale, proposals, x0_p, next_p, boxes_p, kept_p};
+  const DDIMImages images{.x_t = xt,
+                          .pred_boxes = pred,
+                          .images_whwh = whwh,
+                          .noise = z,
+                          .renew_noise = fresh,
+                          .keep = keep_c.data_ptr<bool>(),
+                          .coefficients = k,
+                          .t_next = t_next,
+                          .scale = scale,
+                          .proposals = proposals,
+                          .x0 = x0.data_ptr<double>(),
+                          .x_next = x_next.data_ptr<double>(),
+                          .next_boxes = next_boxes.data_ptr<double>(),
+                          .num_kept = num_kept.data_ptr<int64_t>()};
   at::parallel_for(0, batch, std::max<int64_t>(1, kGrain / std::max<int64_t>(proposals, 1)),
                    [&](int64_t begin, int64_t end) { ddim_images(images, begin, end); });
   return {x_next, x0, next_boxes, num_kept};
@@ -276,9 +304,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cpu(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastdiffinst, CPU, m) {
-  m.impl("q_sample_boxes", TORCH_FN(q_sample_boxes_cpu));
-  m.impl("ddim_step_boxes", TORCH_FN(ddim_step_boxes_cpu));
-}
+TORCH_LIBRARY_IMPL(fastdiffinst, CPU, m) { register_box_diffusion_kernels<q_sample_boxes_cpu, ddim_step_boxes_cpu>(m); }
 
 }  // namespace fastdiffinst

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cmath>
 
@@ -85,6 +86,13 @@ inline void check_ddim_inputs(const at::Tensor& x_t, const at::Tensor& pred_boxe
   TORCH_CHECK(t >= 0 && t < timesteps, op, ": t must be in [0, ", timesteps, "), got ", t);
   TORCH_CHECK(t_next < t, op, ": t_next must be smaller than t (", t, "), got ", t_next);
   TORCH_CHECK(t_next >= -1, op, ": t_next must be >= -1 (-1 = the final step), got ", t_next);
+}
+
+// Registers one device's kernels of the two box-diffusion ops.
+template <auto QSampleBoxes, auto DDIMStepBoxes>
+void register_box_diffusion_kernels(torch::Library& m) {
+  m.impl("q_sample_boxes", TORCH_FN(QSampleBoxes));
+  m.impl("ddim_step_boxes", TORCH_FN(DDIMStepBoxes));
 }
 
 }  // namespace fastdiffinst

@@ -20,8 +20,9 @@
 #include <optional>
 #include <vector>
 
-#include "common/cpu_clones.h"
-#include "common/dynamic_mask_head_math.h"
+#include "ops/common/cpu_clones.h"
+#include "ops/common/dynamic_mask_head_math.h"
+#include "ops/common/opmath.h"
 
 namespace fastdiffinst {
 namespace {
@@ -412,7 +413,7 @@ at::Tensor dynamic_mask_head_cpu(const at::Tensor& feats, const at::Tensor& para
   at::Tensor out = at::empty({p.instances, p.height, p.width}, feats.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "dynamic_mask_head_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = opmath_t<scalar_t>;
     scalar_t* y = out.data_ptr<scalar_t>();
     for_each_logit_tile<scalar_t, acc_t>(p, [&](int64_t n, int64_t, int64_t p0, int count, const acc_t* logit) {
       scalar_t* dst = y + n * p.pixels + p0;
@@ -480,7 +481,7 @@ at::Tensor dynamic_mask_dice_sums_cpu(const at::Tensor& feats, const at::Tensor&
   at::Tensor partial = at::zeros({p.instances, p.chunks(), 3}, feats.options().dtype(at::kDouble));
   if (p.instances > 0 && p.pixels > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "dynamic_mask_dice_sums_cpu", [&] {
-      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      using acc_t = opmath_t<scalar_t>;
       double* sums = partial.data_ptr<double>();
       for_each_logit_tile<scalar_t, acc_t>(p, [&](int64_t n, int64_t chunk, int64_t p0, int count, const acc_t* logit) {
         alignas(64) acc_t g[kTile], prob[kTile], pg[kTile], pp[kTile];
@@ -579,7 +580,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_head_backward_cpu(
   const at::Tensor g = grad.contiguous();
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "dynamic_mask_head_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = opmath_t<scalar_t>;
     const scalar_t* gy = g.data_ptr<scalar_t>();
     result =
         backward_impl<scalar_t, acc_t>(p, [&](int64_t n, int64_t p0, int count, const acc_t* logit, acc_t* dlogit) {
@@ -607,7 +608,7 @@ std::tuple<at::Tensor, at::Tensor> dynamic_mask_dice_sums_backward_cpu(
               ": grad_sums must be [N, 3] with N = ", p.instances, ", got shape ", grad_sums.sizes());
   std::tuple<at::Tensor, at::Tensor> result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feats.scalar_type(), "dynamic_mask_dice_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using acc_t = opmath_t<scalar_t>;
     const at::Tensor gs = grad_sums.to(std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat).contiguous();
     const acc_t* gsum = gs.data_ptr<acc_t>();
     result =

@@ -1,6 +1,6 @@
-// CPU kernel of paste_masks: DiffusionInst's mask post-processing (aligned ×4 upsampling, crop,
-// bilinear resize, threshold, box clip) per output pixel, computed only inside each instance's
-// box; nothing of size n × H × W exists but the bool result. Arithmetic in
+// CPU kernel of paste_masks: DiffusionInst's mask post-processing (aligned upsampling by the mask
+// stride, crop, bilinear resize, threshold, box clip) per output pixel, computed only inside each
+// instance's box; nothing of size n × H × W exists but the bool result. Arithmetic in
 // ops/common/paste_masks_math.h, shared with the CUDA kernel. Parallel over (instance, row).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,24 +16,24 @@
 namespace fastdiffinst {
 namespace {
 
-at::Tensor paste_masks_cpu(const at::Tensor& probs, const at::Tensor& boxes, int64_t image_h, int64_t image_w,
-                           int64_t out_h, int64_t out_w, double threshold) {
-  check_paste_masks_inputs(probs, boxes, image_h, image_w, out_h, out_w, threshold);
-  const int64_t n = probs.size(0), hm = probs.size(1), wm = probs.size(2);
-  auto output = at::empty({n, out_h, out_w}, probs.options().dtype(at::kBool));
+at::Tensor paste_masks_cpu(const at::Tensor& mask_probs, const at::Tensor& boxes, int64_t image_h, int64_t image_w,
+                           int64_t out_h, int64_t out_w, double threshold, int64_t mask_stride) {
+  check_paste_masks_inputs(mask_probs, boxes, image_h, image_w, out_h, out_w, threshold, mask_stride);
+  const int64_t n = mask_probs.size(0), hm = mask_probs.size(1), wm = mask_probs.size(2);
+  auto output = at::empty({n, out_h, out_w}, mask_probs.options().dtype(at::kBool));
   if (output.numel() == 0) return output;
-  const auto p = probs.contiguous();
+  const auto p = mask_probs.contiguous();
   const auto b = boxes.to(at::kDouble).contiguous();
   const double* box = b.data_ptr<double>();
   for (int64_t k = 0; k < 4 * n; ++k)
     TORCH_CHECK(std::isfinite(box[k]), "paste_masks: boxes must be finite, got ", box[k], " in boxes[", k / 4, "]");
 
   // Per-axis sampling plans, shared by every instance: output index -> full-resolution taps,
-  // full-resolution index -> stride-4 taps.
+  // full-resolution index -> mask-stride taps.
   const bool resize = out_h != image_h || out_w != image_w;
   std::vector<paste::Tap> up_rows(image_h), up_cols(image_w), rows(out_h), cols(out_w);
-  for (int64_t i = 0; i < image_h; ++i) up_rows[i] = paste::upsample_tap(i, 4, hm);
-  for (int64_t j = 0; j < image_w; ++j) up_cols[j] = paste::upsample_tap(j, 4, wm);
+  for (int64_t i = 0; i < image_h; ++i) up_rows[i] = paste::upsample_tap(i, mask_stride, hm);
+  for (int64_t j = 0; j < image_w; ++j) up_cols[j] = paste::upsample_tap(j, mask_stride, wm);
   for (int64_t y = 0; y < out_h; ++y) rows[y] = resize ? paste::resize_tap(y, image_h, out_h) : paste::Tap{y, y, 0.f};
   for (int64_t x = 0; x < out_w; ++x) cols[x] = resize ? paste::resize_tap(x, image_w, out_w) : paste::Tap{x, x, 0.f};
   const float t = static_cast<float>(threshold);
@@ -59,16 +59,8 @@ at::Tensor paste_masks_cpu(const at::Tensor& probs, const at::Tensor& boxes, int
       const paste::Tap a0 = up_rows[ry.i0], a1 = up_rows[ry.i1];
       for (int64_t x = x1; x < x2; ++x) {
         const paste::Tap cx = cols[x];
-        float value;
-        if (!resize) {
-          value = paste::upsampled(map, wm, a0, up_cols[x]);
-        } else {
-          const paste::Tap b0 = up_cols[cx.i0], b1 = up_cols[cx.i1];
-          const float w0 = 1.f - cx.l1, h0 = 1.f - ry.l1;
-          const float top = w0 * paste::upsampled(map, wm, a0, b0) + cx.l1 * paste::upsampled(map, wm, a0, b1);
-          const float bottom = w0 * paste::upsampled(map, wm, a1, b0) + cx.l1 * paste::upsampled(map, wm, a1, b1);
-          value = h0 * top + ry.l1 * bottom;
-        }
+        const float value = resize ? paste::resized(map, wm, ry, a0, a1, cx, up_cols[cx.i0], up_cols[cx.i1])
+                                   : paste::upsampled(map, wm, a0, up_cols[x]);
         row[x] = value > t;
       }
     }

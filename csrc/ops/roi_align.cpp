@@ -15,7 +15,6 @@
 // accumulates channels-last in a reused workspace and returns contiguous (NCHW) gradients.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -25,6 +24,7 @@
 
 #include "ops/common/cpu_clones.h"
 #include "ops/common/cpu_layout.h"
+#include "ops/common/opmath.h"
 #include "ops/common/roi_align_math.h"
 #include "ops/roi_align_host.h"
 
@@ -126,8 +126,8 @@ void plan_roi(RoIPlan<coord_t>& plan, const coord_t* roi, const std::vector<Leve
 template <typename scalar_t>
 void forward_kernel(const std::vector<Level<const scalar_t>>& levels, const at::Tensor& rois, at::Tensor& output,
                     const LevelRule& rule, int pooled_h, int pooled_w, int sampling_ratio, bool aligned) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using acc_t = opmath_t<scalar_t>;
+  using coord_t = opmath_t<scalar_t>;
   const int64_t num_rois = rois.size(0);
   const int64_t channels = output.size(1);
   const int64_t bins = int64_t(pooled_h) * pooled_w;
@@ -165,7 +165,7 @@ void forward_kernel(const std::vector<Level<const scalar_t>>& levels, const at::
 template <typename scalar_t, typename acc_t>
 void backward_kernel(const std::vector<Level<acc_t>>& grad_levels, const at::Tensor& rois, const at::Tensor& grad,
                      const LevelRule& rule, int pooled_h, int pooled_w, int sampling_ratio, bool aligned) {
-  using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  using coord_t = opmath_t<scalar_t>;
   const int64_t num_rois = rois.size(0);
   const int64_t channels = grad.size(1);
   const int64_t bins = int64_t(pooled_h) * pooled_w;
@@ -232,31 +232,27 @@ std::vector<Level<T>> level_views(at::TensorList tensors, at::ArrayRef<double> s
   return levels;
 }
 
-at::Tensor multilevel_forward_cpu(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
-                                  int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
-                                  int64_t canonical_box_size, int64_t canonical_level, const char* op) {
-  check_roi_align_inputs(features, rois, scales, pooled_h, pooled_w, sampling_ratio, op);
+// The checked multi-level forward and backward (see RoIAlignEntryPoints).
+at::Tensor multilevel_forward_cpu(at::TensorList features, const at::Tensor& rois, int64_t pooled_h, int64_t pooled_w,
+                                  const RoIAlignArgs& args) {
   const auto& first = features[0];
   auto output = at::empty({rois.size(0), first.size(1), pooled_h, pooled_w}, first.options());
   if (output.numel() == 0) return output;
   std::vector<at::Tensor> nhwc;
   for (size_t l = 0; l < features.size(); ++l) nhwc.push_back(channels_last_view(features[l], l));
   const auto r = coord_rois(rois, first.scalar_type());
-  check_roi_values(r, first.size(0), op);
-  const LevelRule rule = make_level_rule(scales, canonical_box_size, canonical_level);
+  check_roi_values(r, first.size(0), args.op);
+  const LevelRule rule = make_level_rule(args);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_forward", [&] {
-    forward_kernel<scalar_t>(level_views<const scalar_t>(nhwc, scales), r, output, rule, pooled_h, pooled_w,
-                             sampling_ratio, aligned);
+    forward_kernel<scalar_t>(level_views<const scalar_t>(nhwc, args.spatial_scales), r, output, rule, pooled_h,
+                             pooled_w, args.sampling_ratio, args.aligned);
   });
   return output;
 }
 
-std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at::Tensor& rois,
-                                                at::ArrayRef<double> scales, at::IntArrayRef heights,
+std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at::Tensor& rois, at::IntArrayRef heights,
                                                 at::IntArrayRef widths, int64_t batch_size, int64_t channels,
-                                                int64_t sampling_ratio, bool aligned, int64_t canonical_box_size,
-                                                int64_t canonical_level, const char* op) {
-  check_roi_align_backward_inputs(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, op);
+                                                const RoIAlignArgs& args) {
   const auto acc_dtype = at::toOpMathType(grad.scalar_type());
   // Accumulate channels-last in reused workspaces, then hand back contiguous (NCHW) gradients.
   std::vector<at::Tensor> sums;
@@ -268,12 +264,12 @@ std::vector<at::Tensor> multilevel_backward_cpu(const at::Tensor& grad, const at
   if (grad.numel() > 0) {
     const auto g = grad.contiguous();
     const auto r = coord_rois(rois, grad.scalar_type());
-    check_roi_values(r, batch_size, op);
-    const LevelRule rule = make_level_rule(scales, canonical_box_size, canonical_level);
+    check_roi_values(r, batch_size, args.op);
+    const LevelRule rule = make_level_rule(args);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      backward_kernel<scalar_t, acc_t>(level_views<acc_t>(sums, scales), r, g, rule, grad.size(2), grad.size(3),
-                                       sampling_ratio, aligned);
+      using acc_t = opmath_t<scalar_t>;
+      backward_kernel<scalar_t, acc_t>(level_views<acc_t>(sums, args.spatial_scales), r, g, rule, grad.size(2),
+                                       grad.size(3), args.sampling_ratio, args.aligned);
     });
   }
   std::vector<at::Tensor> grads;

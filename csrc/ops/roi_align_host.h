@@ -23,7 +23,20 @@ struct LevelRule {
   int min_level;  // -log2(spatial_scales[0])
 };
 
-inline LevelRule make_level_rule(at::ArrayRef<double> scales, int64_t canonical_box_size, int64_t canonical_level) {
+// The arguments of a RoIAlign call that its forward and backward share (single-level roi_align is
+// the one-level case, with detectron2's default level rule).
+struct RoIAlignArgs {
+  at::ArrayRef<double> spatial_scales;  // one per level
+  int64_t sampling_ratio;
+  bool aligned;
+  int64_t canonical_box_size;
+  int64_t canonical_level;
+  const char* op;  // the name errors give
+};
+
+inline LevelRule make_level_rule(const RoIAlignArgs& args) {
+  const at::ArrayRef<double> scales = args.spatial_scales;
+  const int64_t canonical_box_size = args.canonical_box_size, canonical_level = args.canonical_level;
   TORCH_CHECK(canonical_box_size > 0 && canonical_box_size <= (int64_t(1) << 30),
               "canonical_box_size must be in [1, 2^30], got ", canonical_box_size);
   TORCH_CHECK(canonical_level >= -64 && canonical_level <= 64, "canonical_level must be in [-64, 64], got ",
@@ -95,13 +108,42 @@ inline void check_roi_align_backward_inputs(const at::Tensor& grad, const at::Te
 }
 
 // The four registered ops of the RoIAlign family on one device, built from that device's multi-level
-// forward and backward (single-level roi_align is the one-level case).
+// forward and backward, which get checked arguments:
+//   at::Tensor Forward(features, rois, pooled_h, pooled_w, const RoIAlignArgs&)
+//   std::vector<at::Tensor> Backward(grad, rois, heights, widths, batch_size, channels, const RoIAlignArgs&)
 template <auto Forward, auto Backward>
 struct RoIAlignEntryPoints {
+  static at::Tensor forward(at::TensorList features, const at::Tensor& rois, int64_t pooled_h, int64_t pooled_w,
+                            const RoIAlignArgs& args) {
+    check_roi_align_inputs(features, rois, args.spatial_scales, pooled_h, pooled_w, args.sampling_ratio, args.op);
+    return Forward(features, rois, pooled_h, pooled_w, args);
+  }
+
+  // The schema arguments of the four ops, named. `spatial_scales` must outlive the call: the
+  // single-level ops pass their own `spatial_scale` parameter as a one-level list.
+  static RoIAlignArgs args(at::ArrayRef<double> spatial_scales, int64_t sampling_ratio, bool aligned,
+                           int64_t canonical_box_size, int64_t canonical_level, const char* op) {
+    return {.spatial_scales = spatial_scales,
+            .sampling_ratio = sampling_ratio,
+            .aligned = aligned,
+            .canonical_box_size = canonical_box_size,
+            .canonical_level = canonical_level,
+            .op = op};
+  }
+
+  static std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& rois, at::IntArrayRef heights,
+                                          at::IntArrayRef widths, int64_t batch_size, int64_t channels,
+                                          const RoIAlignArgs& args) {
+    check_roi_align_backward_inputs(grad, rois, args.spatial_scales, heights, widths, batch_size, channels,
+                                    args.sampling_ratio, args.op);
+    return Backward(grad, rois, heights, widths, batch_size, channels, args);
+  }
+
   static at::Tensor roi_align(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_h,
                               int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
-    return Forward({input}, rois, {spatial_scale}, pooled_h, pooled_w, sampling_ratio, aligned,
-                   kDefaultCanonicalBoxSize, kDefaultCanonicalLevel, "roi_align");
+    return forward({input}, rois, pooled_h, pooled_w,
+                   args(at::ArrayRef<double>(spatial_scale), sampling_ratio, aligned, kDefaultCanonicalBoxSize,
+                        kDefaultCanonicalLevel, "roi_align"));
   }
 
   static at::Tensor roi_align_backward(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
@@ -109,15 +151,16 @@ struct RoIAlignEntryPoints {
                                        int64_t height, int64_t width, int64_t sampling_ratio, bool aligned) {
     TORCH_CHECK(grad.dim() == 4 && grad.size(2) == pooled_h && grad.size(3) == pooled_w,
                 "roi_align backward: grad must be [K, C, ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
-    return Backward(grad, rois, {spatial_scale}, {height}, {width}, batch_size, channels, sampling_ratio, aligned,
-                    kDefaultCanonicalBoxSize, kDefaultCanonicalLevel, "roi_align backward")[0];
+    return backward(grad, rois, at::IntArrayRef(height), at::IntArrayRef(width), batch_size, channels,
+                    args(at::ArrayRef<double>(spatial_scale), sampling_ratio, aligned, kDefaultCanonicalBoxSize,
+                         kDefaultCanonicalLevel, "roi_align backward"))[0];
   }
 
   static at::Tensor multilevel(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
                                int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                                int64_t canonical_box_size, int64_t canonical_level) {
-    return Forward(features, rois, scales, pooled_h, pooled_w, sampling_ratio, aligned, canonical_box_size,
-                   canonical_level, "multilevel_roi_align");
+    return forward(features, rois, pooled_h, pooled_w,
+                   args(scales, sampling_ratio, aligned, canonical_box_size, canonical_level, "multilevel_roi_align"));
   }
 
   static std::vector<at::Tensor> multilevel_backward(const at::Tensor& grad, const at::Tensor& rois,
@@ -125,8 +168,9 @@ struct RoIAlignEntryPoints {
                                                      at::IntArrayRef widths, int64_t batch_size, int64_t channels,
                                                      int64_t sampling_ratio, bool aligned, int64_t canonical_box_size,
                                                      int64_t canonical_level) {
-    return Backward(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, aligned,
-                    canonical_box_size, canonical_level, "multilevel_roi_align backward");
+    return backward(grad, rois, heights, widths, batch_size, channels,
+                    args(scales, sampling_ratio, aligned, canonical_box_size, canonical_level,
+                         "multilevel_roi_align backward"));
   }
 
   static void register_kernels(torch::Library& m) {

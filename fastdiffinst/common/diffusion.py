@@ -1,12 +1,13 @@
 """DiffusionDet's diffusion process over boxes (docs/official-model.md §3.1–§3.2): the cosine
-schedule, the DDIM time pairs and the constants of the box corruption. Shared by the fused ops, the
-model and the references.
+schedule, the DDIM time pairs, the constants of the box corruption and the random inputs of the
+corruption (:class:`QSampleDraws`). Shared by the fused ops, the model and the references.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,6 +36,15 @@ class DiffusionSchedule:
     posterior_log_variance_clipped: Tensor
     posterior_mean_coef1: Tensor
     posterior_mean_coef2: Tensor
+
+
+class QSampleDraws(NamedTuple):
+    """The random inputs of ``q_sample_boxes`` (``fastdiffinst.ops.draw_q_sample_inputs`` draws them)."""
+
+    t: Tensor                  # [B] int64, the diffusion step of each image
+    noise: Tensor              # [B, N, 4] standard normal, the diffusion noise ε
+    placeholder_noise: Tensor  # [B, N, 4] standard normal, the placeholder boxes
+    select_index: Tensor       # [B, N] int64: slot i takes GT select_index[b, i], or a placeholder (-1)
 
 
 def cosine_schedule(timesteps: int = NUM_TIMESTEPS, s: float = 0.008) -> DiffusionSchedule:

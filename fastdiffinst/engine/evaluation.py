@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fastdiffinst.data.coco import InstanceDataset
 from fastdiffinst.data.transforms import resize_for_test
+from fastdiffinst.progress import ProgressBar
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -56,23 +57,18 @@ def predict_dataset(model: torch.nn.Module, dataset: InstanceDataset, max_dets: 
     category_ids = [c["id"] for c in dataset.categories]
     results: list[dict] = []
     starts = range(0, count, batch_size)
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc="eval", unit="batch")
-        except ImportError:
-            pass
-    for start in starts:
-        indices = range(start, min(start + batch_size, count))
-        images, sizes = [], []
-        for index in indices:
-            image = dataset.load_image(index)
-            images.append(resize_for_test(image, cfg.min_size_test, cfg.max_size_test))
-            sizes.append((int(image.shape[1]), int(image.shape[2])))
-        outputs = model(images, output_sizes=sizes, generator=generator)
-        for index, instances in zip(indices, outputs):
-            results += instances_to_results(instances, dataset.images[index]["id"], category_ids, max_dets)
+    with ProgressBar(len(starts), "eval", "batch", enabled=progress) as bar:
+        for start in starts:
+            indices = range(start, min(start + batch_size, count))
+            images, sizes = [], []
+            for index in indices:
+                image = dataset.load_image(index)
+                images.append(resize_for_test(image, cfg.min_size_test, cfg.max_size_test))
+                sizes.append((int(image.shape[1]), int(image.shape[2])))
+            outputs = model(images, output_sizes=sizes, generator=generator)
+            for index, instances in zip(indices, outputs):
+                results += instances_to_results(instances, dataset.images[index]["id"], category_ids, max_dets)
+            bar.update()
     return results
 
 

@@ -7,9 +7,10 @@ sample positions, each sample's augmentation (seeded by its position in the stre
 from its last checkpoint ends in the same state as an uninterrupted one (single process; with
 workers too). SIGINT/SIGTERM save a checkpoint at the end of the current iteration and stop.
 
-Files in ``--out``: ``last.pth`` (model, optimizer, scheduler, scaler, iteration, RNG states),
-``best.pth`` (best segm AP), ``metrics.jsonl`` (one line per logged iteration and per evaluation),
-``config.json``, and ``loss.png`` (when matplotlib is installed).
+Files in ``--out``: ``last.pth`` (model, optimizer, scheduler, scaler, iteration, RNG states:
+:mod:`fastdiffinst.engine.training_checkpoint`), ``best.pth`` (best segm AP), ``metrics.jsonl`` (one
+line per logged iteration and per evaluation: :mod:`fastdiffinst.engine.metrics_log`),
+``config.json``, and ``loss.png`` (when matplotlib is installed: :mod:`fastdiffinst.engine.loss_plot`).
 """
 
 from __future__ import annotations
@@ -17,21 +18,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
-import signal
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from fastdiffinst.checkpoint import CheckpointError, ensure_writable, save_model
+from fastdiffinst.checkpoint import ensure_writable
 from fastdiffinst.config import ModelConfig, config_to_dict
 from fastdiffinst.data.loader import RepeatFactorTrainingSampler, TrainingSampler, repeat_factors, train_loader
 from fastdiffinst.data.transforms import official_train_transform
 from fastdiffinst.engine import distributed
+from fastdiffinst.engine.loss_plot import plot_losses
+from fastdiffinst.engine.metrics_log import MetricsLog
+from fastdiffinst.engine.stop_signals import handle_stop_signals
+from fastdiffinst.engine.throughput import Throughput
+from fastdiffinst.engine.training_checkpoint import TrainingCheckpoints
+from fastdiffinst.progress import ProgressBar
 
 
 @dataclasses.dataclass
@@ -68,34 +70,6 @@ def lr_factor(iteration: int, cfg) -> float:
         alpha = iteration / cfg.warmup_iters
         warmup = cfg.warmup_factor * (1 - alpha) + alpha
     return warmup * 0.1 ** sum(iteration >= s for s in cfg.steps)
-
-
-def _rng_state() -> dict:
-    """The global generators' states, in types ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position,
-                                                      has_gauss, gauss],
-            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    random.setstate(state["python"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _config_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _config_differences(x, y, f"{prefix}{key}.")
-        elif x != y:
-            out.append(f"{prefix}{key}: checkpoint {x!r}, this run {y!r}")
-    return out
 
 
 class Trainer:
@@ -137,34 +111,21 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.amp == "fp16")
         self.iteration, self.best = 0, -1.0
         self._stop_signal: int | None = None
+        self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.checkpoints = TrainingCheckpoints(self.out, self.module, self.optimizer, self.scheduler, self.scaler,
+                                               self.train_set.class_names,
+                                               {"data": options.data, "ops_impl": options.ops_impl, "amp": options.amp})
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    # -- checkpoints (rank 0 writes them) -------------------------------------------------------
 
     def save(self, name: str) -> None:
-        if self.rank != 0:
-            return
-        extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "iteration": self.iteration, "best_segm_ap": self.best,
-                 "rng": _rng_state(), "options": {"data": self.options.data, "ops_impl": self.options.ops_impl,
-                                                  "amp": self.options.amp}}
-        save_model(self.module, self.out / name, self.train_set.class_names, extra)
+        if self.rank == 0:
+            self.checkpoints.save(name, self.iteration, self.best)
 
     def resume(self) -> None:
-        path = self.out / "last.pth"
-        if not path.is_file():
-            raise CheckpointError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        differences = _config_differences(state["config"], config_to_dict(self.cfg))
-        if differences:
-            raise CheckpointError(f"--resume: {path} is a run of another configuration:\n  " + "\n  ".join(differences))
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.iteration, self.best = state["iteration"], state["best_segm_ap"]
-        _set_rng_state(state["rng"])
+        self.iteration, self.best = self.checkpoints.resume("last.pth", self.cfg, self.device)
         if self.rank == 0:
-            _trim_metrics(self.out / "metrics.jsonl", self.iteration)
+            self.metrics.trim_after(self.iteration)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -199,6 +160,8 @@ class Trainer:
         return dict(zip(list(losses) + ["loss"], values.tolist()))
 
     def evaluate(self) -> dict | None:
+        """COCO metrics of the model on the validation set (rank 0; None on the others); a new best
+        segm AP is saved as ``best.pth``."""
         from fastdiffinst.engine.evaluation import coco_metrics, predict_dataset
 
         metrics = None
@@ -220,126 +183,66 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.metrics.append(record)
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
 
     def train(self) -> dict | None:
         """Runs to ``solver.max_iter``; returns the last evaluation's metrics."""
-        solver, options = self.cfg.solver, self.options
-        if options.resume:
+        if self.options.resume:
             self.resume()
         if self.rank == 0:
             (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        progress = _progress(solver.max_iter, self.iteration, options.progress and self.rank == 0)
-        loader = self._loader()
-        window_start, window_images = time.perf_counter(), 0
-        train_seconds = 0.0  # wall-clock of the training iterations, evaluations and checkpoints apart
-        try:
-            while self.iteration < solver.max_iter:
-                values = self._step(next(loader))
-                self.iteration += 1
-                window_images += self.batch * self.world
-                if not all(math.isfinite(v) for v in values.values()):
-                    raise FloatingPointError(f"non-finite losses at iteration {self.iteration}: {values}")
-                if self.iteration % options.log_period == 0 or self.iteration == solver.max_iter:
-                    elapsed = time.perf_counter() - window_start
-                    train_seconds += elapsed
-                    rate = window_images / elapsed if elapsed > 0 else 0.0
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    self._log({"iter": self.iteration, "lr": lr, "images_per_s": rate, "train_s": train_seconds,
-                               **values})
-                    progress.set(self.iteration, f"loss {values['loss']:.3f} lr {lr:.2e} {rate:.1f} img/s")
-                    window_start, window_images = time.perf_counter(), 0
-                pause = time.perf_counter()
-                if options.checkpoint_period and self.iteration % options.checkpoint_period == 0:
-                    self.save("last.pth")
-                if options.eval_period and self.iteration % options.eval_period == 0 \
-                        and self.iteration < solver.max_iter:
-                    self.evaluate()
-                window_start += time.perf_counter() - pause  # checkpoints and evaluations do not count
-                stop = distributed.any_flag(self._stop_signal is not None)
-                if stop:
-                    self.save("last.pth")
-                    raise KeyboardInterrupt(f"stopped by a signal at iteration {self.iteration}; "
-                                            f"{self.out / 'last.pth'} saved, continue with --resume")
-        finally:
-            progress.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        max_iter = self.cfg.solver.max_iter
+        with handle_stop_signals(self._on_signal), \
+                ProgressBar(max_iter, "train", "it", initial=self.iteration,
+                            enabled=self.options.progress and self.rank == 0) as progress:
+            loader = self._loader()
+            throughput = Throughput(self.batch * self.world)
+            while self.iteration < max_iter:
+                values = self._train_iteration(next(loader))
+                throughput.add_iteration()
+                with throughput.paused():  # logging, checkpoints and evaluations are not training time
+                    if self.iteration % self.options.log_period == 0 or self.iteration == max_iter:
+                        self._log_iteration(values, throughput, progress)
+                    self._periodic_checkpoint_and_evaluation()
+                if distributed.any_flag(self._stop_signal is not None):
+                    self._stop_on_signal()
         self.save("last.pth")
         metrics = self.evaluate()
         if self.rank == 0:
-            plot_losses(self.out / "metrics.jsonl", self.out / "loss.png")
+            plot_losses(self.metrics.path, self.out / "loss.png")
         return metrics
 
+    def _train_iteration(self, batch: list[dict]) -> dict[str, float]:
+        """One optimisation step; the iteration count moves on; non-finite losses raise."""
+        values = self._step(batch)
+        self.iteration += 1
+        if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"non-finite losses at iteration {self.iteration}: {values}")
+        return values
 
-def _trim_metrics(path: Path, iteration: int) -> None:
-    """Drops the records after ``iteration`` (written by a run that was killed after it)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= iteration]
-    path.write_text("".join(line + "\n" for line in kept))
+    def _log_iteration(self, values: dict[str, float], throughput: Throughput, progress: ProgressBar) -> None:
+        """A ``metrics.jsonl`` record and the progress bar's text for this iteration."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        images_per_s = throughput.report()
+        self._log({"iter": self.iteration, "lr": lr, "images_per_s": images_per_s,
+                   "train_s": throughput.train_seconds, **values})
+        progress.set(self.iteration, f"loss {values['loss']:.3f} lr {lr:.2e} {images_per_s:.1f} img/s")
 
+    def _periodic_checkpoint_and_evaluation(self) -> None:
+        """``last.pth`` every ``checkpoint_period`` iterations, an evaluation every ``eval_period``
+        (the final ones are made by :meth:`train`)."""
+        options = self.options
+        if options.checkpoint_period and self.iteration % options.checkpoint_period == 0:
+            self.save("last.pth")
+        if options.eval_period and self.iteration % options.eval_period == 0 \
+                and self.iteration < self.cfg.solver.max_iter:
+            self.evaluate()
 
-class _progress:
-    """A tqdm bar when available and wanted, else silent."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, initial=start, desc="train", unit="it", file=sys.stderr)
-            except ImportError:
-                pass
-
-    def set(self, iteration: int, text: str) -> None:
-        if self.bar is not None:
-            self.bar.update(iteration - self.bar.n)
-            self.bar.set_postfix_str(text)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def plot_losses(metrics_file: Path, png: Path) -> bool:
-    """The total and per-term (last stage) losses against the iteration, and the segm AP of each
-    evaluation; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval" in r]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    its = [r["iter"] for r in train]
-    for key in ("loss", "loss_ce", "loss_bbox", "loss_giou", "loss_masks"):
-        left.plot(its, [r[key] for r in train], label=key, linewidth=1.5 if key == "loss" else 1)
-    left.set_xlabel("iteration")
-    left.set_ylabel("loss (weighted)")
-    left.set_yscale("log")
-    left.legend()
-    if evals:
-        for key in ("AP", "AP50"):
-            right.plot([r["iter"] for r in evals], [r["eval"]["segm"][key] for r in evals], marker="o",
-                       label=f"segm {key}")
-            right.plot([r["iter"] for r in evals], [r["eval"]["bbox"][key] for r in evals], marker="x", linestyle="--",
-                       label=f"bbox {key}")
-        right.legend()
-    right.set_xlabel("iteration")
-    right.set_ylabel("validation")
-    figure.tight_layout()
-    figure.savefig(png, dpi=110)
-    plt.close(figure)
-    return True
-
+    def _stop_on_signal(self) -> None:
+        """Saves ``last.pth`` and stops (a signal reached one of the processes)."""
+        self.save("last.pth")
+        raise KeyboardInterrupt(f"stopped by a signal at iteration {self.iteration}; "
+                                f"{self.out / 'last.pth'} saved, continue with --resume")

@@ -70,9 +70,8 @@ def _fused_training_boxes(gt_cxcywh: list[Tensor], images_whwh: Tensor, num_prop
     padded = torch.zeros((len(counts), max(max(counts), 1), 4), dtype=torch.float32, device=device)
     for b, boxes in enumerate(gt_cxcywh):
         padded[b, :boxes.shape[0]] = boxes
-    return ops.q_sample_boxes(padded, torch.tensor(counts, dtype=torch.int64, device=device), draws.t, draws.noise,
-                              draws.placeholder_noise, draws.select_index, schedule.sqrt_alphas_cumprod,
-                              schedule.sqrt_one_minus_alphas_cumprod, scale, images_whwh)
+    return ops.q_sample_boxes(padded, torch.tensor(counts, dtype=torch.int64, device=device), images_whwh, draws=draws,
+                              schedule=schedule, scale=scale)
 
 
 def _official_training_boxes(gt_cxcywh: list[Tensor], images_whwh: Tensor, num_proposals: int,
@@ -86,8 +85,9 @@ def _fused_ddim_step(x_t: Tensor, pred_boxes: Tensor, images_whwh: Tensor, keep:
                      schedule: DiffusionSchedule, eta: float, scale: float, noise: Tensor,
                      renew_noise: Tensor) -> tuple[Tensor, Tensor]:
     """One ``ddim_step_boxes`` call for the whole batch."""
-    x_next, _, boxes, _ = ops.ddim_step_boxes(x_t, pred_boxes, images_whwh, keep, t, t_next, schedule.alphas_cumprod,
-                                              eta, scale, noise, renew_noise)
+    x_next, _, boxes, _ = ops.ddim_step_boxes(x_t, images_whwh, pred_boxes=pred_boxes, keep=keep, t=t, t_next=t_next,
+                                              schedule=schedule, noise=noise, renew_noise=renew_noise, eta=eta,
+                                              scale=scale)
     return x_next, boxes
 
 

@@ -4,7 +4,8 @@
 * :func:`multilevel_roi_align`, :class:`MultiLevelRoIAlign` — detectron2 ``ROIPooler`` in one launch.
 * :func:`q_sample_boxes`, :func:`ddim_step_boxes` — DiffusionDet box diffusion (training corruption,
   DDIM step with renewal) for any batch size; :func:`draw_q_sample_inputs`, :func:`draw_ddim_noise`
-  draw their random inputs; :func:`cosine_schedule` and the box conversions are re-exported.
+  draw their random inputs (:class:`QSampleDraws`); :func:`cosine_schedule` (a :class:`DiffusionSchedule`)
+  and the box conversions are re-exported.
 * :func:`dynamic_mask_head`, :class:`DynamicMaskHead`, :func:`dynamic_mask_dice_sums` — the
   CondInst/DiffusionInst dynamic mask head fused into one kernel (Triton on CUDA, C++ on CPU), with
   the dice sums of training fused in (:func:`dice_loss_from_sums` turns them into the loss);
@@ -15,17 +16,11 @@
 """
 
 from fastdiffinst.common.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
-from fastdiffinst.common.diffusion import DiffusionSchedule, cosine_schedule, ddim_time_pairs
+from fastdiffinst.common.diffusion import DiffusionSchedule, QSampleDraws, cosine_schedule, ddim_time_pairs
 from fastdiffinst.common.levels import assign_fpn_levels
 from fastdiffinst.common.mask_head import dice_loss_from_sums
 from fastdiffinst.ops._dispatch import backend_info, set_input_checks, use_backend
-from fastdiffinst.ops.box_diffusion import (
-    QSampleDraws,
-    ddim_step_boxes,
-    draw_ddim_noise,
-    draw_q_sample_inputs,
-    q_sample_boxes,
-)
+from fastdiffinst.ops.box_diffusion import ddim_step_boxes, draw_ddim_noise, draw_q_sample_inputs, q_sample_boxes
 from fastdiffinst.ops.dynamic_mask_head import DynamicMaskHead, dynamic_mask_dice_sums, dynamic_mask_head
 from fastdiffinst.ops.dynamic_mask_head import num_params as dynamic_mask_head_num_params
 from fastdiffinst.ops.multilevel_roi_align import MultiLevelRoIAlign, multilevel_roi_align

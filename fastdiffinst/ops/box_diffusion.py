@@ -15,167 +15,110 @@ in the official code (its schedule buffers are float64); outputs are float64. No
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
 from fastdiffinst import _extension, reference
-from fastdiffinst.common.diffusion import NUM_TIMESTEPS
+from fastdiffinst.common.diffusion import NUM_TIMESTEPS, SIGNAL_SCALE, DiffusionSchedule, QSampleDraws
 from fastdiffinst.ops import _checks, _dispatch
 
+_Q_SAMPLE = "q_sample_boxes"
+_DDIM_STEP = "ddim_step_boxes"
 _BACKENDS = {"cpp": "fastdiffinst._C kernels (C++ on CPU, CUDA on GPU)",
              "reference": "batched plain PyTorch (fastdiffinst.reference.box_diffusion)"}
-_dispatch.register_op("q_sample_boxes", _BACKENDS)
-_dispatch.register_op("ddim_step_boxes", _BACKENDS)
+_dispatch.register_op(_Q_SAMPLE, _BACKENDS)
+_dispatch.register_op(_DDIM_STEP, _BACKENDS)
 
 
-def _boxes(op: str, name: str, value: object, batch: int | None = None, proposals: int | None = None,
-           layout: str = "[B, N, 4]") -> Tensor:
-    """A float tensor [B, N, 4] (B, N checked when given)."""
-    _checks.require_tensor(op, name, value)
-    _checks.require_floating(op, name, value)
-    if value.dim() != 3 or value.shape[2] != 4:
-        raise ValueError(f"{op}: {name} must be {layout}, got shape {tuple(value.shape)}")
-    if batch is not None and value.shape[0] != batch:
-        raise ValueError(f"{op}: {name} has batch size {value.shape[0]}, expected {batch}")
-    if proposals is not None and value.shape[1] != proposals:
-        raise ValueError(f"{op}: {name} has {value.shape[1]} proposals, expected {proposals}")
-    return value
-
-
-def _vector(op: str, name: str, value: object, length: int, dtype: torch.dtype | None = None) -> Tensor:
-    _checks.require_tensor(op, name, value)
-    if value.dim() != 1 or value.shape[0] != length:
-        raise ValueError(f"{op}: {name} must be [{length}], got shape {tuple(value.shape)}")
-    if dtype is not None and value.dtype != dtype:
-        raise TypeError(f"{op}: {name} must be {dtype}, got {value.dtype}")
-    return value
-
-
-def _same_device(op: str, reference_name: str, reference_tensor: Tensor, **tensors: Tensor) -> None:
-    device = reference_tensor.device
-    if any(t.device != device for t in tensors.values()):
-        for name, t in tensors.items():
-            _checks.require_same_device(op, name, t, reference_name, reference_tensor)
-
-
-def _schedule(op: str, name: str, value: object) -> Tensor:
-    _checks.require_tensor(op, name, value)
-    _checks.require_floating(op, name, value)
-    if value.dim() != 1 or value.shape[0] == 0:
-        raise ValueError(f"{op}: {name} must be a non-empty [T] schedule, got shape {tuple(value.shape)}")
-    return value
-
-
-def _q_sample_args_ok(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index, sqrt_alphas_cumprod,
-                      sqrt_one_minus_alphas_cumprod, scale, images_whwh) -> bool:
-    """Fast path of the argument checks (one expression; the ops are called per training step): True
-    when every check of :func:`_check_q_sample_args` passes."""
-    try:
-        batch, _, four = gt_boxes.shape
-        proposals = noise.shape[1]
-        timesteps = sqrt_alphas_cumprod.shape[0]
-        device = gt_boxes.device
-        return (four == 4 and timesteps > 0 and noise.shape == (batch, proposals, 4)
-                and placeholder_noise.shape == (batch, proposals, 4) and select_index.shape == (batch, proposals)
-                and gt_counts.shape == (batch,) and t.shape == (batch,) and images_whwh.shape == (batch, 4)
-                and sqrt_alphas_cumprod.shape == (timesteps,) and sqrt_one_minus_alphas_cumprod.shape == (timesteps,)
-                and gt_counts.dtype == torch.int64 and t.dtype == torch.int64 and select_index.dtype == torch.int64
-                and gt_boxes.is_floating_point() and noise.is_floating_point()
-                and placeholder_noise.is_floating_point() and sqrt_alphas_cumprod.is_floating_point()
-                and sqrt_one_minus_alphas_cumprod.is_floating_point() and images_whwh.is_floating_point()
-                and type(scale) in (int, float) and 0 < scale < float("inf")
-                and all(x.device == device for x in (gt_counts, t, noise, placeholder_noise, select_index,
-                                                     sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
-                                                     images_whwh)))
-    except (AttributeError, TypeError, ValueError, IndexError):
-        return False
-
-
-def _check_q_sample_args(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index, sqrt_alphas_cumprod,
-                         sqrt_one_minus_alphas_cumprod, scale, images_whwh) -> None:
-    """The argument checks with messages naming the argument (run when the fast path fails)."""
-    op = "q_sample_boxes"
-    _boxes(op, "gt_boxes", gt_boxes, layout="[B, G, 4]")
-    batch = gt_boxes.shape[0]
-    _boxes(op, "noise", noise, batch)
-    proposals = noise.shape[1]
-    _boxes(op, "placeholder_noise", placeholder_noise, batch, proposals)
-    _vector(op, "gt_counts", gt_counts, batch, torch.int64)
-    _vector(op, "t", t, batch, torch.int64)
-    _checks.require_tensor(op, "select_index", select_index)
-    if tuple(select_index.shape) != (batch, proposals) or select_index.dtype != torch.int64:
-        raise ValueError(f"{op}: select_index must be int64 [B, N] = [{batch}, {proposals}], "
-                         f"got {select_index.dtype} {tuple(select_index.shape)}")
-    _schedule(op, "sqrt_alphas_cumprod", sqrt_alphas_cumprod)
-    _schedule(op, "sqrt_one_minus_alphas_cumprod", sqrt_one_minus_alphas_cumprod)
-    if sqrt_one_minus_alphas_cumprod.shape != sqrt_alphas_cumprod.shape:
-        raise ValueError(f"{op}: the two schedule buffers must have the same length")
+def _check_images_whwh(op: str, images_whwh: object, batch: int) -> None:
     _checks.require_tensor(op, "images_whwh", images_whwh)
     _checks.require_floating(op, "images_whwh", images_whwh)
-    if tuple(images_whwh.shape) != (batch, 4):
-        raise ValueError(f"{op}: images_whwh must be [B, 4] = [{batch}, 4], got {tuple(images_whwh.shape)}")
-    _checks.positive_float(op, "scale", scale)
-    _same_device(op, "gt_boxes", gt_boxes, gt_counts=gt_counts, t=t, noise=noise, placeholder_noise=placeholder_noise,
-                 select_index=select_index, sqrt_alphas_cumprod=sqrt_alphas_cumprod,
-                 sqrt_one_minus_alphas_cumprod=sqrt_one_minus_alphas_cumprod, images_whwh=images_whwh)
+    _checks.require_shape(op, "images_whwh", images_whwh, (batch, 4), "[B, 4]")
 
 
-def q_sample_boxes(gt_boxes: Tensor, gt_counts: Tensor, t: Tensor, noise: Tensor, placeholder_noise: Tensor,
-                   select_index: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
-                   scale: float, images_whwh: Tensor) -> Tensor:
+def _check_q_sample_args(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Tensor, draws: QSampleDraws,
+                         schedule: DiffusionSchedule, scale: float) -> tuple[Tensor, Tensor, float]:
+    """Shapes, dtypes, devices and scalars (the kernels check the values); returns the two schedule
+    buffers and ``scale`` as a float."""
+    op = _Q_SAMPLE
+    _checks.require_boxes(op, "gt_boxes", gt_boxes, layout="[B, G, 4]")
+    batch = gt_boxes.shape[0]
+    _checks.require_vector(op, "gt_counts", gt_counts, batch, torch.int64)
+    _check_images_whwh(op, images_whwh, batch)
+    if not isinstance(draws, QSampleDraws):
+        raise TypeError(f"{op}: draws must be a QSampleDraws (t, noise, placeholder_noise, select_index), "
+                        f"got {type(draws).__name__}")
+    _checks.require_vector(op, "draws.t", draws.t, batch, torch.int64)
+    _checks.require_boxes(op, "draws.noise", draws.noise, batch)
+    proposals = draws.noise.shape[1]
+    _checks.require_boxes(op, "draws.placeholder_noise", draws.placeholder_noise, batch, proposals)
+    _checks.require_shape(op, "draws.select_index", draws.select_index, (batch, proposals), "[B, N]", torch.int64)
+    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod = _checks.require_schedule(
+        op, schedule, "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")
+    scale = _checks.positive_float(op, "scale", scale)
+    _checks.require_same_devices(op, {
+        "gt_boxes": gt_boxes, "gt_counts": gt_counts, "images_whwh": images_whwh, "draws.t": draws.t,
+        "draws.noise": draws.noise, "draws.placeholder_noise": draws.placeholder_noise,
+        "draws.select_index": draws.select_index, "schedule.sqrt_alphas_cumprod": sqrt_alphas_cumprod,
+        "schedule.sqrt_one_minus_alphas_cumprod": sqrt_one_minus_alphas_cumprod})
+    return sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, scale
+
+
+def q_sample_boxes(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Tensor, *, draws: QSampleDraws,
+                   schedule: DiffusionSchedule, scale: float = SIGNAL_SCALE) -> Tensor:
     """Noisy training proposals from padded GT boxes (docs/official-model.md §3.3), all images at once.
 
     Args:
         gt_boxes: ``[B, G, 4]`` normalised (cx, cy, w, h); rows ``>= gt_counts[b]`` are ignored.
         gt_counts: ``[B]`` int64, GT boxes per image (0 = no annotation: the fake box (0.5, 0.5, 1, 1)).
-        t: ``[B]`` int64 diffusion step per image, in ``[0, T)``.
-        noise: ``[B, N, 4]`` standard-normal draws ε.
-        placeholder_noise: ``[B, N, 4]`` standard-normal draws; slot i of image b, when a
-            placeholder, is ``placeholder_noise[b, i] / 6 + 0.5`` with w, h >= 1e-4.
-        select_index: ``[B, N]`` int64: slot i takes GT ``select_index[b, i]`` (0 for the fake box
-            of an image without GT), or is a placeholder when -1.
-        sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod: ``[T]`` schedule buffers.
-        scale: signal scale (2.0).
         images_whwh: ``[B, 4]`` (w, h, w, h) of the unpadded images.
+        draws: the random inputs (:func:`draw_q_sample_inputs`): ``t [B]`` int64 diffusion step per
+            image, in ``[0, T)``; ``noise [B, N, 4]`` standard-normal draws ε;
+            ``placeholder_noise [B, N, 4]`` standard-normal draws, slot i of image b, when a
+            placeholder, being ``placeholder_noise[b, i] / 6 + 0.5`` with w, h >= 1e-4;
+            ``select_index [B, N]`` int64, slot i taking GT ``select_index[b, i]`` (0 for the fake
+            box of an image without GT), or a placeholder when -1.
+        schedule: the diffusion schedule (:func:`cosine_schedule`); its ``sqrt_alphas_cumprod`` and
+            ``sqrt_one_minus_alphas_cumprod`` are read.
+        scale: signal scale (2.0).
 
     Returns:
         ``[B, N, 4]`` float64 noisy boxes, absolute xyxy:
         ``decode(clamp(sqrt(ᾱ_t)·(x0·2 − 1)·scale + sqrt(1 − ᾱ_t)·ε))``.
     """
-    op = "q_sample_boxes"
-    if not _q_sample_args_ok(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index, sqrt_alphas_cumprod,
-                             sqrt_one_minus_alphas_cumprod, scale, images_whwh):
-        _check_q_sample_args(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index, sqrt_alphas_cumprod,
-                             sqrt_one_minus_alphas_cumprod, scale, images_whwh)
-    scale = float(scale)
+    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, scale = _check_q_sample_args(
+        gt_boxes, gt_counts, images_whwh, draws, schedule, scale)
     if gt_boxes.device.type != "cpu" and _dispatch.input_checks_enabled():
-        _check_q_sample_values(gt_boxes, gt_counts, t, select_index, sqrt_alphas_cumprod.shape[0], noise,
-                               placeholder_noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, images_whwh)
-    if _dispatch.resolve(op, gt_boxes.device.type) == "reference":
-        return reference.box_diffusion.q_sample_boxes(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index,
-                                                      sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, scale,
-                                                      images_whwh)
-    return torch.ops.fastdiffinst.q_sample_boxes(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index,
-                                                 sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, scale,
-                                                 images_whwh)
+        _check_q_sample_values(gt_boxes, gt_counts, images_whwh, draws, sqrt_alphas_cumprod,
+                               sqrt_one_minus_alphas_cumprod)
+    if _dispatch.resolve(_Q_SAMPLE, gt_boxes.device.type) == "reference":
+        return reference.box_diffusion.q_sample_boxes(gt_boxes, gt_counts, images_whwh, draws=draws,
+                                                      schedule=schedule, scale=scale)
+    return torch.ops.fastdiffinst.q_sample_boxes(gt_boxes, gt_counts, draws.t, draws.noise, draws.placeholder_noise,
+                                                 draws.select_index, sqrt_alphas_cumprod,
+                                                 sqrt_one_minus_alphas_cumprod, scale, images_whwh)
 
 
-def _check_q_sample_values(gt_boxes, gt_counts, t, select_index, timesteps, noise, placeholder_noise,
-                           sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, images_whwh) -> None:
-    """Synchronising value checks for CUDA (the CPU kernel makes them itself)."""
-    op = "q_sample_boxes"
-    if bool(((gt_counts < 0) | (gt_counts > gt_boxes.shape[1])).any()):
-        raise RuntimeError(f"{op}: gt_counts must be in [0, G = {gt_boxes.shape[1]}], got {gt_counts.tolist()}")
-    if bool(((t < 0) | (t >= timesteps)).any()):
-        raise RuntimeError(f"{op}: t must be in [0, {timesteps}), got {t.tolist()}")
-    available = gt_counts.clamp(min=1)[:, None]
-    if bool(((select_index < -1) | (select_index >= available)).any()):
-        raise RuntimeError(f"{op}: select_index must be -1 or in [0, max(gt_counts[b], 1)) for every image")
-    _check_finite(op, noise=noise, placeholder_noise=placeholder_noise, images_whwh=images_whwh)
-    schedule = torch.stack([sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod])
-    if not bool(((schedule >= 0) & (schedule <= 1)).all()):
+def _check_q_sample_values(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Tensor, draws: QSampleDraws,
+                           sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor) -> None:
+    """Synchronising value checks for CUDA, with the CPU kernel's messages where they are index
+    checks (the CPU kernel makes them itself)."""
+    op = _Q_SAMPLE
+    max_gt, timesteps = gt_boxes.shape[1], sqrt_alphas_cumprod.shape[0]
+    bad = _checks.first_out_of_range(gt_counts, 0, max_gt + 1)
+    if bad is not None:
+        raise RuntimeError(f"{op}: gt_counts[{bad[0]}] must be in [0, G = {max_gt}], got {int(gt_counts[bad])}")
+    bad = _checks.first_out_of_range(draws.t, 0, timesteps)
+    if bad is not None:
+        raise RuntimeError(f"{op}: t[{bad[0]}] must be in [0, {timesteps}), got {int(draws.t[bad])}")
+    available = gt_counts.clamp(min=1)[:, None]  # an image without GT has one (fake) box, index 0
+    bad = _checks.first_out_of_range(draws.select_index, -1, available)
+    if bad is not None:
+        raise RuntimeError(f"{op}: select_index[{bad[0]}, {bad[1]}] must be -1 or in [0, {int(available[bad[0]])}), "
+                           f"got {int(draws.select_index[bad])}")
+    _check_finite(op, noise=draws.noise, placeholder_noise=draws.placeholder_noise, images_whwh=images_whwh)
+    buffers = torch.stack([sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod])
+    if not bool(((buffers >= 0) & (buffers <= 1)).all()):
         raise RuntimeError(f"{op}: the schedule must hold values in [0, 1]")
     _check_sizes(op, images_whwh)
 
@@ -191,9 +134,77 @@ def _check_sizes(op: str, images_whwh: Tensor) -> None:
         raise RuntimeError(f"{op}: images_whwh must hold positive sizes")
 
 
-def _check_ddim_values(x_t, pred_boxes, images_whwh, t, t_next, alphas_cumprod, eta, noise, renew_noise) -> None:
+def _check_ddim_step_args(x_t: Tensor, images_whwh: Tensor, pred_boxes: Tensor, keep: Tensor, t: int, t_next: int,
+                          schedule: DiffusionSchedule, noise: Tensor, renew_noise: Tensor, eta: float,
+                          scale: float) -> tuple[Tensor, float, float]:
+    """Shapes, dtypes, devices and scalars (the kernels check the values); returns
+    ``schedule.alphas_cumprod``, ``eta`` and ``scale`` as floats."""
+    op = _DDIM_STEP
+    _checks.require_boxes(op, "x_t", x_t)
+    batch, proposals = x_t.shape[:2]
+    _check_images_whwh(op, images_whwh, batch)
+    _checks.require_boxes(op, "pred_boxes", pred_boxes, batch, proposals)
+    _checks.require_shape(op, "keep", keep, (batch, proposals), "[B, N]", torch.bool)
+    _checks.require_boxes(op, "noise", noise, batch, proposals)
+    _checks.require_boxes(op, "renew_noise", renew_noise, batch, proposals)
+    (alphas_cumprod,) = _checks.require_schedule(op, schedule, "alphas_cumprod")
+    t = _checks.integer(op, "t", t)
+    t_next = _checks.integer(op, "t_next", t_next)
+    timesteps = alphas_cumprod.shape[0]
+    if not 0 <= t < timesteps:
+        raise ValueError(f"{op}: t must be in [0, {timesteps}), got {t}")
+    if not -1 <= t_next < t:
+        raise ValueError(f"{op}: t_next must be in [-1, t = {t}) (-1 = the final step), got {t_next}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < float("inf"):
+        raise ValueError(f"{op}: eta must be a finite number >= 0, got {eta!r}")
+    scale = _checks.positive_float(op, "scale", scale)
+    _checks.require_same_devices(op, {
+        "x_t": x_t, "images_whwh": images_whwh, "pred_boxes": pred_boxes, "keep": keep, "noise": noise,
+        "renew_noise": renew_noise, "schedule.alphas_cumprod": alphas_cumprod})
+    return alphas_cumprod, float(eta), scale
+
+
+def ddim_step_boxes(x_t: Tensor, images_whwh: Tensor, *, pred_boxes: Tensor, keep: Tensor, t: int, t_next: int,
+                    schedule: DiffusionSchedule, noise: Tensor, renew_noise: Tensor, eta: float = 1.0,
+                    scale: float = SIGNAL_SCALE) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One DDIM step from ``t`` to ``t_next`` with box renewal (docs/official-model.md §3.4), any batch size.
+
+    Args:
+        x_t: ``[B, N, 4]`` the current state in the diffusion space.
+        images_whwh: ``[B, 4]`` (w, h, w, h) of the unpadded images.
+        pred_boxes: ``[B, N, 4]`` the head's last-stage boxes, absolute xyxy.
+        keep: ``[B, N]`` bool, proposals kept by renewal (max class score > threshold; all True
+            without renewal).
+        t, t_next: current and next step; ``t_next = -1`` is the final step.
+        schedule: the diffusion schedule (:func:`cosine_schedule`); its ``alphas_cumprod`` ᾱ is read.
+        noise: ``[B, N, 4]`` standard-normal draws; compacted slot p uses ``noise[b, p]``.
+        renew_noise: ``[B, N, 4]`` standard-normal draws; refilled slot p (``p >= num_kept[b]``)
+            becomes ``renew_noise[b, p]`` (:func:`draw_ddim_noise` draws both).
+        eta: DDIM stochasticity (1.0 in DiffusionDet).
+        scale: signal scale (2.0).
+
+    Returns:
+        ``(x_next, x0, next_boxes, num_kept)``: ``x_next [B, N, 4]`` the next state (kept
+        proposals first, in order, then the fresh ones; ``x0`` itself when ``t_next < 0``);
+        ``x0 [B, N, 4]`` x̂0 of every proposal in its original slot; ``next_boxes [B, N, 4]``
+        the head input of the next step (absolute xyxy); ``num_kept [B]`` int64. Float64 boxes.
+    """
+    alphas_cumprod, eta, scale = _check_ddim_step_args(x_t, images_whwh, pred_boxes, keep, t, t_next, schedule, noise,
+                                                       renew_noise, eta, scale)
+    if x_t.device.type != "cpu" and _dispatch.input_checks_enabled():
+        _check_ddim_step_values(x_t, images_whwh, pred_boxes, t, t_next, alphas_cumprod, eta, noise, renew_noise)
+    if _dispatch.resolve(_DDIM_STEP, x_t.device.type) == "reference":
+        return reference.box_diffusion.ddim_step_boxes(x_t, images_whwh, pred_boxes=pred_boxes, keep=keep, t=t,
+                                                       t_next=t_next, schedule=schedule, noise=noise,
+                                                       renew_noise=renew_noise, eta=eta, scale=scale)
+    return torch.ops.fastdiffinst.ddim_step_boxes(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta,
+                                                  scale, noise, renew_noise)
+
+
+def _check_ddim_step_values(x_t: Tensor, images_whwh: Tensor, pred_boxes: Tensor, t: int, t_next: int,
+                            alphas_cumprod: Tensor, eta: float, noise: Tensor, renew_noise: Tensor) -> None:
     """Synchronising value checks for CUDA (the CPU kernel makes them itself)."""
-    op = "ddim_step_boxes"
+    op = _DDIM_STEP
     _check_finite(op, x_t=x_t, pred_boxes=pred_boxes, images_whwh=images_whwh, noise=noise, renew_noise=renew_noise)
     _check_sizes(op, images_whwh)
     alpha = float(alphas_cumprod[t])
@@ -204,107 +215,6 @@ def _check_ddim_values(x_t, pred_boxes, images_whwh, t, t_next, alphas_cumprod, 
     sigma = eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)) ** 0.5
     if 1 - alpha_next - sigma**2 < 0:
         raise RuntimeError(f"{op}: eta = {eta} is too large for the step {t} -> {t_next}")
-
-
-def _ddim_args_ok(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta, scale, noise,
-                  renew_noise) -> bool:
-    """Fast path of the argument checks: True when every check of :func:`_check_ddim_args` passes."""
-    try:
-        shape = x_t.shape
-        batch, proposals, four = shape
-        device = x_t.device
-        return (four == 4 and pred_boxes.shape == shape and noise.shape == shape and renew_noise.shape == shape
-                and keep.shape == (batch, proposals) and keep.dtype == torch.bool
-                and images_whwh.shape == (batch, 4) and alphas_cumprod.dim() == 1
-                and type(t) is int and type(t_next) is int and 0 <= t < alphas_cumprod.shape[0] and -1 <= t_next < t
-                and type(eta) in (int, float) and 0 <= eta < float("inf")
-                and type(scale) in (int, float) and 0 < scale < float("inf")
-                and all(x.is_floating_point() and x.device == device
-                        for x in (x_t, pred_boxes, noise, renew_noise, alphas_cumprod, images_whwh))
-                and keep.device == device)
-    except (AttributeError, TypeError, ValueError, IndexError):
-        return False
-
-
-def _check_ddim_args(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta, scale, noise,
-                     renew_noise) -> None:
-    """The argument checks with messages naming the argument (run when the fast path fails)."""
-    op = "ddim_step_boxes"
-    _boxes(op, "x_t", x_t)
-    batch, proposals = x_t.shape[:2]
-    _boxes(op, "pred_boxes", pred_boxes, batch, proposals)
-    _boxes(op, "noise", noise, batch, proposals)
-    _boxes(op, "renew_noise", renew_noise, batch, proposals)
-    _checks.require_tensor(op, "keep", keep)
-    if tuple(keep.shape) != (batch, proposals) or keep.dtype != torch.bool:
-        raise ValueError(f"{op}: keep must be bool [B, N] = [{batch}, {proposals}], "
-                         f"got {keep.dtype} {tuple(keep.shape)}")
-    _checks.require_tensor(op, "images_whwh", images_whwh)
-    _checks.require_floating(op, "images_whwh", images_whwh)
-    if tuple(images_whwh.shape) != (batch, 4):
-        raise ValueError(f"{op}: images_whwh must be [B, 4] = [{batch}, 4], got {tuple(images_whwh.shape)}")
-    _schedule(op, "alphas_cumprod", alphas_cumprod)
-    _checks.integer(op, "t", t)
-    _checks.integer(op, "t_next", t_next)
-    timesteps = alphas_cumprod.shape[0]
-    if not 0 <= t < timesteps:
-        raise ValueError(f"{op}: t must be in [0, {timesteps}), got {t}")
-    if not -1 <= t_next < t:
-        raise ValueError(f"{op}: t_next must be in [-1, t = {t}) (-1 = the final step), got {t_next}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < float("inf"):
-        raise ValueError(f"{op}: eta must be a finite number >= 0, got {eta!r}")
-    _checks.positive_float(op, "scale", scale)
-    _same_device(op, "x_t", x_t, pred_boxes=pred_boxes, images_whwh=images_whwh, keep=keep,
-                 alphas_cumprod=alphas_cumprod, noise=noise, renew_noise=renew_noise)
-
-
-def ddim_step_boxes(x_t: Tensor, pred_boxes: Tensor, images_whwh: Tensor, keep: Tensor, t: int, t_next: int,
-                    alphas_cumprod: Tensor, eta: float, scale: float, noise: Tensor,
-                    renew_noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One DDIM step from ``t`` to ``t_next`` with box renewal (docs/official-model.md §3.4), any batch size.
-
-    Args:
-        x_t: ``[B, N, 4]`` the current state in the diffusion space.
-        pred_boxes: ``[B, N, 4]`` the head's last-stage boxes, absolute xyxy.
-        images_whwh: ``[B, 4]`` (w, h, w, h) of the unpadded images.
-        keep: ``[B, N]`` bool, proposals kept by renewal (max class score > threshold; all True
-            without renewal).
-        t, t_next: current and next step; ``t_next = -1`` is the final step.
-        alphas_cumprod: ``[T]`` ᾱ (float64).
-        eta: DDIM stochasticity (1.0 in DiffusionDet).
-        scale: signal scale (2.0).
-        noise: ``[B, N, 4]`` standard-normal draws; compacted slot p uses ``noise[b, p]``.
-        renew_noise: ``[B, N, 4]`` standard-normal draws; refilled slot p (``p >= num_kept[b]``)
-            becomes ``renew_noise[b, p]``.
-
-    Returns:
-        ``(x_next, x0, next_boxes, num_kept)``: ``x_next [B, N, 4]`` the next state (kept
-        proposals first, in order, then the fresh ones; ``x0`` itself when ``t_next < 0``);
-        ``x0 [B, N, 4]`` x̂0 of every proposal in its original slot; ``next_boxes [B, N, 4]``
-        the head input of the next step (absolute xyxy); ``num_kept [B]`` int64. Float64 boxes.
-    """
-    op = "ddim_step_boxes"
-    if not _ddim_args_ok(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta, scale, noise,
-                         renew_noise):
-        _check_ddim_args(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta, scale, noise,
-                         renew_noise)
-    scale = float(scale)
-    if x_t.device.type != "cpu" and _dispatch.input_checks_enabled():
-        _check_ddim_values(x_t, pred_boxes, images_whwh, t, t_next, alphas_cumprod, eta, noise, renew_noise)
-    if _dispatch.resolve(op, x_t.device.type) == "reference":
-        return reference.box_diffusion.ddim_step_boxes(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod,
-                                                       float(eta), scale, noise, renew_noise)
-    return torch.ops.fastdiffinst.ddim_step_boxes(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod,
-                                                  float(eta), scale, noise, renew_noise)
-
-
-class QSampleDraws(NamedTuple):
-    """The random inputs of :func:`q_sample_boxes`."""
-
-    t: Tensor                  # [B] int64
-    noise: Tensor              # [B, N, 4]
-    placeholder_noise: Tensor  # [B, N, 4]
-    select_index: Tensor       # [B, N] int64
 
 
 def draw_q_sample_inputs(gt_counts: Tensor | list[int], num_proposals: int, generator: torch.Generator | None = None,
@@ -349,12 +259,12 @@ def draw_ddim_noise(batch: int, num_proposals: int, generator: torch.Generator |
 
 
 def _register() -> None:
-    @torch.library.register_fake("fastdiffinst::q_sample_boxes")
+    @torch.library.register_fake(f"fastdiffinst::{_Q_SAMPLE}")
     def _q_sample_fake(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index, sqrt_alphas_cumprod,
                        sqrt_one_minus_alphas_cumprod, scale, images_whwh):
         return noise.new_empty(noise.shape, dtype=torch.float64)
 
-    @torch.library.register_fake("fastdiffinst::ddim_step_boxes")
+    @torch.library.register_fake(f"fastdiffinst::{_DDIM_STEP}")
     def _ddim_fake(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta, scale, noise, renew_noise):
         boxes = [x_t.new_empty(x_t.shape, dtype=torch.float64) for _ in range(3)]
         return boxes[0], boxes[1], boxes[2], x_t.new_empty((x_t.shape[0],), dtype=torch.int64)

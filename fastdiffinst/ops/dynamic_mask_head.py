@@ -18,12 +18,14 @@ default on CUDA; on CPU tensors through the interpreter), ``"cpp"`` (the default
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
 from fastdiffinst import _extension
 from fastdiffinst.common import mask_head
-from fastdiffinst.ops import _checks, _dispatch
+from fastdiffinst.ops import _checks, _dispatch, _registration
 from fastdiffinst.reference import dynamic_mask_head as reference
 
 _OP = "dynamic_mask_head"
@@ -34,9 +36,9 @@ _dispatch.register_op(
      "reference": "grouped convolutions, as the official code (fastdiffinst.reference)"},
     defaults={"cpu": "cpp", "cuda": "triton"},
 )
-MAX_CHANNELS = 16  # csrc/ops/common/dynamic_mask_head_math.h
-_MAX_FEATURE_CHANNELS = 64
-MAX_LAYERS = 4
+MAX_CHANNELS = _extension.limit("MASK_HEAD_MAX_CHANNELS")
+_MAX_FEATURE_CHANNELS = _extension.limit("MASK_HEAD_MAX_FEATURE_CHANNELS")
+MAX_LAYERS = _extension.limit("MASK_HEAD_MAX_LAYERS")
 RelCoords = reference.RelCoords
 
 
@@ -46,10 +48,42 @@ def num_params(in_channels: int, channels: int = 8, num_layers: int = 3, rel_coo
     return mask_head.num_params(in_channels + (mask_head.COORD_CHANNELS if rel_coords else 0), channels, num_layers)
 
 
+class _HeadArgs(NamedTuple):
+    """The scalar and coordinate arguments of both ops, checked and normalised as the kernels take
+    them (:func:`_check`)."""
+
+    channels: int
+    num_layers: int
+    inst_xy: Tensor | None  # [N, 2], None without relative coordinates
+    inst_soi: Tensor | None  # [N]
+    mask_stride: int  # 1 without relative coordinates
+
+
 def _check(op: str, mask_feats: Tensor, params: Tensor, image_index: Tensor, channels: int, num_layers: int,
-           rel_coords: RelCoords) -> tuple[int, int, Tensor | None, Tensor | None, int]:
+           rel_coords: RelCoords) -> _HeadArgs:
     """Shapes, dtypes and devices (values are checked by the kernels); returns the normalised
-    ``(channels, num_layers, inst_xy, inst_soi, mask_stride)``."""
+    arguments."""
+    _check_tensors(op, mask_feats, params, image_index)
+    channels = _checks.integer(op, "channels", channels)
+    num_layers = _checks.integer(op, "num_layers", num_layers)
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise ValueError(f"{op}: channels must be in [1, {MAX_CHANNELS}], got {channels}")
+    if not 1 <= num_layers <= MAX_LAYERS:
+        raise ValueError(f"{op}: num_layers must be in [1, {MAX_LAYERS}], got {num_layers}")
+    inst_xy, inst_soi, mask_stride = None, None, 1
+    if rel_coords is not None:
+        inst_xy, inst_soi, mask_stride = _check_rel_coords(op, rel_coords, mask_feats, params)
+    c = mask_feats.shape[1]
+    expected = num_params(c, channels, num_layers, rel_coords is not None)
+    if params.shape[1] != expected:
+        coords = " + 2 relative coordinates" if rel_coords is not None else ""
+        raise ValueError(f"{op}: params must have P = {expected} columns for {c} feature channels{coords}, "
+                         f"{channels} channels and {num_layers} layers, got {params.shape[1]}")
+    return _HeadArgs(channels, num_layers, inst_xy, inst_soi, mask_stride)
+
+
+def _check_tensors(op: str, mask_feats: Tensor, params: Tensor, image_index: Tensor) -> None:
+    """The three tensor arguments: types, ranks, dtypes, devices and the instance count."""
     _checks.require_tensor(op, "mask_feats", mask_feats)
     _checks.require_tensor(op, "params", params)
     _checks.require_tensor(op, "image_index", image_index)
@@ -57,12 +91,6 @@ def _check(op: str, mask_feats: Tensor, params: Tensor, image_index: Tensor, cha
     _checks.require_rank(op, "mask_feats", mask_feats, 4, "[B, C, H, W]")
     _checks.require_floating(op, "params", params)
     _checks.require_rank(op, "params", params, 2, "[N, P]")
-    channels = _checks.integer(op, "channels", channels)
-    num_layers = _checks.integer(op, "num_layers", num_layers)
-    if not 1 <= channels <= MAX_CHANNELS:
-        raise ValueError(f"{op}: channels must be in [1, {MAX_CHANNELS}], got {channels}")
-    if not 1 <= num_layers <= MAX_LAYERS:
-        raise ValueError(f"{op}: num_layers must be in [1, {MAX_LAYERS}], got {num_layers}")
     c = mask_feats.shape[1]
     if not 1 <= c <= _MAX_FEATURE_CHANNELS:
         raise ValueError(f"{op}: mask_feats must have 1 to {_MAX_FEATURE_CHANNELS} channels, got {c}")
@@ -76,45 +104,31 @@ def _check(op: str, mask_feats: Tensor, params: Tensor, image_index: Tensor, cha
     if image_index.shape != (n,):
         raise ValueError(f"{op}: image_index must be [N] with N = params.shape[0] = {n}, "
                          f"got shape {tuple(image_index.shape)}")
-    inst_xy = inst_soi = None
-    stride = 1
-    if rel_coords is not None:
-        if not isinstance(rel_coords, (tuple, list)) or len(rel_coords) != 3:
-            raise TypeError(f"{op}: rel_coords must be a tuple (inst_xy [N, 2], soi [N], mask_stride), "
-                            f"got {type(rel_coords).__name__}")
-        inst_xy, inst_soi, stride = rel_coords
-        _checks.require_tensor(op, "rel_coords[0] (inst_xy)", inst_xy)
-        _checks.require_tensor(op, "rel_coords[1] (soi)", inst_soi)
-        _checks.require_floating(op, "rel_coords[0] (inst_xy)", inst_xy)
-        _checks.require_floating(op, "rel_coords[1] (soi)", inst_soi)
-        if inst_xy.shape != (n, 2):
-            raise ValueError(f"{op}: rel_coords[0] (inst_xy) must be [N, 2] with N = {n}, "
-                             f"got shape {tuple(inst_xy.shape)}")
-        if inst_soi.shape != (n,):
-            raise ValueError(f"{op}: rel_coords[1] (soi) must be [N] with N = {n}, got shape {tuple(inst_soi.shape)}")
-        _checks.require_same_device(op, "rel_coords[0] (inst_xy)", inst_xy, "mask_feats", mask_feats)
-        _checks.require_same_device(op, "rel_coords[1] (soi)", inst_soi, "mask_feats", mask_feats)
-        stride = _checks.integer(op, "rel_coords[2] (mask_stride)", stride)
-        if stride < 1:
-            raise ValueError(f"{op}: rel_coords[2] (mask_stride) must be positive, got {stride}")
-    expected = num_params(c, channels, num_layers, rel_coords is not None)
-    if params.shape[1] != expected:
-        coords = " + 2 relative coordinates" if rel_coords is not None else ""
-        raise ValueError(f"{op}: params must have P = {expected} columns for {c} feature channels{coords}, "
-                         f"{channels} channels and {num_layers} layers, got {params.shape[1]}")
-    return channels, num_layers, inst_xy, inst_soi, stride
 
 
-def _check_index_values(op: str, image_index: Tensor, batch: int) -> None:
-    """Synchronising range check before the Triton kernels (``set_input_checks(True)``), which
-    otherwise write zeros for an instance whose image is out of range; the C++ kernels check
-    themselves."""
-    if image_index.numel() == 0:
-        return
-    bad = (image_index < 0) | (image_index >= batch)
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0, 0])
-        raise RuntimeError(f"{op}: image_index[{k}] = {int(image_index[k])} is out of range [0, {batch})")
+def _check_rel_coords(op: str, rel_coords: RelCoords, mask_feats: Tensor,
+                      params: Tensor) -> tuple[Tensor, Tensor, int]:
+    """CondInst's ``(inst_xy [N, 2], soi [N], mask_stride)``, with the stride as an int."""
+    if not isinstance(rel_coords, (tuple, list)) or len(rel_coords) != 3:
+        raise TypeError(f"{op}: rel_coords must be a tuple (inst_xy [N, 2], soi [N], mask_stride), "
+                        f"got {type(rel_coords).__name__}")
+    inst_xy, inst_soi, stride = rel_coords
+    n = params.shape[0]
+    _checks.require_tensor(op, "rel_coords[0] (inst_xy)", inst_xy)
+    _checks.require_tensor(op, "rel_coords[1] (soi)", inst_soi)
+    _checks.require_floating(op, "rel_coords[0] (inst_xy)", inst_xy)
+    _checks.require_floating(op, "rel_coords[1] (soi)", inst_soi)
+    if inst_xy.shape != (n, 2):
+        raise ValueError(f"{op}: rel_coords[0] (inst_xy) must be [N, 2] with N = {n}, "
+                         f"got shape {tuple(inst_xy.shape)}")
+    if inst_soi.shape != (n,):
+        raise ValueError(f"{op}: rel_coords[1] (soi) must be [N] with N = {n}, got shape {tuple(inst_soi.shape)}")
+    _checks.require_same_device(op, "rel_coords[0] (inst_xy)", inst_xy, "mask_feats", mask_feats)
+    _checks.require_same_device(op, "rel_coords[1] (soi)", inst_soi, "mask_feats", mask_feats)
+    stride = _checks.integer(op, "rel_coords[2] (mask_stride)", stride)
+    if stride < 1:
+        raise ValueError(f"{op}: rel_coords[2] (mask_stride) must be positive, got {stride}")
+    return inst_xy, inst_soi, stride
 
 
 def _check_targets(op: str, gt_masks: Tensor, gt_index: Tensor, mask_feats: Tensor, n: int) -> None:
@@ -132,15 +146,6 @@ def _check_targets(op: str, gt_masks: Tensor, gt_index: Tensor, mask_feats: Tens
         raise ValueError(f"{op}: gt_index must be [N] with N = {n}, got shape {tuple(gt_index.shape)}")
     _checks.require_same_device(op, "gt_masks", gt_masks, "mask_feats", mask_feats)
     _checks.require_same_device(op, "gt_index", gt_index, "mask_feats", mask_feats)
-
-
-def _check_target_values(op: str, gt_index: Tensor, count: int) -> None:
-    if gt_index.numel() == 0:
-        return
-    bad = (gt_index < -1) | (gt_index >= count)
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0, 0])
-        raise RuntimeError(f"{op}: gt_index[{k}] = {int(gt_index[k])} is out of range [-1, {count}) (-1 = no target)")
 
 
 def dynamic_mask_head(mask_feats: Tensor, params: Tensor, image_index: Tensor, *, channels: int = 8,
@@ -166,8 +171,10 @@ def dynamic_mask_head(mask_feats: Tensor, params: Tensor, image_index: Tensor, *
     if backend == "reference":
         return reference.dynamic_mask_head(mask_feats, params, image_index, channels=channels, num_layers=num_layers,
                                            rel_coords=rel_coords, sigmoid=bool(sigmoid))
+    # The synchronising range check before the Triton kernels, which otherwise write zeros for an
+    # instance whose image is out of range (the C++ kernels check themselves).
     if backend == "triton" and _dispatch.input_checks_enabled():
-        _check_index_values(_OP, image_index, mask_feats.shape[0])
+        _checks.check_index_range(_OP, "image_index", image_index, 0, mask_feats.shape[0])
     op = (torch.ops.fastdiffinst.dynamic_mask_head_triton if backend == "triton"
           else torch.ops.fastdiffinst.dynamic_mask_head)
     return op(mask_feats, params, image_index, xy, soi, stride, channels, num_layers, bool(sigmoid))
@@ -198,8 +205,8 @@ def dynamic_mask_dice_sums(mask_feats: Tensor, params: Tensor, image_index: Tens
         return reference.dynamic_mask_dice_sums(mask_feats, params, image_index, gt_masks, gt_index, channels=channels,
                                                 num_layers=num_layers, rel_coords=rel_coords)
     if backend == "triton" and _dispatch.input_checks_enabled():
-        _check_index_values(_DICE, image_index, mask_feats.shape[0])
-        _check_target_values(_DICE, gt_index, gt_masks.shape[0])
+        _checks.check_index_range(_DICE, "image_index", image_index, 0, mask_feats.shape[0])
+        _checks.check_index_range(_DICE, "gt_index", gt_index, -1, gt_masks.shape[0], " (-1 = no target)")
     op = (torch.ops.fastdiffinst.dynamic_mask_dice_sums_triton if backend == "triton"
           else torch.ops.fastdiffinst.dynamic_mask_dice_sums)
     return op(mask_feats, params, image_index, gt_masks, gt_index, xy, soi, stride, channels, num_layers)
@@ -269,12 +276,14 @@ def _dice_backward_fake(grad_sums, mask_feats, params, *args):
     return torch.empty_like(mask_feats), torch.empty_like(params)
 
 
-def _autocast_inputs(device: str, mask_feats: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-    """Features and filters in the autocast dtype; with an fp64 one (never cast down) both in fp64."""
+def _autocast_inputs(device_type: str, mask_feats: Tensor, params: Tensor, *args) -> tuple:
+    """Under autocast, fp32/fp16/bf16 features and filters run in the autocast dtype (like
+    F.conv2d, which the official head uses); with an fp64 one (never cast down, as autocast does)
+    both run in fp64. The coordinates are never cast (the kernels read them in fp32)."""
     if torch.float64 in (mask_feats.dtype, params.dtype):
-        return mask_feats.double(), params.double()
-    dtype = torch.get_autocast_dtype(device)
-    return mask_feats.to(dtype), params.to(dtype)
+        return (mask_feats.double(), params.double(), *args)
+    dtype = torch.get_autocast_dtype(device_type)
+    return (mask_feats.to(dtype), params.to(dtype), *args)
 
 
 def _register_family(head: str, head_backward: str, dice: str, dice_backward: str) -> None:
@@ -309,30 +318,8 @@ def _register_family(head: str, head_backward: str, dice: str, dice_backward: st
         return (grad_feats, grad_params) + (None,) * 8
 
     torch.library.register_autograd(f"fastdiffinst::{dice}", dice_grad, setup_context=dice_setup)
-
-    # Under autocast, fp32/fp16/bf16 features and filters run in the autocast dtype (like F.conv2d,
-    # which the official head uses); fp64 is left alone, as autocast does, and the coordinates are
-    # never cast (the kernels read them in fp32).
-    library = torch.library.Library("fastdiffinst", "IMPL")
-    for key, device in (("AutocastCPU", "cpu"), ("AutocastCUDA", "cuda")):
-        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
-
-        def head_autocast(mask_feats, params, *args, _excluded=excluded, _device=device):
-            mask_feats, params = _autocast_inputs(_device, mask_feats, params)
-            with torch._C._ExcludeDispatchKeyGuard(_excluded):
-                return getattr(ops, head)(mask_feats, params, *args)
-
-        def dice_autocast(mask_feats, params, *args, _excluded=excluded, _device=device):
-            mask_feats, params = _autocast_inputs(_device, mask_feats, params)
-            with torch._C._ExcludeDispatchKeyGuard(_excluded):
-                return getattr(ops, dice)(mask_feats, params, *args)
-
-        library.impl(head, head_autocast, key)
-        library.impl(dice, dice_autocast, key)
-    _LIBRARIES.append(library)  # keep the registrations alive
-
-
-_LIBRARIES: list = []
+    _registration.register_autocast(head, _autocast_inputs)
+    _registration.register_autocast(dice, _autocast_inputs)
 
 
 def _define_triton_ops() -> None:

@@ -9,6 +9,7 @@ scatters into every level's gradient, deterministically on CPU and, under
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 
 from fastdiffinst import _extension, reference
 from fastdiffinst.common.levels import level_range
-from fastdiffinst.ops import _checks, _dispatch
+from fastdiffinst.ops import _checks, _dispatch, _registration
 
 _OP = "multilevel_roi_align"
 _dispatch.register_op(
@@ -24,7 +25,7 @@ _dispatch.register_op(
     {"cpp": "fastdiffinst._C kernels (C++ on CPU, CUDA on GPU)",
      "reference": "plain PyTorch per-level loop (fastdiffinst.reference)"},
 )
-_MAX_LEVELS = 8  # csrc/ops/common/roi_align_math.h: kMaxLevels
+_MAX_LEVELS = _extension.limit("MAX_LEVELS")
 
 
 def _check_features(features: Sequence[Tensor], spatial_scales: Sequence[float]) -> None:
@@ -86,7 +87,7 @@ def multilevel_roi_align(
     if isinstance(boxes, (list, tuple)) and len(boxes) != features[0].shape[0]:
         raise ValueError(f"{_OP}: boxes must hold one Tensor[k, 4] per image ({features[0].shape[0]}), "
                          f"got {len(boxes)}")
-    rois = _checks.boxes_to_rois(_OP, boxes, features[0].device)
+    rois = _checks.checked_rois(_OP, boxes, features[0].device)
     pooled_h, pooled_w = _checks.pair(_OP, "output_size", output_size)
     sampling_ratio = _checks.sampling_ratio(_OP, sampling_ratio)
     canonical_box_size = _checks.integer(_OP, "canonical_box_size", canonical_box_size)
@@ -112,25 +113,26 @@ class MultiLevelRoIAlign(nn.Module):
     ``forward(features: list[Tensor[B, C, H_l, W_l]], boxes: list[Tensor[k_i, 4]]) -> [sum k_i, C, PH, PW]``.
     """
 
-    def __init__(self, output_size: int | tuple[int, int], scales: Sequence[float], sampling_ratio: int,
+    def __init__(self, output_size: int | tuple[int, int], spatial_scales: Sequence[float], sampling_ratio: int,
                  aligned: bool = True, canonical_box_size: int = 224, canonical_level: int = 4) -> None:
         super().__init__()
         self.output_size = _checks.pair(_OP, "output_size", output_size)
         try:
-            self.min_level, self.max_level = level_range(scales)
+            self.min_level, self.max_level = level_range(spatial_scales)
         except ValueError as error:
             raise ValueError(f"{_OP}: {error}") from None
-        self.scales = [float(s) for s in scales]
+        self.spatial_scales = [float(s) for s in spatial_scales]
         self.sampling_ratio = _checks.sampling_ratio(_OP, sampling_ratio)
         self.aligned = bool(aligned)
         self.canonical_box_size = canonical_box_size
         self.canonical_level = canonical_level
 
     def forward(self, features: Sequence[Tensor], boxes: Sequence[Tensor]) -> Tensor:
-        if len(features) != len(self.scales):
-            raise ValueError(f"{_OP}: this pooler has {len(self.scales)} levels but got {len(features)} feature maps")
-        return multilevel_roi_align(features, boxes, self.output_size, self.scales, self.sampling_ratio, self.aligned,
-                                    self.canonical_box_size, self.canonical_level)
+        if len(features) != len(self.spatial_scales):
+            raise ValueError(f"{_OP}: this pooler has {len(self.spatial_scales)} levels but got {len(features)} "
+                             f"feature maps")
+        return multilevel_roi_align(features, boxes, self.output_size, self.spatial_scales, self.sampling_ratio,
+                                    self.aligned, self.canonical_box_size, self.canonical_level)
 
     def extra_repr(self) -> str:
         return (f"output_size={self.output_size}, levels=P{self.min_level}-P{self.max_level}, "
@@ -190,21 +192,14 @@ def _register() -> None:
     torch.library.register_autograd("fastdiffinst::_multilevel_roi_align_backward", backward_backward,
                                     setup_context=setup_context_backward)
 
-    # Under autocast, levels of different storage dtypes are promoted to a common one (boxes are
-    # never cast); the kernels accumulate in fp32 whatever the storage dtype.
-    library = torch.library.Library("fastdiffinst", "IMPL")
-    for key in ("AutocastCPU", "AutocastCUDA"):
-        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    _registration.register_autocast(_OP, _promote_levels)
 
-        def autocast(features, rois, *args, _excluded=excluded):
-            dtype = features[0].dtype
-            for f in features[1:]:
-                dtype = torch.promote_types(dtype, f.dtype)
-            with torch._C._ExcludeDispatchKeyGuard(_excluded):
-                return ops.multilevel_roi_align([f.to(dtype) for f in features], rois, *args)
 
-        library.impl("multilevel_roi_align", autocast, key)
-    _register.library = library  # keep the registrations alive
+def _promote_levels(device_type: str, features: list[Tensor], rois: Tensor, *args) -> tuple:
+    """Autocast: levels of different storage dtypes are promoted to a common one (boxes are never
+    cast); the kernels accumulate in fp32 whatever the storage dtype."""
+    dtype = functools.reduce(torch.promote_types, (f.dtype for f in features))
+    return ([f.to(dtype) for f in features], rois, *args)
 
 
 if _extension.has_ops():

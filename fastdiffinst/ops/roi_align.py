@@ -50,7 +50,7 @@ def roi_align(
     _checks.require_tensor(_OP, "input", input)
     _checks.require_floating(_OP, "input", input)
     _checks.require_rank(_OP, "input", input, 4, "[B, C, H, W]")
-    rois = _checks.boxes_to_rois(_OP, boxes, input.device)
+    rois = _checks.checked_rois(_OP, boxes, input.device)
     pooled_h, pooled_w = _checks.pair(_OP, "output_size", output_size)
     spatial_scale = _checks.positive_float(_OP, "spatial_scale", spatial_scale)
     sampling_ratio = _checks.sampling_ratio(_OP, sampling_ratio)

@@ -11,17 +11,23 @@ import torch
 from torch import Tensor
 
 from fastdiffinst.common.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, boxes_to_signal, signal_to_boxes
-from fastdiffinst.common.diffusion import FAKE_GT_BOX, PLACEHOLDER_MIN_SIZE, SIGNAL_SCALE, DiffusionSchedule
+from fastdiffinst.common.diffusion import (
+    FAKE_GT_BOX,
+    PLACEHOLDER_MIN_SIZE,
+    SIGNAL_SCALE,
+    DiffusionSchedule,
+    QSampleDraws,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Batched references: the semantics of the fused ops (fixed shapes, any batch size, float64).
 # ------------------------------------------------------------------------------------------------
 
-def q_sample_boxes(gt_boxes: Tensor, gt_counts: Tensor, t: Tensor, noise: Tensor, placeholder_noise: Tensor,
-                   select_index: Tensor, sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor,
-                   scale: float, images_whwh: Tensor) -> Tensor:
+def q_sample_boxes(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Tensor, *, draws: QSampleDraws,
+                   schedule: DiffusionSchedule, scale: float = SIGNAL_SCALE) -> Tensor:
     """Training corruption of padded GT boxes (see ``fastdiffinst.ops.q_sample_boxes``) -> [B, N, 4]
     float64 absolute xyxy."""
+    t, noise, placeholder_noise, select_index = draws
     gt = gt_boxes.double()
     fake = torch.tensor(FAKE_GT_BOX, dtype=torch.float64, device=gt.device)
     index = select_index.clamp(min=0)
@@ -31,13 +37,14 @@ def q_sample_boxes(gt_boxes: Tensor, gt_counts: Tensor, t: Tensor, noise: Tensor
     placeholder = torch.cat([placeholder[..., :2], placeholder[..., 2:].clamp(min=PLACEHOLDER_MIN_SIZE)], dim=-1)
     x0 = torch.where((select_index >= 0)[..., None], chosen, placeholder)
     x0 = (x0 * 2.0 - 1.0) * scale
-    x_t = sqrt_alphas_cumprod[t][:, None, None] * x0 + sqrt_one_minus_alphas_cumprod[t][:, None, None] * noise.double()
+    x_t = (schedule.sqrt_alphas_cumprod[t][:, None, None] * x0
+           + schedule.sqrt_one_minus_alphas_cumprod[t][:, None, None] * noise.double())
     return signal_to_boxes(x_t, images_whwh.double(), scale)
 
 
-def ddim_step_boxes(x_t: Tensor, pred_boxes: Tensor, images_whwh: Tensor, keep: Tensor, t: int, t_next: int,
-                    alphas_cumprod: Tensor, eta: float, scale: float, noise: Tensor,
-                    renew_noise: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def ddim_step_boxes(x_t: Tensor, images_whwh: Tensor, *, pred_boxes: Tensor, keep: Tensor, t: int, t_next: int,
+                    schedule: DiffusionSchedule, noise: Tensor, renew_noise: Tensor, eta: float = 1.0,
+                    scale: float = SIGNAL_SCALE) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One DDIM step with box renewal for any batch size (see ``fastdiffinst.ops.ddim_step_boxes``)
     -> (x_next, x0, next_boxes, num_kept), float64 except num_kept (int64)."""
     whwh = images_whwh.double()
@@ -45,7 +52,7 @@ def ddim_step_boxes(x_t: Tensor, pred_boxes: Tensor, images_whwh: Tensor, keep: 
     num_kept = keep.sum(dim=1)
     if t_next < 0:
         return x0, x0, signal_to_boxes(x0, whwh, scale), num_kept
-    alpha, alpha_next = alphas_cumprod[t], alphas_cumprod[t_next]
+    alpha, alpha_next = schedule.alphas_cumprod[t], schedule.alphas_cumprod[t_next]
     eps = (torch.sqrt(1.0 / alpha) * x_t.double() - x0) / torch.sqrt(1.0 / alpha - 1)
     sigma = eta * torch.sqrt((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha))
     c = torch.sqrt(1 - alpha_next - sigma**2)

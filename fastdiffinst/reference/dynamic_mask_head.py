@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastdiffinst.common.indices import check_index_range
 from fastdiffinst.common.mask_head import COORD_CHANNELS, layer_shapes
 
 # rel_coords: (inst_xy [N, 2] image coordinates, soi [N] sizes of interest, mask_stride)
@@ -49,17 +50,6 @@ def relative_coords(inst_xy: Tensor, soi: Tensor, height: int, width: int, strid
     return torch.stack([rx.expand(-1, height, width), ry.expand(-1, height, width)], dim=1)
 
 
-def _check_index(index: Tensor, count: int, name: str, low: int) -> None:
-    """Raises for an index outside [low, count), as the C++ kernels do (synchronises on CUDA; skipped
-    while torch.compile traces, where it would break the graph)."""
-    if torch.compiler.is_compiling():
-        return
-    bad = (index < low) | (index >= count)
-    if index.numel() and bool(bad.any()):
-        k = int(bad.nonzero()[0, 0])
-        raise RuntimeError(f"{name}[{k}] = {int(index[k])} is out of range [{low}, {count})")
-
-
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -75,7 +65,8 @@ def dynamic_mask_head(mask_feats: Tensor, params: Tensor, image_index: Tensor, *
         inputs are computed in fp32 and rounded once at the end, like the fused kernels.
     """
     batch, feature_channels, height, width = mask_feats.shape
-    _check_index(image_index, batch, "image_index", 0)
+    # Out-of-range indices raise, as in the C++ kernels (synchronises on CUDA).
+    check_index_range("dynamic_mask_head", "image_index", image_index, 0, batch)
     dtype = mask_feats.dtype
     acc = _accumulation_dtype(dtype)
     inputs = feature_channels + (COORD_CHANNELS if rel_coords is not None else 0)
@@ -89,7 +80,7 @@ def dynamic_mask_head(mask_feats: Tensor, params: Tensor, image_index: Tensor, *
     for b in range(batch):
         members = (image_index == b).nonzero().flatten()
         n = members.numel()
-        if n == 0:
+        if n == 0 or height * width == 0:  # nothing to compute (and no convolution of an empty map)
             continue
         x = mask_feats[b].to(acc).unsqueeze(0).expand(n, -1, -1, -1)
         if coords is not None:
@@ -117,7 +108,7 @@ def dynamic_mask_head_bmm(mask_feats: Tensor, params: Tensor, image_index: Tenso
     """Batched-matmul formulation: gathers every instance's input ``[N, C', H·W]`` and runs
     ``baddbmm`` per layer. Returns logits ``[N, H, W]`` (in ``mask_feats``' dtype)."""
     batch, feature_channels, height, width = mask_feats.shape
-    _check_index(image_index, batch, "image_index", 0)
+    check_index_range("dynamic_mask_head", "image_index", image_index, 0, batch)
     acc = _accumulation_dtype(mask_feats.dtype)
     inputs = feature_channels + (COORD_CHANNELS if rel_coords is not None else 0)
     weights, biases = split_params(params.to(acc), inputs, channels, num_layers)
@@ -135,7 +126,7 @@ def dynamic_mask_head_bmm(mask_feats: Tensor, params: Tensor, image_index: Tenso
 def dice_sums(probs: Tensor, gt_masks: Tensor, gt_index: Tensor) -> Tensor:
     """``[N, 3]`` = (Σ p·g, Σ p², Σ g²) per instance, with ``g = gt_masks[gt_index] != 0`` as 0/1
     and ``g = 0`` where ``gt_index == -1``; fp32 (fp64 for fp64 ``probs``)."""
-    _check_index(gt_index, gt_masks.shape[0], "gt_index", -1)
+    check_index_range("dynamic_mask_dice_sums", "gt_index", gt_index, -1, gt_masks.shape[0], " (-1 = no target)")
     acc = _accumulation_dtype(probs.dtype)
     p = probs.to(acc).flatten(1)
     g = (gt_masks[gt_index.clamp(min=0)] != 0).to(acc).flatten(1) * (gt_index >= 0).to(acc)[:, None]

@@ -14,24 +14,26 @@ from fastdiffinst.common.upsampling import aligned_bilinear
 
 
 def paste_masks(mask_probs: Tensor, boxes: Tensor, image_size: tuple[int, int], output_size: tuple[int, int],
-                threshold: float = 0.5) -> Tensor:
-    """Masks at full resolution, the official ``detector_postprocess`` + ``clip_mask``: aligned ×4
-    upsampling of the stride-4 probabilities, crop to the unpadded image, bilinear resize
-    (``align_corners=False``) to the output size, ``> threshold``, zero outside the box truncated
-    to integers (rows ``y1..y2-1``, columns ``x1..x2-1``). Its temporaries are four fp32 maps per
-    instance at full resolution: callers bound the instances per call.
+                threshold: float = 0.5, *, mask_stride: int = 4) -> Tensor:
+    """Masks at full resolution, the official ``detector_postprocess`` + ``clip_mask``: aligned
+    upsampling by ``mask_stride`` (×4 in DiffusionInst) of the probabilities, crop to the unpadded
+    image, bilinear resize (``align_corners=False``) to the output size, ``> threshold``, zero
+    outside the box truncated to integers (rows ``y1..y2-1``, columns ``x1..x2-1``). Its
+    temporaries are four fp32 maps per instance at full resolution: callers bound the instances per
+    call.
 
     Args:
-        mask_probs: ``[n, Hm, Wm]`` sigmoid probabilities at stride 4 of the padded image
-            (``4·Hm >= h``, ``4·Wm >= w``); computed in fp32.
+        mask_probs: ``[n, Hm, Wm]`` sigmoid probabilities at ``mask_stride`` of the padded image
+            (``mask_stride·Hm >= h``, ``mask_stride·Wm >= w``); computed in fp32.
         boxes: ``[n, 4]`` xyxy boxes in output pixels (the official code clips them first).
         image_size: the unpadded size (h, w) the model saw.
         output_size: (H, W) of the result.
+        mask_stride: the stride of ``mask_probs``: the aligned upsampling factor.
     Returns:
         ``[n, H, W]`` bool.
     """
     out_h, out_w = output_size
-    full = aligned_bilinear(mask_probs[:, None].float(), 4)[:, :, :image_size[0], :image_size[1]]
+    full = aligned_bilinear(mask_probs[:, None].float(), mask_stride)[:, :, :image_size[0], :image_size[1]]
     # At scale 1 this bilinear resize is the identity (sample i reads pixel i exactly): skipped.
     if (out_h, out_w) != tuple(image_size):
         full = F.interpolate(full, size=(out_h, out_w), mode="bilinear", align_corners=False)

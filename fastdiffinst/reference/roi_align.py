@@ -1,16 +1,22 @@
 """Plain-PyTorch RoIAlign with the exact semantics of ``torchvision.ops.roi_align`` and detectron2's
 multi-level ``ROIPooler`` (per-level loop): the parity oracle and the fallback of
-``fastdiffinst.ops.roi_align`` / ``multilevel_roi_align``. Differentiable through autograd.
+``fastdiffinst.ops.roi_align`` / ``multilevel_roi_align``, and the per-level loop of the model's
+official pooler (``fastdiffinst.modeling.poolers``, on torchvision's RoIAlign). Differentiable
+through autograd.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from fastdiffinst.common.levels import assign_fpn_levels, level_range
+
+# (input, rois [K, 5], output_size, spatial_scale, sampling_ratio, aligned) -> [K, C, PH, PW]
+RoIAlignFn = Callable[[Tensor, Tensor, tuple[int, int], float, int, bool], Tensor]
 
 # Bounds the gathered [rois, samples_y, samples_x, C] tensor of one chunk (elements).
 _CHUNK_ELEMENTS = 1 << 24
@@ -110,11 +116,15 @@ def roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial
     return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
-def multilevel_roi_align(features: list[Tensor], rois: Tensor, output_size: tuple[int, int],
-                         spatial_scales: list[float], sampling_ratio: int, aligned: bool,
-                         canonical_box_size: int = 224, canonical_level: int = 4) -> Tensor:
+def multilevel_roi_align(features: Sequence[Tensor], rois: Tensor, output_size: tuple[int, int],
+                         spatial_scales: Sequence[float], sampling_ratio: int, aligned: bool,
+                         canonical_box_size: int = 224, canonical_level: int = 4, *,
+                         roi_align: RoIAlignFn = roi_align) -> Tensor:
     """detectron2 ``ROIPooler`` as the official code runs it: assign each RoI a level, then one
-    RoIAlign per level on its subset and a scatter back into box order. -> [K, C, PH, PW]."""
+    ``roi_align`` per level on its subset and a scatter back into box order; a RoI of no level (a
+    NaN level: one reversed side) keeps a zero row. One level is one ``roi_align`` of every RoI, as
+    in detectron2. ``roi_align`` is this module's by default; the model's official pooler passes
+    torchvision's. -> [K, C, PH, PW]."""
     min_level, max_level = level_range(spatial_scales)
     pooled_h, pooled_w = output_size
     if len(features) == 1:

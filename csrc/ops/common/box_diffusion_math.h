@@ -9,6 +9,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <cstdint>
 
 namespace fastdiffinst {
 namespace diffusion {
@@ -41,12 +42,41 @@ C10_HOST_DEVICE inline void box_to_signal(const double* box, const double* inv_w
   for (int j = 0; j < 4; ++j) out[j] = clamp_signal((c[j] * 2.0 - 1.0) * scale, scale);
 }
 
-// The starting box x0 (normalised cxcywh) of a training proposal: a GT box, or a placeholder made
-// from a standard-normal draw.
+// The fake GT box (normalised cxcywh) of an image without GT: the whole image. A function, not a
+// constexpr array, because device code cannot read a host array. The plain-PyTorch references use
+// fastdiffinst/common/diffusion.py FAKE_GT_BOX; fastdiffinst._C exports this one as FAKE_GT_BOX and
+// tests/test_box_diffusion.py checks that the two agree.
+C10_HOST_DEVICE inline void fake_gt_box(double* out) {
+  out[0] = 0.5;
+  out[1] = 0.5;
+  out[2] = 1.0;
+  out[3] = 1.0;
+}
+
+// A placeholder proposal (normalised cxcywh) made from a standard-normal draw.
 C10_HOST_DEVICE inline void placeholder_box(const double* draw, double* out) {
   for (int j = 0; j < 4; ++j) out[j] = draw[j] * (1.0 / 6.0) + 0.5;
   out[2] = out[2] < kPlaceholderMinSize ? kPlaceholderMinSize : out[2];
   out[3] = out[3] < kPlaceholderMinSize ? kPlaceholderMinSize : out[3];
+}
+
+// The starting box x0 (normalised cxcywh) of a training proposal whose select_index is `select` in
+// an image with `gt_count` GT boxes: a placeholder from the slot's draw (select < 0), the fake GT box
+// (an image without GT), else GT box `select`. The kernels read their inputs differently (any float
+// dtype on CPU, float64 copies on CUDA), so the rows come from callbacks, and only the row the branch
+// needs is read: `read_draw(double out[4])`, `read_gt(int64_t select, double out[4])`.
+template <typename ReadDraw, typename ReadGt>
+C10_HOST_DEVICE inline void start_box(int64_t select, int64_t gt_count, const ReadDraw& read_draw,
+                                      const ReadGt& read_gt, double* x0) {
+  if (select < 0) {
+    double draw[4];
+    read_draw(draw);
+    placeholder_box(draw, x0);
+  } else if (gt_count == 0) {
+    fake_gt_box(x0);
+  } else {
+    read_gt(select, x0);
+  }
 }
 
 // q(x_t | x0): x_t = sqrt(ᾱ_t)·x0' + sqrt(1 - ᾱ_t)·ε with x0' = (x0·2 - 1)·scale; returned as an

@@ -1,7 +1,7 @@
 // Mask-pasting arithmetic shared by the CPU (ops/paste_masks.cpp) and CUDA (ops/cuda/paste_masks.cu)
 // kernels: DiffusionInst's detector_postprocess for one output pixel, without its full-resolution
-// temporaries. The official chain is
-//   full = aligned_bilinear(P, 4)[:h, :w]        P: [Hm, Wm] stride-4 probabilities
+// temporaries. The official chain, for probabilities at mask stride f (4 in DiffusionInst), is
+//   full = aligned_bilinear(P, f)[:h, :w]        P: [Hm, Wm] stride-f probabilities
 //   out  = bilinear(full, (H, W), align_corners=False) > threshold, zero outside the box,
 // and aligned_bilinear(P, f)[i] = up[max(i - f/2, 0)] with up = bilinear(P padded right/bottom by one
 // replicated pixel, (f·Hm + 1, f·Wm + 1), align_corners=True). Each bilinear step is evaluated
@@ -23,8 +23,8 @@ struct Tap {
   float l1;
 };
 
-// align_corners=True step of aligned_bilinear along an axis of `in_size` stride-f pixels: full
-// index i -> indices into P (the padded pixel in_size is the replicate of in_size - 1).
+// align_corners=True step of aligned_bilinear along an axis of `in_size` stride-`factor` pixels:
+// full index i -> indices into P (the padded pixel in_size is the replicate of in_size - 1).
 C10_HOST_DEVICE inline Tap upsample_tap(int64_t i, int64_t factor, int64_t in_size) {
   int64_t k = i - factor / 2;
   if (k < 0) k = 0;
@@ -57,6 +57,16 @@ C10_HOST_DEVICE inline float upsampled(const float* P, int64_t width, Tap r, Tap
   const float* top = P + r.i0 * width;
   const float* bottom = P + r.i1 * width;
   return r0 * (c0 * top[c.i0] + c.l1 * top[c.i1]) + r.l1 * (c0 * bottom[c.i0] + c.l1 * bottom[c.i1]);
+}
+
+// The resized probability of one output pixel (align_corners=False bilinear of the aligned-upsampled
+// map): row tap ry and column tap cx of the resize (resize_tap), and the upsampling taps (upsample_tap)
+// of its two source rows, a0 = rows ry.i0 and a1 = ry.i1, and columns, b0 = cx.i0 and b1 = cx.i1.
+C10_HOST_DEVICE inline float resized(const float* P, int64_t width, Tap ry, Tap a0, Tap a1, Tap cx, Tap b0, Tap b1) {
+  const float w0 = 1.f - cx.l1, h0 = 1.f - ry.l1;
+  const float top = w0 * upsampled(P, width, a0, b0) + cx.l1 * upsampled(P, width, a0, b1);
+  const float bottom = w0 * upsampled(P, width, a1, b0) + cx.l1 * upsampled(P, width, a1, b1);
+  return h0 * top + ry.l1 * bottom;
 }
 
 // Truncated box corners clamped to [0, size]: the rows/columns [lo, hi) that clip_mask keeps.

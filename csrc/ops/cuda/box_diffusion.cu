@@ -21,6 +21,10 @@ constexpr int kThreads = 256;
 
 __device__ inline int64_t clamp_index(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
 
+__device__ inline void copy4(const double* src, double* dst) {
+  for (int j = 0; j < 4; ++j) dst[j] = src[j];
+}
+
 __global__ void q_sample_kernel(const double* __restrict__ gt, const int64_t* __restrict__ counts,
                                 const int64_t* __restrict__ steps, const double* __restrict__ eps,
                                 const double* __restrict__ draws, const int64_t* __restrict__ select,
@@ -33,14 +37,9 @@ __global__ void q_sample_kernel(const double* __restrict__ gt, const int64_t* __
   const int64_t count = clamp_index(counts[b], 0, max_gt);
   const int64_t step = clamp_index(steps[b], 0, timesteps - 1);
   double x0[4];
-  if (select[k] < 0) {
-    diffusion::placeholder_box(draws + 4 * k, x0);
-  } else if (count == 0) {
-    x0[0] = 0.5, x0[1] = 0.5, x0[2] = 1.0, x0[3] = 1.0;  // the fake GT box of an empty image
-  } else {
-    const double* src = gt + (b * max_gt + clamp_index(select[k], 0, count - 1)) * 4;
-    for (int j = 0; j < 4; ++j) x0[j] = src[j];
-  }
+  diffusion::start_box(
+      select[k], count, [&](double* draw) { copy4(draws + 4 * k, draw); },
+      [&](int64_t sel, double* box) { copy4(gt + (b * max_gt + clamp_index(sel, 0, count - 1)) * 4, box); }, x0);
   diffusion::q_sample_box(x0, eps + 4 * k, sa[step], s1a[step], scale, whwh + 4 * b, out + 4 * k);
 }
 
@@ -145,8 +144,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdiffinst, CUDA, m) {
-  m.impl("q_sample_boxes", TORCH_FN(q_sample_boxes_cuda));
-  m.impl("ddim_step_boxes", TORCH_FN(ddim_step_boxes_cuda));
+  register_box_diffusion_kernels<q_sample_boxes_cuda, ddim_step_boxes_cuda>(m);
 }
 
 }  // namespace fastdiffinst

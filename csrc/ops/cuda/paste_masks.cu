@@ -17,9 +17,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-__global__ void paste_masks_kernel(const float* __restrict__ probs, const double* __restrict__ boxes, int64_t n,
+__global__ void paste_masks_kernel(const float* __restrict__ mask_probs, const double* __restrict__ boxes, int64_t n,
                                    int64_t hm, int64_t wm, int64_t image_h, int64_t image_w, int64_t out_h,
-                                   int64_t out_w, float threshold, bool* __restrict__ out) {
+                                   int64_t out_w, float threshold, int64_t mask_stride, bool* __restrict__ out) {
   const int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (k >= n * out_h * out_w) return;
   const int64_t x = k % out_w, y = (k / out_w) % out_h, inst = k / (out_w * out_h);
@@ -31,36 +31,33 @@ __global__ void paste_masks_kernel(const float* __restrict__ probs, const double
     out[k] = false;
     return;
   }
-  const float* map = probs + inst * hm * wm;
+  const float* map = mask_probs + inst * hm * wm;
   float value;
   if (out_h == image_h && out_w == image_w) {
-    value = paste::upsampled(map, wm, paste::upsample_tap(y, 4, hm), paste::upsample_tap(x, 4, wm));
+    value = paste::upsampled(map, wm, paste::upsample_tap(y, mask_stride, hm), paste::upsample_tap(x, mask_stride, wm));
   } else {
     const paste::Tap ry = paste::resize_tap(y, image_h, out_h), cx = paste::resize_tap(x, image_w, out_w);
-    const paste::Tap a0 = paste::upsample_tap(ry.i0, 4, hm), a1 = paste::upsample_tap(ry.i1, 4, hm);
-    const paste::Tap b0 = paste::upsample_tap(cx.i0, 4, wm), b1 = paste::upsample_tap(cx.i1, 4, wm);
-    const float w0 = 1.f - cx.l1, h0 = 1.f - ry.l1;
-    const float top = w0 * paste::upsampled(map, wm, a0, b0) + cx.l1 * paste::upsampled(map, wm, a0, b1);
-    const float bottom = w0 * paste::upsampled(map, wm, a1, b0) + cx.l1 * paste::upsampled(map, wm, a1, b1);
-    value = h0 * top + ry.l1 * bottom;
+    value = paste::resized(map, wm, ry, paste::upsample_tap(ry.i0, mask_stride, hm),
+                           paste::upsample_tap(ry.i1, mask_stride, hm), cx, paste::upsample_tap(cx.i0, mask_stride, wm),
+                           paste::upsample_tap(cx.i1, mask_stride, wm));
   }
   out[k] = value > threshold;
 }
 
-at::Tensor paste_masks_cuda(const at::Tensor& probs, const at::Tensor& boxes, int64_t image_h, int64_t image_w,
-                            int64_t out_h, int64_t out_w, double threshold) {
-  check_paste_masks_inputs(probs, boxes, image_h, image_w, out_h, out_w, threshold);
-  const c10::cuda::CUDAGuard guard(probs.device());
-  const int64_t n = probs.size(0);
-  auto output = at::empty({n, out_h, out_w}, probs.options().dtype(at::kBool));
+at::Tensor paste_masks_cuda(const at::Tensor& mask_probs, const at::Tensor& boxes, int64_t image_h, int64_t image_w,
+                            int64_t out_h, int64_t out_w, double threshold, int64_t mask_stride) {
+  check_paste_masks_inputs(mask_probs, boxes, image_h, image_w, out_h, out_w, threshold, mask_stride);
+  const c10::cuda::CUDAGuard guard(mask_probs.device());
+  const int64_t n = mask_probs.size(0);
+  auto output = at::empty({n, out_h, out_w}, mask_probs.options().dtype(at::kBool));
   const int64_t total = output.numel();
   if (total == 0) return output;
-  const auto p = probs.contiguous();
+  const auto p = mask_probs.contiguous();
   const auto b = boxes.to(at::kDouble).contiguous();
   const int64_t blocks = (total + kThreads - 1) / kThreads;
   paste_masks_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      p.data_ptr<float>(), b.data_ptr<double>(), n, probs.size(1), probs.size(2), image_h, image_w, out_h, out_w,
-      static_cast<float>(threshold), output.data_ptr<bool>());
+      p.data_ptr<float>(), b.data_ptr<double>(), n, mask_probs.size(1), mask_probs.size(2), image_h, image_w, out_h,
+      out_w, static_cast<float>(threshold), mask_stride, output.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return output;
 }

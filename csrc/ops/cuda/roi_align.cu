@@ -11,7 +11,6 @@
 // (fastdiffinst.ops.set_input_checks(True) raises for them instead, at the cost of a sync).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -21,6 +20,7 @@
 #include <cmath>
 #include <vector>
 
+#include "ops/common/opmath.h"
 #include "ops/common/roi_align_math.h"
 #include "ops/roi_align_host.h"
 
@@ -88,6 +88,24 @@ __device__ inline BinLocation<coord_t> locate_bin(const LevelTable<T>& levels, c
   return loc;
 }
 
+// Calls visit(ty, tx) (roi::AxisTaps along y and x) for every non-empty sample of bin (ph, pw) of a
+// RoI with geometry g on a height × width map, skipping the samples that cannot fall inside it.
+template <typename coord_t, typename Visit>
+__device__ inline void for_each_sample(const roi::RoIGeometry<coord_t>& g, int ph, int pw, int64_t height,
+                                       int64_t width, const Visit& visit) {
+  const auto rows = roi::sample_range(g.start_y, g.bin_h, ph, g.grid_h, height);
+  const auto cols = roi::sample_range(g.start_x, g.bin_w, pw, g.grid_w, width);
+  for (int iy = rows.first; iy < rows.last; ++iy) {
+    const auto ty = roi::axis_taps(roi::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h), height);
+    if (!ty.valid) continue;
+    for (int ix = cols.first; ix < cols.last; ++ix) {
+      const auto tx = roi::axis_taps(roi::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w), width);
+      if (!tx.valid) continue;
+      visit(ty, tx);
+    }
+  }
+}
+
 inline unsigned int blocks_for(int64_t n) {
   return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 20));
 }
@@ -96,7 +114,7 @@ template <typename scalar_t, typename coord_t>
 __global__ void forward_kernel(LevelTable<const scalar_t> levels, const coord_t* __restrict__ rois, int64_t num_rois,
                                int64_t batch, int64_t channels, int pooled_h, int pooled_w, int sampling_ratio,
                                bool aligned, scalar_t* __restrict__ out) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   const int64_t total = num_rois * channels * pooled_h * pooled_w;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(blockDim.x) * gridDim.x) {
@@ -110,20 +128,12 @@ __global__ void forward_kernel(LevelTable<const scalar_t> levels, const coord_t*
     const auto& g = bin.geometry;
     const scalar_t* plane = levels.data[l] + (b * channels + c) * height * width;
     acc_t sum = 0;
-    const auto rows = roi::sample_range(g.start_y, g.bin_h, ph, g.grid_h, height);
-    const auto cols = roi::sample_range(g.start_x, g.bin_w, pw, g.grid_w, width);
-    for (int iy = rows.first; iy < rows.last; ++iy) {
-      const auto ty = roi::axis_taps(roi::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h), height);
-      if (!ty.valid) continue;
-      for (int ix = cols.first; ix < cols.last; ++ix) {
-        const auto tx = roi::axis_taps(roi::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w), width);
-        if (!tx.valid) continue;
-        sum += acc_t(ty.w_lo * tx.w_lo) * acc_t(plane[ty.lo * width + tx.lo]) +
-               acc_t(ty.w_lo * tx.w_hi) * acc_t(plane[ty.lo * width + tx.hi]) +
-               acc_t(ty.w_hi * tx.w_lo) * acc_t(plane[ty.hi * width + tx.lo]) +
-               acc_t(ty.w_hi * tx.w_hi) * acc_t(plane[ty.hi * width + tx.hi]);
-      }
-    }
+    for_each_sample(g, ph, pw, height, width, [&](const auto& ty, const auto& tx) {
+      sum += acc_t(ty.w_lo * tx.w_lo) * acc_t(plane[ty.lo * width + tx.lo]) +
+             acc_t(ty.w_lo * tx.w_hi) * acc_t(plane[ty.lo * width + tx.hi]) +
+             acc_t(ty.w_hi * tx.w_lo) * acc_t(plane[ty.hi * width + tx.lo]) +
+             acc_t(ty.w_hi * tx.w_hi) * acc_t(plane[ty.hi * width + tx.hi]);
+    });
     out[idx] = static_cast<scalar_t>(sum / acc_t(g.count));
   }
 }
@@ -153,7 +163,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, LevelTable<ty
                                 const coord_t* __restrict__ rois, int64_t num_rois, int64_t batch, int64_t channels,
                                 int pooled_h, int pooled_w, int sampling_ratio, bool aligned,
                                 const double* __restrict__ fixed_point_scale) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
   const int64_t total = num_rois * channels * pooled_h * pooled_w;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(blockDim.x) * gridDim.x) {
@@ -164,27 +174,18 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad, LevelTable<ty
     const auto& g = bin.geometry;
     const acc_t g_bin = acc_t(grad[idx]) / acc_t(g.count);
     typename Sink::storage_t* plane = levels.data[l] + (b * channels + c) * height * width;
-    const auto rows = roi::sample_range(g.start_y, g.bin_h, ph, g.grid_h, height);
-    const auto cols = roi::sample_range(g.start_x, g.bin_w, pw, g.grid_w, width);
-    for (int iy = rows.first; iy < rows.last; ++iy) {
-      const auto ty = roi::axis_taps(roi::sample_coord(g.start_y, g.bin_h, ph, iy, g.grid_h), height);
-      if (!ty.valid) continue;
-      for (int ix = cols.first; ix < cols.last; ++ix) {
-        const auto tx = roi::axis_taps(roi::sample_coord(g.start_x, g.bin_w, pw, ix, g.grid_w), width);
-        if (!tx.valid) continue;
-        Sink::add(plane + ty.lo * width + tx.lo, acc_t(ty.w_lo * tx.w_lo) * g_bin, fixed_point_scale);
-        Sink::add(plane + ty.lo * width + tx.hi, acc_t(ty.w_lo * tx.w_hi) * g_bin, fixed_point_scale);
-        Sink::add(plane + ty.hi * width + tx.lo, acc_t(ty.w_hi * tx.w_lo) * g_bin, fixed_point_scale);
-        Sink::add(plane + ty.hi * width + tx.hi, acc_t(ty.w_hi * tx.w_hi) * g_bin, fixed_point_scale);
-      }
-    }
+    for_each_sample(g, ph, pw, height, width, [&](const auto& ty, const auto& tx) {
+      Sink::add(plane + ty.lo * width + tx.lo, acc_t(ty.w_lo * tx.w_lo) * g_bin, fixed_point_scale);
+      Sink::add(plane + ty.lo * width + tx.hi, acc_t(ty.w_lo * tx.w_hi) * g_bin, fixed_point_scale);
+      Sink::add(plane + ty.hi * width + tx.lo, acc_t(ty.w_hi * tx.w_lo) * g_bin, fixed_point_scale);
+      Sink::add(plane + ty.hi * width + tx.hi, acc_t(ty.w_hi * tx.w_hi) * g_bin, fixed_point_scale);
+    });
   }
 }
 
-at::Tensor multilevel_forward_cuda(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
-                                   int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
-                                   int64_t canonical_box_size, int64_t canonical_level, const char* op) {
-  check_roi_align_inputs(features, rois, scales, pooled_h, pooled_w, sampling_ratio, op);
+// The checked multi-level forward and backward (see RoIAlignEntryPoints).
+at::Tensor multilevel_forward_cuda(at::TensorList features, const at::Tensor& rois, int64_t pooled_h, int64_t pooled_w,
+                                   const RoIAlignArgs& args) {
   const auto& first = features[0];
   c10::cuda::CUDAGuard guard(first.device());
   auto output = at::empty({rois.size(0), first.size(1), pooled_h, pooled_w}, first.options());
@@ -192,25 +193,22 @@ at::Tensor multilevel_forward_cuda(at::TensorList features, const at::Tensor& ro
   std::vector<at::Tensor> nchw;
   for (const auto& f : features) nchw.push_back(f.contiguous());
   const auto r = coord_rois(rois, first.scalar_type());
-  const LevelRule rule = make_level_rule(scales, canonical_box_size, canonical_level);
+  const LevelRule rule = make_level_rule(args);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "roi_align_forward", [&] {
-    using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    using coord_t = opmath_t<scalar_t>;
     forward_kernel<scalar_t, coord_t><<<blocks_for(output.numel()), kThreads, 0, stream>>>(
-        make_table<const scalar_t>(nchw, scales, rule), r.data_ptr<coord_t>(), r.size(0), first.size(0), first.size(1),
-        static_cast<int>(pooled_h), static_cast<int>(pooled_w), static_cast<int>(sampling_ratio), aligned,
-        output.data_ptr<scalar_t>());
+        make_table<const scalar_t>(nchw, args.spatial_scales, rule), r.data_ptr<coord_t>(), r.size(0), first.size(0),
+        first.size(1), static_cast<int>(pooled_h), static_cast<int>(pooled_w), static_cast<int>(args.sampling_ratio),
+        args.aligned, output.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return output;
 }
 
 std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const at::Tensor& rois,
-                                                 at::ArrayRef<double> scales, at::IntArrayRef heights,
-                                                 at::IntArrayRef widths, int64_t batch_size, int64_t channels,
-                                                 int64_t sampling_ratio, bool aligned, int64_t canonical_box_size,
-                                                 int64_t canonical_level, const char* op) {
-  check_roi_align_backward_inputs(grad, rois, scales, heights, widths, batch_size, channels, sampling_ratio, op);
+                                                 at::IntArrayRef heights, at::IntArrayRef widths, int64_t batch_size,
+                                                 int64_t channels, const RoIAlignArgs& args) {
   c10::cuda::CUDAGuard guard(grad.device());
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const auto acc_dtype = at::toOpMathType(grad.scalar_type());
@@ -222,7 +220,7 @@ std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const a
   if (grad.numel() > 0) {
     const auto g = grad.contiguous();
     const auto r = coord_rois(rois, grad.scalar_type());
-    const LevelRule rule = make_level_rule(scales, canonical_box_size, canonical_level);
+    const LevelRule rule = make_level_rule(args);
     if (deterministic) {
       // Every element's total is bounded by K * PH * PW * max|grad| (the bilinear weights of a
       // bin sum to at most 1), so this scale keeps all partial sums below 2^62. Computed on the
@@ -235,14 +233,15 @@ std::vector<at::Tensor> multilevel_backward_cuda(const at::Tensor& grad, const a
     }
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "roi_align_backward", [&] {
-      using coord_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      using acc_t = at::opmath_type<scalar_t>;
+      using coord_t = opmath_t<scalar_t>;
+      using acc_t = opmath_t<scalar_t>;
       const auto launch = [&](auto sink) {
         using Sink = decltype(sink);
         backward_kernel<scalar_t, coord_t, Sink><<<blocks_for(g.numel()), kThreads, 0, stream>>>(
-            g.data_ptr<scalar_t>(), make_table<typename Sink::storage_t>(sinks, scales, rule), r.data_ptr<coord_t>(),
-            r.size(0), batch_size, channels, static_cast<int>(g.size(2)), static_cast<int>(g.size(3)),
-            static_cast<int>(sampling_ratio), aligned, deterministic ? fixed_point_scale.data_ptr<double>() : nullptr);
+            g.data_ptr<scalar_t>(), make_table<typename Sink::storage_t>(sinks, args.spatial_scales, rule),
+            r.data_ptr<coord_t>(), r.size(0), batch_size, channels, static_cast<int>(g.size(2)),
+            static_cast<int>(g.size(3)), static_cast<int>(args.sampling_ratio), args.aligned,
+            deterministic ? fixed_point_scale.data_ptr<double>() : nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (deterministic) {
