@@ -9,6 +9,10 @@ needed: CI compiles the ``.cu`` files without one); CPU-only otherwise. Environm
 * ``CUDA_HOME``: ``/usr/local/cuda`` when unset and ``nvcc`` lives there, else the toolkit of the
   ``nvcc`` on ``PATH``.
 * ``DEBUG=1``: ``-O0 -g``.
+* ``NVCC_FLAGS``: extra nvcc flags.
+
+Both compilers are told ``-std=c++20`` (csrc/ uses designated initialisers), whatever the
+installed torch would add by default (torch 2.14 adds C++20, older releases C++17).
 
 Build with ``pip install -e . --no-build-isolation`` (torch must already be installed).
 """
@@ -60,7 +64,8 @@ def extensions():
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "ops", "*.cpp")))
-    cxx = opt + ["-fopenmp"]
+    std = "-std=c++20"
+    cxx = opt + [std, "-fopenmp"]
     define_macros = []
     kwargs = {}
     if with_cuda:
@@ -69,7 +74,9 @@ def extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "ops", "cuda", "*.cu")))
         define_macros.append(("WITH_CUDA", None))
         nvcc = (["-O0", "-g", "-lineinfo"] if debug else ["-O3"]) + ["--expt-relaxed-constexpr"]
-        nvcc += os.environ.get("NVCC_FLAGS", "").split()
+        user_flags = os.environ.get("NVCC_FLAGS", "").split()
+        # nvcc takes one -std: a user's own wins.
+        nvcc += ([] if any(f.startswith(("-std", "--std")) for f in user_flags) else [std]) + user_flags
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc}
         ext_cls = CUDAExtension
     else:

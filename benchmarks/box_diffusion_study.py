@@ -72,8 +72,8 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
         def fused(args=args, kwargs=kwargs):
             return q_sample_boxes(*args, **kwargs)
 
-        def official(boxes=boxes, whwh=whwh, draws=draws):
-            return bd.official_training_boxes(boxes, whwh, num, *draws, schedule, SCALE)
+        def official(boxes=boxes, whwh=whwh, kwargs=kwargs):
+            return bd.official_training_boxes(boxes, whwh, **kwargs)
 
         def batched(fn, args=args, kwargs=kwargs):
             return lambda: fn(*args, **kwargs)
@@ -92,7 +92,6 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
                 .to(device) * whwh[:, None])
         keep = (torch.rand(batch, num, generator=generator) < 0.5).to(device)
         noise, renew = draw_ddim_noise(batch, num, generator, device=device)
-        kept = keep.sum(1).tolist()
         args = (x_t, whwh)
         kwargs = dict(pred_boxes=pred, keep=keep, t=999, t_next=749, schedule=schedule, noise=noise, renew_noise=renew,
                       eta=1.0, scale=SCALE)
@@ -100,15 +99,13 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
         def fused(args=args, kwargs=kwargs):
             return ddim_step_boxes(*args, **kwargs)
 
-        def official(x_t=x_t, pred=pred, whwh=whwh, keep=keep, noise=noise, renew=renew, kept=kept):
-            return [bd.official_ddim_step(x_t[b:b + 1], pred[b:b + 1], whwh[b:b + 1], keep[b], 999, 749, schedule, 1.0,
-                                          noise[b:b + 1, :kept[b]], renew[b:b + 1, kept[b]:], SCALE)[0]
-                    for b in range(len(kept))]
+        def official(args=args, kwargs=kwargs):
+            return bd.official_ddim_step_batch(*args, **kwargs)
 
         def batched(fn, args=args, kwargs=kwargs):
             return lambda: fn(*args, **kwargs)
 
-        err = max((fused()[0][b] - o[0]).abs().max().item() for b, o in enumerate(official()))
+        err = (fused()[0] - official()[0]).abs().max().item()
         # Reads x_t, the predictions, keep and the draws, writes the next x_t (and its boxes).
         traffic = sum(t.numel() * t.element_size() for t in (x_t, pred, keep, noise, renew)) + 2 * batch * num * 16
         rows += _compare("ddim_step_boxes", f"B={batch} N={num} 999->749", fused, official,

@@ -123,17 +123,12 @@ def test_ddim_step_boxes(benchmark, impl):
     noise, renew = ops.draw_ddim_noise(batch, num, g)
     tensors = [t.to(DEVICE) for t in (x_t, pred, whwh, keep, noise, renew)]
     x_t, pred, whwh, keep, noise, renew = tensors
-    kept = keep.sum(1).tolist()
     sched = DiffusionSchedule(**{k: getattr(schedule, k).to(DEVICE) for k in DiffusionSchedule.__dataclass_fields__})
-    if impl == "fused":
-        def fn():
-            return ops.ddim_step_boxes(x_t, whwh, pred_boxes=pred, keep=keep, t=999, t_next=749, schedule=sched,
-                                       noise=noise, renew_noise=renew, eta=1.0, scale=2.0)
-    else:
-        def fn():
-            return [bd.official_ddim_step(x_t[b:b + 1], pred[b:b + 1], whwh[b:b + 1], keep[b], 999, 749, sched, 1.0,
-                                          noise[b:b + 1, :kept[b]], renew[b:b + 1, kept[b]:], 2.0)
-                    for b in range(batch)]
+    step = ops.ddim_step_boxes if impl == "fused" else bd.official_ddim_step_batch
+
+    def fn():
+        return step(x_t, whwh, pred_boxes=pred, keep=keep, t=999, t_next=749, schedule=sched, noise=noise,
+                    renew_noise=renew, eta=1.0, scale=2.0)
     benchmark.group = "ddim_step_boxes B=4 N=500"
     assert benchmark(_sync(fn)) is not None
 

@@ -4,7 +4,10 @@ the defaults are fused + recomputation and the official formulation without), ea
 process (docs/design.md §7).
 
     python -m benchmarks.training_memory                       # r50_coco, 2 × 512², 500 proposals
-    python -m benchmarks.training_memory --preset tiny --size 256 --batch 4
+    python benchmarks/training_memory.py --preset tiny --size 256 --batch 4
+
+Run as a file, this script runs itself again as the ``benchmarks`` package's module
+(``python -m benchmarks.training_memory``, the repository root importable), as benchmarks/run.py does.
 
 The same random weights (seeded) and the same batch (random images with 10 rectangular GT
 instances each) on both sides. On CPU the peak is VmHWM minus the RSS once the model and the
@@ -15,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
-if not __package__:  # run as a file, with benchmarks/ rather than the repository root on the path
-    sys.exit("run from the repository root as a module: python -m benchmarks.training_memory [options]")
+if not __package__:  # `python benchmarks/training_memory.py`: run again as the package's module, same arguments
+    _root = str(Path(__file__).resolve().parents[1])
+    _env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")])))
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.training_memory", *sys.argv[1:]], _env)
 
 import torch
 

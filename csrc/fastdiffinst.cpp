@@ -36,14 +36,21 @@ bool add_constants(PyObject* module) {
   for (const Limit& limit : kLimits) {
     if (PyModule_AddIntConstant(module, limit.name, limit.value) < 0) return false;
   }
-  // The fake GT box of q_sample_boxes, for the check that the references use the same one.
+  // The fake GT box of q_sample_boxes, for the check that the references use the same one
+  // (tests/test_box_diffusion.py).
   double box[4];
   fastdiffinst::diffusion::fake_gt_box(box);
   PyObject* fake_box = Py_BuildValue("(dddd)", box[0], box[1], box[2], box[3]);
   // PyModule_AddObjectRef (Python >= 3.10) leaves the reference with us, whatever it returns.
   const bool added = fake_box != nullptr && PyModule_AddObjectRef(module, "FAKE_GT_BOX", fake_box) == 0;
   Py_XDECREF(fake_box);
-  return added;
+  if (!added) return false;
+  // The smallest placeholder size, for the same check.
+  PyObject* min_size = PyFloat_FromDouble(fastdiffinst::diffusion::kPlaceholderMinSize);
+  const bool added_min_size =
+      min_size != nullptr && PyModule_AddObjectRef(module, "PLACEHOLDER_MIN_SIZE", min_size) == 0;
+  Py_XDECREF(min_size);
+  return added_min_size;
 }
 
 }  // namespace

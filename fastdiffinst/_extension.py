@@ -37,9 +37,15 @@ _FALLBACK_LIMITS = {
 
 def limit(name: str) -> int:
     """The kernel limit ``name`` (a key of ``_FALLBACK_LIMITS``): from ``fastdiffinst._C`` when it is
-    loaded, else the fallback."""
+    loaded, else the fallback. ``ImportError`` when the loaded ``_C`` predates the limit (built from
+    older sources and not rebuilt): its kernels may not match the Python layer either."""
     fallback = _FALLBACK_LIMITS[name]
-    return fallback if _C is None else int(getattr(_C, name))
+    if _C is None:
+        return fallback
+    if not hasattr(_C, name):
+        raise ImportError(f"fastdiffinst._C is older than the sources (no {name}): rebuild it with `make setup` or "
+                          f"`pip install -e . --no-build-isolation`")
+    return int(getattr(_C, name))
 
 
 def require_extension() -> bool:

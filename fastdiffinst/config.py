@@ -23,11 +23,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastdiffinst.common.diffusion import NUM_TIMESTEPS
+from fastdiffinst.ops._checks import SAMPLING_RATIO_RULE, valid_sampling_ratio
 from fastdiffinst.ops.dynamic_mask_head import MAX_CHANNELS as MAX_MASK_HEAD_CHANNELS
 from fastdiffinst.ops.dynamic_mask_head import MAX_LAYERS as MAX_MASK_HEAD_LAYERS
 
@@ -79,15 +81,16 @@ class _FieldChecks:
             if not isinstance(getattr(self.section, name), bool):
                 self.fail(name, "a bool")
 
-    def positive_int_sequence(self, name: str, length: int | None = None, *, increasing: bool = False) -> None:
-        """A non-empty tuple or list of positive ints (of ``length`` entries; strictly increasing)."""
+    def positive_int_sequence(self, name: str, length: int | None = None, *, sorted_: bool = False) -> None:
+        """A non-empty tuple or list of positive ints (of ``length`` entries; with ``sorted_``,
+        non-decreasing)."""
         values = getattr(self.section, name)
         valid = (isinstance(values, (tuple, list)) and len(values) > 0 and all(_is_int(v) and v >= 1 for v in values)
                  and (length is None or len(values) == length)
-                 and (not increasing or all(a < b for a, b in zip(values, values[1:]))))
+                 and (not sorted_ or all(a <= b for a, b in zip(values, values[1:]))))
         if not valid:
             count = "a non-empty tuple of" if length is None else f"a tuple of {length}"
-            order = ", strictly increasing" if increasing else ""
+            order = ", non-decreasing" if sorted_ else ""
             self.fail(name, f"{count} positive ints{order}")
 
     def finite_sequence(self, name: str, length: int, *, positive: bool = False) -> None:
@@ -202,8 +205,8 @@ class HeadConfig:
 
     def validate(self) -> HeadConfig:
         """Positive sizes (tower depths >= 0), attention heads dividing the width, the two DynamicConv
-        layers, a known activation, a dropout in [0, 1), the fused mask head's limits and a prior
-        probability in (0, 1)."""
+        layers, a known activation, a dropout in [0, 1), the RoIAlign ops' sampling ratio rule, the
+        fused mask head's limits and a prior probability in (0, 1)."""
         checks = _FieldChecks(self, "head")
         checks.positive_ints("hidden_dim", "num_attention_heads", "dim_feedforward", "num_stages", "dim_dynamic",
                              "num_dynamic", "pooler_resolution", "mask_branch_channels", "mask_feat_channels",
@@ -216,7 +219,9 @@ class HeadConfig:
         checks.one_of("activation", ("relu", "gelu"))
         for name in ("num_cls", "num_reg", "mask_tower_convs"):
             checks.integer(name, 0)
-        checks.integer("pooler_sampling_ratio", 0)  # 0: adaptive, ceil(roi size / output size) samples per bin
+        # The RoIAlign ops' rule: <= 0 is the adaptive grid, ceil(roi size / output size) samples per bin.
+        if not valid_sampling_ratio(self.pooler_sampling_ratio):
+            checks.fail("pooler_sampling_ratio", f"an int {SAMPLING_RATIO_RULE}")
         checks.number("dropout", 0, 1, high_open=True)
         if self.mask_head_channels > MAX_MASK_HEAD_CHANNELS:
             checks.fail("mask_head_channels", f"in [1, {MAX_MASK_HEAD_CHANNELS}] (the fused mask head's limit)")
@@ -303,18 +308,21 @@ class SolverConfig:
 
     def validate(self) -> SolverConfig:
         """Positive batch, iterations, learning rate and clipping norm; ``weight_decay`` >= 0;
-        ``steps`` strictly increasing positive iterations (beyond ``max_iter`` they never apply);
-        ``warmup_iters`` >= 0 with ``warmup_factor`` in [0, 1]; a seed in [0, 2^32)."""
+        ``steps`` sorted (non-decreasing, as detectron2's milestones; a repeated step decays twice)
+        positive iterations, beyond ``max_iter`` never applied, empty for a constant rate;
+        ``warmup_iters`` >= 0 with ``warmup_factor`` in [0, 1]; a seed ``torch.Generator.manual_seed``
+        accepts, in [-2^63, 2^64)."""
         checks = _FieldChecks(self, "solver")
         checks.positive_ints("ims_per_batch", "max_iter")
         checks.number("base_lr", 0, low_open=True)
         checks.number("weight_decay", 0)
-        if self.steps != ():  # no step: a constant rate after the warm-up
-            checks.positive_int_sequence("steps", increasing=True)
+        no_steps = isinstance(self.steps, (tuple, list)) and len(self.steps) == 0
+        if not no_steps:  # no step: a constant rate after the warm-up
+            checks.positive_int_sequence("steps", sorted_=True)
         checks.integer("warmup_iters", 0)
         checks.number("warmup_factor", 0, 1)
         checks.number("clip_grad_norm", 0, low_open=True)
-        checks.integer("seed", 0, 2**32 - 1)
+        checks.integer("seed", -(2**63), 2**64 - 1)
         return self
 
 
@@ -469,8 +477,9 @@ def replace_path(cfg: ModelConfig, path: str, value: Any) -> ModelConfig:
     return cfg.validate()
 
 
-def _parse(text: str, current: Any) -> Any:
-    """``text`` as a value of the type of ``current``."""
+def _parse(text: str, current: Any, annotation: Any = None) -> Any:
+    """``text`` as a value of the type of ``current``; a tuple's entries take the element type of
+    the field's ``annotation`` (``tuple[int, ...]``: ints, even when ``current`` is empty)."""
     if isinstance(current, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"expected a boolean, got {text!r}")
@@ -480,7 +489,8 @@ def _parse(text: str, current: Any) -> Any:
     if isinstance(current, float):
         return float(text)
     if isinstance(current, tuple):
-        kind = type(current[0]) if current else float
+        declared = typing.get_args(annotation)
+        kind = declared[0] if declared else type(current[0]) if current else float
         return tuple(kind(v) for v in text.strip("()[] ").split(",") if v.strip())
     return text
 
@@ -493,7 +503,7 @@ def override(cfg: ModelConfig, assignments: list[str]) -> ModelConfig:
         path, text = assignment.split("=", 1)
         node, leaf = _field(cfg, path)
         try:
-            value = _parse(text, getattr(node, leaf))
+            value = _parse(text, getattr(node, leaf), typing.get_type_hints(type(node))[leaf])
         except ValueError as error:
             raise ValueError(f"config override {path}: {error}") from None
         cfg = replace_path(cfg, path, value)

@@ -146,6 +146,7 @@ def official_nms_input(candidates: Candidates) -> Candidates:
     return Candidates(candidates.boxes.float(), *(getattr(candidates, f) for f in ("scores", "labels", "kernels",
                                                                                     "proposals")))
 
+
 def assert_masks_match_away_from_threshold(masks: Tensor, record: dict, probability_error: float) -> None:
     """Final ``masks`` equal the recorded ones except at pixels where a stride-4 probability off by
     up to ``probability_error`` may lie on the other side of 0.5: those whose probability in the

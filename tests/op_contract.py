@@ -20,9 +20,10 @@ Each test runs once per backend of ``backends`` (``fastdiffinst.ops.use_backend(
   :func:`utils.deterministic_with_nan_fill`) under deterministic algorithms: none of it left in the
   outputs and gradients, a second run bitwise equal, and the oracle matched (floats at the
   tolerance of their dtype against a float64 oracle, docs/design.md §6; the rest exactly);
-* ``test_empty``: zero instances give the oracle's shapes and dtypes, and zero gradients;
+* ``test_empty``: zero instances give the oracle's shapes, dtypes and values, and zero gradients;
 * ``test_gradcheck`` / ``test_gradgradcheck`` (:class:`DifferentiableOpContract`): float64 on small
-  inputs.
+  inputs; every test needs at least one case (a subclass without one opts out: ``test_gradgradcheck =
+  None``).
 
 The inputs are whatever tuple ``call`` takes; ``grad_inputs`` are the positions of the
 differentiable ones (a position may hold a list of tensors, as the levels of a feature pyramid).
@@ -92,14 +93,20 @@ class OpContract:
     # -- machinery ----------------------------------------------------------------------------------
 
     def pytest_generate_tests(self, metafunc) -> None:
-        """Parametrizes the contract tests by backend and by the cases the subclass names."""
+        """Parametrizes the contract tests by backend and by the cases the subclass names. A contract
+        test without cases is an error, not an empty parameter set: a subclass that means to skip
+        one opts out explicitly (``test_gradgradcheck = None``)."""
+        test = metafunc.function.__name__
         params = {"backend": self.backends, "requires_grad": (False, True) if self.grad_inputs else (False,),
                   "variant": {"test_compile_matches_eager": self.compile_variants,
-                              "test_empty": self.empty_variants}.get(metafunc.function.__name__, self.variants),
+                              "test_empty": self.empty_variants}.get(test, self.variants),
                   "gradcheck_case": getattr(self, "gradcheck_cases", ()),
                   "gradgradcheck_case": getattr(self, "gradgradcheck_cases", ())}
         for name, values in params.items():
             if name in metafunc.fixturenames:
+                if not values:
+                    raise ValueError(f"{type(self).__name__}.{test} has no cases ({name}): name them, or opt out "
+                                     f"with `{test} = None`")
                 metafunc.parametrize(name, values)
 
     @contextlib.contextmanager
@@ -185,6 +192,10 @@ class OpContract:
         expected = _outputs(self.reference(*inputs))
         assert [(o.shape, o.dtype) for o in outs] == [(e.shape, e.dtype) for e in expected]
         assert any(o.numel() == 0 for o in outs)
+        # The values too: an output that is not empty (the per-image counts of ddim_step_boxes) is
+        # written, and is the oracle's.
+        for index, (actual, oracle) in enumerate(zip(outs, expected)):
+            assert torch.equal(actual, oracle), f"output {index}: {actual} is not the oracle's {oracle}"
         for grad, leaf in zip(grads, self._leaves(inputs), strict=True):
             assert grad.shape == leaf.shape and grad.dtype == leaf.dtype
             assert torch.count_nonzero(grad) == 0 and nan_count(grad) == 0

@@ -132,6 +132,19 @@ def test_unwritable_output_folder_fails_before_measuring(capsys, tmp_path):
     assert "--out" in err and "cannot write to the output folder" in err
 
 
+@pytest.mark.parametrize("script", ["run.py", "training_memory.py"])
+@pytest.mark.parametrize("where", ["repository root", "another folder"])
+def test_scripts_run_as_files_from_anywhere(script, where, tmp_path):
+    """``python benchmarks/<script> --help``: run as a file, a script runs itself again as the
+    package's module, from the repository root or any other folder."""
+    cwd = ROOT if where == "repository root" else tmp_path
+    result = subprocess.run([sys.executable, str((ROOT / "benchmarks" / script).relative_to(ROOT) if cwd == ROOT
+                                                 else ROOT / "benchmarks" / script), "--help"],
+                            cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"usage: python -m benchmarks.{script.removesuffix('.py')}" in result.stdout
+
+
 def test_gpu_check_script_parses():
     bash = shutil.which("bash")
     if bash is None:

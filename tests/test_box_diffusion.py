@@ -13,7 +13,13 @@ import fastdiffinst.ops as fops
 from conftest import devices
 from fastdiffinst import _extension
 from fastdiffinst.common.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, boxes_to_signal, signal_to_boxes
-from fastdiffinst.common.diffusion import FAKE_GT_BOX, DiffusionSchedule, cosine_schedule, ddim_time_pairs
+from fastdiffinst.common.diffusion import (
+    FAKE_GT_BOX,
+    PLACEHOLDER_MIN_SIZE,
+    DiffusionSchedule,
+    cosine_schedule,
+    ddim_time_pairs,
+)
 from fastdiffinst.reference import box_diffusion as bd
 from model_fixture import fixture as golden_fixture
 from op_contract import OpContract
@@ -93,12 +99,11 @@ def make_gt(counts, max_gt, generator, dtype=torch.float32):
     return per_image, sizes, padded, whwh
 
 
-def official_batch(per_image, sizes, draws, num_proposals):
+def official_batch(per_image, sizes, draws):
     """The official per-image formulation on the same draws."""
     whwh = torch.tensor([[w, h, w, h] for w, h in sizes])
     gt = [box_xyxy_to_cxcywh(boxes / whwh[b]) for b, boxes in enumerate(per_image)]
-    return bd.official_training_boxes(gt, whwh, num_proposals, draws.t, draws.noise, draws.placeholder_noise,
-                                      draws.select_index, SCHEDULE, SCALE)
+    return bd.official_training_boxes(gt, whwh, draws=draws, schedule=SCHEDULE, scale=SCALE)
 
 
 def q_sample(padded, counts, draws, whwh, fn=fops.q_sample_boxes):
@@ -115,7 +120,7 @@ def test_q_sample_matches_official_formulation(counts):
     per_image, sizes, padded, whwh = make_gt(counts, max(max(counts), 1), g)
     draws = fops.draw_q_sample_inputs(counts, n, g)
     ours = q_sample(padded, counts, draws, whwh)
-    expected = official_batch(per_image, sizes, draws, n)
+    expected = official_batch(per_image, sizes, draws)
     assert ours.dtype == torch.float64 and ours.shape == (len(counts), n, 4)
     # The official code normalises and pads in float32, we in float64: ~1e-7 of the image size.
     torch.testing.assert_close(ours, expected, rtol=0, atol=2e-5)
@@ -140,7 +145,8 @@ def test_q_sample_matches_golden_fixture(fixture):
     torch.testing.assert_close(t, train["head_call"]["in_t"])
     torch.testing.assert_close(ours, train["head_call"]["in_boxes"], rtol=0, atol=1e-4)
     gt = [box_xyxy_to_cxcywh(inp["gt_boxes_xyxy"] / whwh[b]) for b, inp in enumerate(train["inputs"])]
-    official = bd.official_training_boxes(gt, whwh, n, t, noise, placeholder, select, SCHEDULE)
+    official = bd.official_training_boxes(gt, whwh, draws=fops.QSampleDraws(t, noise, placeholder, select),
+                                          schedule=SCHEDULE)
     torch.testing.assert_close(official, train["head_call"]["in_boxes"], rtol=0, atol=0)
 
 
@@ -171,21 +177,29 @@ def test_q_sample_ignores_padding_rows_and_uses_placeholders():
 
 
 @pytest.mark.parametrize("device", devices())
-def test_q_sample_fake_gt_box_is_the_references(device):
-    """An image without GT starts from the fake box: the kernels' (csrc/ops/common/box_diffusion_math.h,
-    exported as fastdiffinst._C.FAKE_GT_BOX) is the references' (fastdiffinst.common.diffusion)."""
+def test_q_sample_start_box_constants_are_the_references(device):
+    """The kernels' constants of the starting boxes (csrc/ops/common/box_diffusion_math.h, exported
+    as fastdiffinst._C.FAKE_GT_BOX and PLACEHOLDER_MIN_SIZE) are the references'
+    (fastdiffinst.common.diffusion): an image without GT starts from the fake box, and placeholder
+    sizes are clamped to at least the minimum size."""
     assert _extension.has_ops(), "fastdiffinst._C is not loaded"
     assert _extension._C.FAKE_GT_BOX == FAKE_GT_BOX
-    # With sqrt(alpha) = 1 and no noise, x_t is the starting box itself (exactly, in float64).
-    whwh = torch.tensor([[64.0, 48.0, 64.0, 48.0]], dtype=torch.float64, device=device)
-    out = native.q_sample_boxes(torch.zeros(1, 1, 4, device=device), torch.zeros(1, dtype=torch.int64, device=device),
-                                torch.zeros(1, dtype=torch.int64, device=device),
-                                torch.zeros(1, 3, 4, device=device), torch.zeros(1, 3, 4, device=device),
-                                torch.zeros(1, 3, dtype=torch.int64, device=device),
+    assert _extension._C.PLACEHOLDER_MIN_SIZE == PLACEHOLDER_MIN_SIZE
+    # With sqrt(alpha) = 1 and no noise, x_t is the starting box itself. Image 0 has no GT (slot 0:
+    # the fake box); image 1 one GT and a placeholder (slot 0) whose draw of -6 gives the size
+    # 0.5 - 1 < 0, clamped.
+    whwh = torch.tensor([[64.0, 48.0, 64.0, 48.0]] * 2, dtype=torch.float64, device=device)
+    placeholder_noise = torch.tensor([[[0.0] * 4], [[0.0, 0.0, -6.0, -6.0]]], device=device)
+    out = native.q_sample_boxes(torch.zeros(2, 1, 4, device=device), torch.tensor([0, 1], device=device),
+                                torch.zeros(2, dtype=torch.int64, device=device), torch.zeros(2, 1, 4, device=device),
+                                placeholder_noise, torch.tensor([[0], [-1]], device=device),
                                 torch.ones(1, dtype=torch.float64, device=device),
                                 torch.zeros(1, dtype=torch.float64, device=device), SCALE, whwh)
-    expected = box_cxcywh_to_xyxy(torch.tensor(FAKE_GT_BOX, dtype=torch.float64, device=device)) * whwh
-    torch.testing.assert_close(out, expected.expand(1, 3, 4), rtol=0, atol=0)
+    start = torch.tensor([FAKE_GT_BOX, [0.5, 0.5, PLACEHOLDER_MIN_SIZE, PLACEHOLDER_MIN_SIZE]], dtype=torch.float64,
+                         device=device)
+    expected = (box_cxcywh_to_xyxy(start) * whwh)[:, None]
+    torch.testing.assert_close(out[0], expected[0], rtol=0, atol=0)  # exactly, in float64
+    torch.testing.assert_close(out[1], expected[1], rtol=0, atol=1e-12)  # the size goes through the signal space
 
 
 class TestQSampleContract(OpContract):
@@ -423,11 +437,13 @@ def test_q_sample_bad_arguments(name, value, error, match):
 @pytest.mark.parametrize("name, value, match", [
     ("gt_counts", torch.tensor([4, 1]), r"gt_counts\[0\] must be in \[0, G = 3\]"),
     ("gt_counts", torch.tensor([-1, 1]), r"gt_counts\[0\] must be in"),
-    ("t", torch.tensor([0, 1000]), r"t\[1\] must be in \[0, 1000\)"),
-    ("t", torch.tensor([-1, 5]), r"t\[0\] must be in"),
-    ("select_index", torch.tensor([[0, 1, 2, -1], [0, -1, -1, -1]]), r"select_index\[0, 2\] must be -1 or in \[0, 2\)"),
-    ("select_index", torch.tensor([[0, 1, -1, -1], [0, -2, -1, -1]]), r"select_index\[1, 1\]"),
-    ("noise", torch.full((2, 4, 4), float("nan")), r"noise\[0, 0\] must be finite"),
+    ("t", torch.tensor([0, 1000]), r"q_sample_boxes: draws.t\[1\] must be in \[0, 1000\)"),
+    ("t", torch.tensor([-1, 5]), r"draws.t\[0\] must be in"),
+    ("select_index", torch.tensor([[0, 1, 2, -1], [0, -1, -1, -1]]),
+     r"draws.select_index\[0, 2\] must be -1 or in \[0, 2\)"),
+    ("select_index", torch.tensor([[0, 1, -1, -1], [0, -2, -1, -1]]), r"draws.select_index\[1, 1\]"),
+    ("noise", torch.full((2, 4, 4), float("nan")), r"draws.noise\[0, 0\] must be finite"),
+    ("placeholder_noise", torch.full((2, 4, 4), float("inf")), r"draws.placeholder_noise\[0, 0\] must be finite"),
 ])
 def test_q_sample_bad_values(name, value, match):
     with pytest.raises(RuntimeError, match=match):
@@ -558,11 +574,13 @@ def test_synchronising_value_checks_of_the_cuda_path():
     for bad, match in [
         (dict(gt_counts=torch.tensor([4, 1])), r"gt_counts\[0\] must be in \[0, G = 3\], got 4"),
         (dict(gt_counts=torch.tensor([1, -1])), r"gt_counts\[1\] must be in \[0, G = 3\], got -1"),
-        (dict(t=torch.tensor([0, 1000])), r"t\[1\] must be in \[0, 1000\), got 1000"),
+        (dict(t=torch.tensor([0, 1000])), r"q_sample_boxes: draws.t\[1\] must be in \[0, 1000\), got 1000"),
         (dict(select_index=torch.tensor([[0, 1, -1, -1], [0, 1, -1, -1]])),
-         r"select_index\[1, 1\] must be -1 or in \[0, 1\), got 1"),
-        (dict(select_index=torch.tensor([[0, -2, -1, -1], [0, -1, -1, -1]])), r"select_index\[0, 1\] must be -1 or in"),
-        (dict(noise=torch.full((2, 4, 4), float("inf"))), "noise must be finite"),
+         r"draws.select_index\[1, 1\] must be -1 or in \[0, 1\), got 1"),
+        (dict(select_index=torch.tensor([[0, -2, -1, -1], [0, -1, -1, -1]])),
+         r"draws.select_index\[0, 1\] must be -1 or in"),
+        (dict(noise=torch.full((2, 4, 4), float("inf"))), "draws.noise must be finite"),
+        (dict(placeholder_noise=torch.full((2, 4, 4), float("nan"))), "draws.placeholder_noise must be finite"),
         (dict(images_whwh=torch.zeros(2, 4)), "images_whwh must hold positive sizes"),
         (dict(sqrt_alphas_cumprod=SCHEDULE.sqrt_alphas_cumprod * 2), r"schedule must hold values in \[0, 1\]"),
     ]:

@@ -7,6 +7,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from fastdiffinst.config import (
     PRESETS,
@@ -22,6 +23,7 @@ from fastdiffinst.config import (
     config_from_dict,
     config_to_dict,
     get_config,
+    override,
     replace_path,
 )
 
@@ -51,15 +53,17 @@ BAD_VALUES = [
     ("solver.base_lr", math.nan, "must be a finite number"),
     ("solver.base_lr", "0.1", "must be a finite number"),
     ("solver.weight_decay", -1e-4, "must be >= 0"),
-    ("solver.steps", (80, 60), "must be a non-empty tuple of positive ints, strictly increasing"),
-    ("solver.steps", (60, 60), "must be a non-empty tuple of positive ints, strictly increasing"),
-    ("solver.steps", (0, 60), "must be a non-empty tuple of positive ints, strictly increasing"),
+    ("solver.steps", (80, 60), "must be a non-empty tuple of positive ints, non-decreasing"),
+    ("solver.steps", (0, 60), "must be a non-empty tuple of positive ints, non-decreasing"),
+    ("solver.steps", (60.0,), "must be a non-empty tuple of positive ints, non-decreasing"),
+    ("solver.steps", 60, "must be a non-empty tuple of positive ints, non-decreasing"),
     ("solver.warmup_iters", -1, "must be an int >= 0"),
     ("solver.warmup_factor", 1.5, "must be in [0, 1]"),
     ("solver.clip_grad_norm", 0.0, "must be > 0"),
     ("solver.clip_grad_norm", math.inf, "must be a finite number"),
-    ("solver.seed", -1, "must be an int in [0, 4294967295]"),
-    ("solver.seed", 2**32, "must be an int in [0, 4294967295]"),
+    ("solver.seed", -(2**63) - 1, "must be an int in [-9223372036854775808, 18446744073709551615]"),
+    ("solver.seed", 2**64, "must be an int in [-9223372036854775808, 18446744073709551615]"),
+    ("solver.seed", 1.0, "must be an int in [-9223372036854775808, 18446744073709551615]"),
     ("loss.class_weight", -2.0, "must be >= 0"),
     ("loss.mask_weight", math.inf, "must be a finite number"),
     ("loss.giou_weight", math.nan, "must be a finite number"),
@@ -87,7 +91,8 @@ BAD_VALUES = [
     ("backbone.resnet.depth", 7, "must be one of [18, 34, 50, 101, 152]"),
     ("head.dropout", 1.0, "must be in [0, 1)"),
     ("head.num_reg", -1, "must be an int >= 0"),
-    ("head.pooler_sampling_ratio", -1, "must be an int >= 0"),
+    ("head.pooler_sampling_ratio", 2000, "must be an int at most 1024 (<= 0 for the adaptive grid)"),
+    ("head.pooler_sampling_ratio", 2.0, "must be an int at most 1024 (<= 0 for the adaptive grid)"),
     ("sampler.snr_scale", 0.0, "must be > 0"),
     ("sampler.use_nms", None, "must be a bool"),
     ("sampler.renewal_threshold", 1.5, "must be in [0, 1]"),
@@ -116,11 +121,18 @@ def test_a_section_validates_on_its_own(path, value, requirement):
 
 @pytest.mark.parametrize("path, value", [
     ("solver.steps", ()),  # a constant rate after the warm-up
+    ("solver.steps", []),
     ("solver.steps", (10**9,)),  # a step beyond max_iter never applies
+    ("solver.steps", (60, 60)),  # sorted, as detectron2's milestones: a repeated step decays twice
     ("solver.warmup_iters", 0),
     ("solver.warmup_factor", 0.0),
     ("solver.weight_decay", 0.0),
     ("solver.seed", 0),
+    ("solver.seed", -(2**63)),  # the range of torch.Generator.manual_seed
+    ("solver.seed", 2**64 - 1),
+    ("head.pooler_sampling_ratio", 0),  # <= 0: the adaptive grid, as the RoIAlign ops
+    ("head.pooler_sampling_ratio", -1),
+    ("head.pooler_sampling_ratio", 1024),  # MAX_SAMPLING_RATIO
     ("loss.mask_weight", 0.0),  # a weight of 0 turns a term off
     ("loss.focal_gamma", 0.0),
     ("input.crop_size", (224, 224)),
@@ -170,3 +182,60 @@ def test_a_saved_configuration_is_validated_when_read_back():
     data["loss"]["focal_alpha"] = 2.0
     with pytest.raises(ValueError, match=re.escape("config: loss.focal_alpha must be in [0, 1], got 2.0")):
         config_from_dict(data)
+
+
+@pytest.mark.parametrize("assignment, path, expected", [
+    ("solver.steps=(100,)", "solver.steps", (100,)),  # from the empty default of a preset: ints, not floats
+    ("solver.steps=100,200", "solver.steps", (100, 200)),
+    ("solver.steps=()", "solver.steps", ()),
+    ("solver.seed=-5", "solver.seed", -5),
+    ("head.pooler_sampling_ratio=-1", "head.pooler_sampling_ratio", -1),
+    ("input.pixel_mean=1,2,3", "input.pixel_mean", (1.0, 2.0, 3.0)),
+    ("input.crop_size=(128,192)", "input.crop_size", (128, 192)),
+])
+def test_overrides_parse_as_the_declared_type(assignment, path, expected):
+    base = replace_path(get_config("tiny"), "solver.steps", ())
+    value = override(base, [assignment])
+    section, name = path.split(".")
+    parsed = getattr(getattr(value, section), name)
+    assert parsed == expected
+    assert repr(parsed) == repr(expected)  # ints stay ints: (100,), not (100.0,)
+
+
+def test_sampling_ratio_rule_is_the_ops():
+    from fastdiffinst.ops import _checks
+
+    for value in (-(2**31), -1, 0, 1, _checks.MAX_SAMPLING_RATIO):
+        replace_path(get_config("tiny"), "head.pooler_sampling_ratio", value)
+        assert _checks.sampling_ratio("roi_align", value) == value
+    for value in (_checks.MAX_SAMPLING_RATIO + 1, -(2**31) - 1):
+        with pytest.raises(ValueError, match="config: head.pooler_sampling_ratio"):
+            replace_path(get_config("tiny"), "head.pooler_sampling_ratio", value)
+        with pytest.raises(ValueError, match="roi_align: sampling_ratio"):
+            _checks.sampling_ratio("roi_align", value)
+
+
+@pytest.mark.parametrize("seed", [-(2**63), 2**64 - 1])
+def test_every_valid_seed_seeds_the_training_draws(seed):
+    """The seeds derived from solver.seed (augmentation by stream position, box draws by iteration
+    and rank) are valid for every seed the config accepts."""
+    from fastdiffinst.data.loader import derived_generator
+
+    solver = replace_path(get_config("tiny"), "solver.seed", seed).solver
+    torch.manual_seed(solver.seed)
+    first = derived_generator((solver.seed * 1_000_003 + 10**9) * 64 + 7).initial_seed()
+    assert 0 <= first < 2**64
+    assert derived_generator(-1).initial_seed() == torch.Generator().manual_seed(-1).initial_seed()
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_saved_configurations_read_back(name):
+    """config_from_dict (checkpoint loading) of every preset, and of a run with the new boundary values."""
+    assert config_from_dict(config_to_dict(get_config(name))) == get_config(name)
+    data = config_to_dict(get_config(name))
+    data["solver"]["steps"] = []  # json gives lists
+    data["solver"]["seed"] = 2**64 - 1
+    data["head"]["pooler_sampling_ratio"] = -1
+    cfg = config_from_dict(data)
+    assert cfg.solver.steps == () and cfg.solver.seed == 2**64 - 1 and cfg.head.pooler_sampling_ratio == -1

@@ -429,7 +429,7 @@ class TestDiceSumsContract(_MaskHeadContract):
 
 
 # --------------------------------------------------------------------------------------------
-# torch.compile with inductor
+# torch.compile: both ops in one graph, and inductor
 
 def _assert_compiled_matches_eager(fn, feats, params, backend):
     """Loss and both gradients of ``fn(feats, params)``, eager and ``torch.compile(fullgraph=True)``."""
@@ -442,6 +442,23 @@ def _assert_compiled_matches_eager(fn, feats, params, backend):
         results.append((loss.detach(), f.grad, p.grad))
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_head_and_dice_sums_in_one_graph(backend):
+    """Both ops and the dice loss in one ``fullgraph`` aot_eager graph (the contracts compile each op
+    alone), forward and backward."""
+    feats, params, image_index, rel = _case(coords=True)
+    gt, gt_index = _targets(params.shape[0], feats.shape[2], feats.shape[3])
+
+    def fn(f, p):
+        logits = fops.dynamic_mask_head(f * 1.5, p, image_index, rel_coords=rel)
+        sums = fops.dynamic_mask_dice_sums(f, p, image_index, gt, gt_index, rel_coords=rel)
+        return logits.sigmoid().mean() + dice_loss_from_sums(sums).sum()
+
+    torch._dynamo.reset()
+    with fops.use_backend("dynamic_mask_head", backend):
+        _assert_compiled_matches_eager(fn, feats, params, "aot_eager")
 
 
 def test_compile_inductor_matches_eager():

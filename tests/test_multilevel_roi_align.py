@@ -319,7 +319,7 @@ class TestMultiLevelRoIAlignContract(DifferentiableOpContract):
     op = "multilevel_roi_align"
     grad_inputs = (0,)
     variants = ("fp32", "fp16", "fp32 list boxes")
-    compile_variants = ("fp32", "fp32 list boxes")
+    compile_variants = ("fp32", "fp32 list boxes", "fp32, sampling 2")  # sampling_ratio 0 (adaptive), and 2
     empty_variants = ("tensor boxes", "list boxes")
     GRADCHECK = {"aligned, sampling 2": (True, 2), "sampling 1": (False, 1)}  # (aligned, sampling_ratio)
     gradcheck_cases = ("aligned, sampling 2", "sampling 1")
@@ -330,7 +330,7 @@ class TestMultiLevelRoIAlignContract(DifferentiableOpContract):
         features, rois = make_case(6800, dtype=torch.float16 if variant == "fp16" else torch.float32, shift=OFF_GRID)
         features[1] = features[1].contiguous(memory_format=torch.channels_last)
         boxes = [rois[rois[:, 0] == i, 1:] for i in range(B)] if variant.endswith("list boxes") else rois
-        return features, boxes, OUT, SCALES, 0, True
+        return features, boxes, OUT, SCALES, 2 if variant.endswith("sampling 2") else 0, True
 
     def make_empty_inputs(self, variant):
         features, _ = make_case(6700)

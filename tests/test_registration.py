@@ -4,6 +4,7 @@ import footprint of ``fastdiffinst.ops`` (docs/design.md §2, §3)."""
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 
@@ -83,6 +84,22 @@ def test_python_limits_are_the_kernels():
     assert mask_head.MAX_CHANNELS == native.MASK_HEAD_MAX_CHANNELS
     assert mask_head._MAX_FEATURE_CHANNELS == native.MASK_HEAD_MAX_FEATURE_CHANNELS
     assert mask_head.MAX_LAYERS == native.MASK_HEAD_MAX_LAYERS
+    reference_roi_align = importlib.import_module("fastdiffinst.reference.roi_align")
+    assert reference_roi_align._MAX_ADAPTIVE_GRID == native.MAX_SAMPLING_RATIO
+
+
+def test_an_extension_older_than_the_sources_is_named(monkeypatch):
+    """A ``_C`` built before a limit was exported fails the import of the ops with what to do."""
+
+    class OldExtension:  # the attributes of an older build: no MAX_LEVELS
+        MAX_SAMPLING_RATIO = 1024
+
+    monkeypatch.setattr(_extension, "_C", OldExtension)
+    assert _extension.limit("MAX_SAMPLING_RATIO") == 1024
+    message = ("fastdiffinst._C is older than the sources (no MAX_LEVELS): rebuild it with `make setup` or "
+               "`pip install -e . --no-build-isolation`")
+    with pytest.raises(ImportError, match=re.escape(message)):
+        _extension.limit("MAX_LEVELS")
 
 
 def test_has_kernel_rejects_unknown_device():

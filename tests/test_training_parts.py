@@ -110,6 +110,7 @@ def test_progress_bar_without_tqdm(monkeypatch, capsys):
         bar.set(6, "loss 1.0")
     with ProgressBar(3, "eval", "batch", enabled=False, count_without_tqdm=True) as bar:
         bar.update()
+        bar.write("not shown")
     assert capsys.readouterr().err == ""
 
 
@@ -122,4 +123,5 @@ def test_progress_bar_with_tqdm(capsys):
     assert "train" in err and "7/10" in err and "loss 0.500" in err
     with ProgressBar(3, "eval", "batch", enabled=False) as bar:
         bar.update()
+        bar.write("not shown")
     assert capsys.readouterr().err == ""

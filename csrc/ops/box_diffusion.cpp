@@ -153,17 +153,20 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
   const auto counts = gt_counts.contiguous(), steps = t.contiguous(), select = select_index.contiguous();
   const int64_t *count_p = counts.data_ptr<int64_t>(), *t_p = steps.data_ptr<int64_t>();
   const int64_t* sel_p = select.data_ptr<int64_t>();
+  // The value checks name the arguments of fastdiffinst.ops.q_sample_boxes (the draws come in a
+  // QSampleDraws), whose CPU path makes no value check of its own; its CUDA path has the same
+  // messages (fastdiffinst/ops/box_diffusion.py).
   for (int64_t b = 0; b < s.batch; ++b) {
     TORCH_CHECK(count_p[b] >= 0 && count_p[b] <= s.max_gt, op, ": gt_counts[", b, "] must be in [0, G = ", s.max_gt,
                 "], got ", count_p[b]);
-    TORCH_CHECK(t_p[b] >= 0 && t_p[b] < s.timesteps, op, ": t[", b, "] must be in [0, ", s.timesteps, "), got ",
+    TORCH_CHECK(t_p[b] >= 0 && t_p[b] < s.timesteps, op, ": draws.t[", b, "] must be in [0, ", s.timesteps, "), got ",
                 t_p[b]);
     // An image without GT has one (fake) box, index 0.
     const int64_t available = count_p[b] > 0 ? count_p[b] : 1;
     for (int64_t i = 0; i < s.proposals; ++i) {
       const int64_t sel = sel_p[b * s.proposals + i];
-      TORCH_CHECK(sel >= -1 && sel < available, op, ": select_index[", b, ", ", i, "] must be -1 or in [0, ", available,
-                  "), got ", sel);
+      TORCH_CHECK(sel >= -1 && sel < available, op, ": draws.select_index[", b, ", ", i, "] must be -1 or in [0, ",
+                  available, "), got ", sel);
     }
     for (int64_t g = 0; g < count_p[b]; ++g) {
       double box[4];
@@ -177,8 +180,8 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
   }
   check_positive_sizes(whwh, op);
   // Every draw is checked, used or not: a non-finite draw is a bug upstream.
-  check_finite(eps, s.proposals, op, "noise");
-  check_finite(draws, s.proposals, op, "placeholder_noise");
+  check_finite(eps, s.proposals, op, "draws.noise");
+  check_finite(draws, s.proposals, op, "draws.placeholder_noise");
 
   auto out = at::empty({s.batch, s.proposals, 4}, gt_boxes.options().dtype(at::kDouble));
   const QSampleImages images{.gt_boxes = gt,

@@ -121,8 +121,8 @@ struct RoIAlignEntryPoints {
 
   // The schema arguments of the four ops, named. `spatial_scales` must outlive the call: the
   // single-level ops pass their own `spatial_scale` parameter as a one-level list.
-  static RoIAlignArgs args(at::ArrayRef<double> spatial_scales, int64_t sampling_ratio, bool aligned,
-                           int64_t canonical_box_size, int64_t canonical_level, const char* op) {
+  static RoIAlignArgs make_args(at::ArrayRef<double> spatial_scales, int64_t sampling_ratio, bool aligned,
+                                int64_t canonical_box_size, int64_t canonical_level, const char* op) {
     return {.spatial_scales = spatial_scales,
             .sampling_ratio = sampling_ratio,
             .aligned = aligned,
@@ -142,8 +142,8 @@ struct RoIAlignEntryPoints {
   static at::Tensor roi_align(const at::Tensor& input, const at::Tensor& rois, double spatial_scale, int64_t pooled_h,
                               int64_t pooled_w, int64_t sampling_ratio, bool aligned) {
     return forward({input}, rois, pooled_h, pooled_w,
-                   args(at::ArrayRef<double>(spatial_scale), sampling_ratio, aligned, kDefaultCanonicalBoxSize,
-                        kDefaultCanonicalLevel, "roi_align"));
+                   make_args(at::ArrayRef<double>(spatial_scale), sampling_ratio, aligned, kDefaultCanonicalBoxSize,
+                             kDefaultCanonicalLevel, "roi_align"));
   }
 
   static at::Tensor roi_align_backward(const at::Tensor& grad, const at::Tensor& rois, double spatial_scale,
@@ -152,15 +152,16 @@ struct RoIAlignEntryPoints {
     TORCH_CHECK(grad.dim() == 4 && grad.size(2) == pooled_h && grad.size(3) == pooled_w,
                 "roi_align backward: grad must be [K, C, ", pooled_h, ", ", pooled_w, "], got ", grad.sizes());
     return backward(grad, rois, at::IntArrayRef(height), at::IntArrayRef(width), batch_size, channels,
-                    args(at::ArrayRef<double>(spatial_scale), sampling_ratio, aligned, kDefaultCanonicalBoxSize,
-                         kDefaultCanonicalLevel, "roi_align backward"))[0];
+                    make_args(at::ArrayRef<double>(spatial_scale), sampling_ratio, aligned, kDefaultCanonicalBoxSize,
+                              kDefaultCanonicalLevel, "roi_align backward"))[0];
   }
 
   static at::Tensor multilevel(at::TensorList features, const at::Tensor& rois, at::ArrayRef<double> scales,
                                int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                                int64_t canonical_box_size, int64_t canonical_level) {
     return forward(features, rois, pooled_h, pooled_w,
-                   args(scales, sampling_ratio, aligned, canonical_box_size, canonical_level, "multilevel_roi_align"));
+                   make_args(scales, sampling_ratio, aligned, canonical_box_size, canonical_level,
+                             "multilevel_roi_align"));
   }
 
   static std::vector<at::Tensor> multilevel_backward(const at::Tensor& grad, const at::Tensor& rois,
@@ -169,8 +170,8 @@ struct RoIAlignEntryPoints {
                                                      int64_t sampling_ratio, bool aligned, int64_t canonical_box_size,
                                                      int64_t canonical_level) {
     return backward(grad, rois, heights, widths, batch_size, channels,
-                    args(scales, sampling_ratio, aligned, canonical_box_size, canonical_level,
-                         "multilevel_roi_align backward"));
+                    make_args(scales, sampling_ratio, aligned, canonical_box_size, canonical_level,
+                              "multilevel_roi_align backward"));
   }
 
   static void register_kernels(torch::Library& m) {

@@ -27,6 +27,13 @@ def collate(samples: list[dict]) -> list[dict]:
     return samples
 
 
+def derived_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded by ``seed`` modulo 2^64, the way ``torch.Generator.manual_seed`` reads a
+    negative seed: the seeds derived from ``solver.seed`` (any value in [-2^63, 2^64)) and a position
+    or an iteration stay valid however large they grow."""
+    return torch.Generator().manual_seed(seed % 2**64)
+
+
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None or world_size is None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -125,7 +132,7 @@ class AugmentedSamples(Dataset):
         sample = self.dataset[index]
         if self.make_transform is None:
             return sample
-        return self.make_transform(torch.Generator().manual_seed(self.seed * 1_000_003 + position))(sample)
+        return self.make_transform(derived_generator(self.seed * 1_000_003 + position))(sample)
 
 
 class PositionedSampler(Sampler[tuple[int, int]]):

@@ -25,7 +25,13 @@ import torch
 
 from fastdiffinst.checkpoint import ensure_writable
 from fastdiffinst.config import ModelConfig, config_to_dict
-from fastdiffinst.data.loader import RepeatFactorTrainingSampler, TrainingSampler, repeat_factors, train_loader
+from fastdiffinst.data.loader import (
+    RepeatFactorTrainingSampler,
+    TrainingSampler,
+    derived_generator,
+    repeat_factors,
+    train_loader,
+)
 from fastdiffinst.data.transforms import official_train_transform
 from fastdiffinst.engine import distributed
 from fastdiffinst.engine.loss_plot import plot_losses
@@ -144,7 +150,7 @@ class Trainer:
     def _step(self, batch: list[dict]) -> dict[str, float]:
         images = [s["image"].to(self.device) for s in batch]
         targets = [{k: s[k].to(self.device) for k in ("boxes", "labels", "masks")} for s in batch]
-        generator = torch.Generator().manual_seed((self.cfg.solver.seed * 1_000_003 + self.iteration) * 64 + self.rank)
+        generator = derived_generator((self.cfg.solver.seed * 1_000_003 + self.iteration) * 64 + self.rank)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             losses = self.model(images, targets, generator=generator)
         total = sum(losses.values())

@@ -13,7 +13,7 @@ Python's ``random.shuffle``, which the hook cannot replay: that case raises.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -23,9 +23,15 @@ from fastdiffinst.common.diffusion import DiffusionSchedule
 from fastdiffinst.modeling.sampler import DrawFn, checked_draw
 from fastdiffinst.modeling.targets import TrainingTargets
 
-# (GT boxes per image [G_b, 4] normalised cxcywh, images_whwh [B, 4], num_proposals, draws, schedule,
-#  scale) -> noisy boxes [B, N, 4] float64 absolute xyxy
-TrainingBoxes = Callable[[list[Tensor], Tensor, int, ops.QSampleDraws, DiffusionSchedule, float], Tensor]
+
+class TrainingBoxes(Protocol):
+    """The training corruption, with the arguments of :func:`fastdiffinst.ops.q_sample_boxes`
+    (keyword-only after the boxes and image sizes), the GT boxes given per image (``[G_b, 4]``
+    normalised cxcywh) instead of padded with their counts; N = ``draws.noise.shape[1]`` ->
+    noisy boxes ``[B, N, 4]`` float64 absolute xyxy."""
+
+    def __call__(self, gt_boxes: list[Tensor], images_whwh: Tensor, *, draws: ops.QSampleDraws,
+                 schedule: DiffusionSchedule, scale: float) -> Tensor: ...
 
 
 def official_order_draws(draws: DrawFn, counts: list[int], num_proposals: int,
@@ -66,4 +72,4 @@ def noisy_proposals(targets: TrainingTargets, images_whwh: Tensor, num_proposals
     else:
         inputs = ops.draw_q_sample_inputs(counts, num_proposals, generator, device=device)
     gt_cxcywh = [t.boxes_cxcywh for t in targets.images]
-    return training_boxes(gt_cxcywh, images_whwh, num_proposals, inputs, schedule, scale), inputs.t
+    return training_boxes(gt_cxcywh, images_whwh, draws=inputs, schedule=schedule, scale=scale), inputs.t

@@ -147,7 +147,9 @@ class DiffusionInst(nn.Module):
 
     def set_ops_impl(self, ops_impl: str) -> None:
         """Switches between our kernels (``"fused"``) and the official formulations
-        (``"reference"``) for the same weights (see :mod:`fastdiffinst.modeling.implementation`)."""
+        (``"reference"``) for the same weights (see :mod:`fastdiffinst.modeling.implementation`).
+        The recomputation setting is kept as it is: the constructor's default follows ``ops_impl``,
+        a switch does not (call :meth:`set_recompute` to change it too)."""
         self.impl = ops_implementation(ops_impl)
         self.head.box_pooler = self._pooler(self.impl)
 

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from fastdiffinst import ops
-from fastdiffinst.common.boxes import signal_to_boxes
 from fastdiffinst.common.diffusion import DiffusionSchedule
 from fastdiffinst.modeling.corruption import TrainingBoxes
 from fastdiffinst.modeling.poolers import FusedRoIPooler, OfficialRoIPooler
@@ -28,7 +27,7 @@ from fastdiffinst.modeling.postprocess import fused_mask_chunk_size, official_ma
 from fastdiffinst.modeling.sampler import DDIMStep
 from fastdiffinst.reference import dynamic_mask_head as reference_mask_head
 from fastdiffinst.reference import masks as reference_masks
-from fastdiffinst.reference.box_diffusion import official_ddim_step, official_training_boxes
+from fastdiffinst.reference.box_diffusion import official_ddim_step_batch, official_training_boxes
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,10 @@ class OpsImplementation:
             ``[n, H, W]`` logits or probabilities.
         dice_sums: ``(mask_feats, params, image_index, gt_masks, gt_index, *, channels,
             num_layers)`` -> ``[n, 3]`` dice sums.
-        training_boxes: the training corruption (:data:`fastdiffinst.modeling.corruption.TrainingBoxes`).
-        ddim_step: one DDIM step with renewal (:data:`fastdiffinst.modeling.sampler.DDIMStep`).
+        training_boxes: the training corruption (:class:`fastdiffinst.modeling.corruption.TrainingBoxes`:
+            the arguments of ``q_sample_boxes``, keyword-only after the boxes and image sizes).
+        ddim_step: one DDIM step with renewal (:class:`fastdiffinst.modeling.sampler.DDIMStep`: the
+            arguments of ``ddim_step_boxes``, keyword-only after ``x_t`` and ``images_whwh``).
         paste_masks: ``(mask_probs, boxes, image_size, output_size)`` -> ``[n, H, W]`` bool.
         mask_chunk_size: ``(mask_size, output_size)`` -> instances per pasting call, bounding the
             temporaries of ``paste_masks``.
@@ -62,49 +63,26 @@ class OpsImplementation:
     mask_chunk_size: Callable[[tuple[int, int], tuple[int, int]], int]
 
 
-def _fused_training_boxes(gt_cxcywh: list[Tensor], images_whwh: Tensor, num_proposals: int,
-                          draws: ops.QSampleDraws, schedule: DiffusionSchedule, scale: float) -> Tensor:
+def _fused_training_boxes(gt_boxes: list[Tensor], images_whwh: Tensor, *, draws: ops.QSampleDraws,
+                          schedule: DiffusionSchedule, scale: float) -> Tensor:
     """The GT boxes padded into one ``[B, G, 4]`` batch, corrupted by one ``q_sample_boxes`` call."""
     device = images_whwh.device
-    counts = [boxes.shape[0] for boxes in gt_cxcywh]
+    counts = [boxes.shape[0] for boxes in gt_boxes]
     padded = torch.zeros((len(counts), max(max(counts), 1), 4), dtype=torch.float32, device=device)
-    for b, boxes in enumerate(gt_cxcywh):
+    for b, boxes in enumerate(gt_boxes):
         padded[b, :boxes.shape[0]] = boxes
     return ops.q_sample_boxes(padded, torch.tensor(counts, dtype=torch.int64, device=device), images_whwh, draws=draws,
                               schedule=schedule, scale=scale)
 
 
-def _official_training_boxes(gt_cxcywh: list[Tensor], images_whwh: Tensor, num_proposals: int,
-                             draws: ops.QSampleDraws, schedule: DiffusionSchedule, scale: float) -> Tensor:
-    """The official corruption, image by image."""
-    return official_training_boxes(gt_cxcywh, images_whwh, num_proposals, draws.t, draws.noise,
-                                   draws.placeholder_noise, draws.select_index, schedule, scale)
-
-
-def _fused_ddim_step(x_t: Tensor, pred_boxes: Tensor, images_whwh: Tensor, keep: Tensor, t: int, t_next: int,
-                     schedule: DiffusionSchedule, eta: float, scale: float, noise: Tensor,
-                     renew_noise: Tensor) -> tuple[Tensor, Tensor]:
+def _fused_ddim_step(x_t: Tensor, images_whwh: Tensor, *, pred_boxes: Tensor, keep: Tensor, t: int, t_next: int,
+                     schedule: DiffusionSchedule, noise: Tensor, renew_noise: Tensor, eta: float,
+                     scale: float) -> tuple[Tensor, Tensor]:
     """One ``ddim_step_boxes`` call for the whole batch."""
     x_next, _, boxes, _ = ops.ddim_step_boxes(x_t, images_whwh, pred_boxes=pred_boxes, keep=keep, t=t, t_next=t_next,
                                               schedule=schedule, noise=noise, renew_noise=renew_noise, eta=eta,
                                               scale=scale)
     return x_next, boxes
-
-
-def _official_ddim_step(x_t: Tensor, pred_boxes: Tensor, images_whwh: Tensor, keep: Tensor, t: int, t_next: int,
-                        schedule: DiffusionSchedule, eta: float, scale: float, noise: Tensor,
-                        renew_noise: Tensor) -> tuple[Tensor, Tensor]:
-    """The official step image by image: compacted slot p uses ``noise[:, p]``, refilled slot p
-    ``renew_noise[:, p]``, as the fused op."""
-    states = []
-    for b in range(x_t.shape[0]):
-        kept = int(keep[b].sum())
-        state, _ = official_ddim_step(x_t[b:b + 1], pred_boxes[b:b + 1], images_whwh[b:b + 1], keep[b], t, t_next,
-                                      schedule, eta, noise[b:b + 1, :kept].to(x_t.dtype),
-                                      renew_noise[b:b + 1, kept:].to(x_t.dtype), scale)
-        states.append(state)
-    x_next = torch.cat(states)
-    return x_next, signal_to_boxes(x_next, images_whwh.to(x_next.dtype), scale)
 
 
 FUSED = OpsImplementation(
@@ -124,8 +102,8 @@ REFERENCE = OpsImplementation(
     channels_last_levels=False,
     mask_head=reference_mask_head.dynamic_mask_head,
     dice_sums=reference_mask_head.dynamic_mask_dice_sums,
-    training_boxes=_official_training_boxes,
-    ddim_step=_official_ddim_step,
+    training_boxes=official_training_boxes,
+    ddim_step=official_ddim_step_batch,
     paste_masks=reference_masks.paste_masks,
     mask_chunk_size=official_mask_chunk_size,
 )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -32,10 +33,16 @@ from fastdiffinst.common.diffusion import DiffusionSchedule, ddim_time_pairs
 from fastdiffinst.config import SamplerConfig
 
 DrawFn = Callable[[tuple[int, ...], torch.dtype, torch.device], Tensor]
-# (x_t, pred_boxes, images_whwh, keep, t, t_next, schedule, eta, scale, noise, renew_noise)
-#   -> (x_next [B, N, 4], the next step's head boxes [B, N, 4])
-DDIMStep = Callable[[Tensor, Tensor, Tensor, Tensor, int, int, DiffusionSchedule, float, float, Tensor, Tensor],
-                    tuple[Tensor, Tensor]]
+
+
+class DDIMStep(Protocol):
+    """One DDIM step with renewal, with the arguments of :func:`fastdiffinst.ops.ddim_step_boxes`
+    (keyword-only, so that no two can be swapped) -> ``(x_next [B, N, 4], the next step's head
+    boxes [B, N, 4])``."""
+
+    def __call__(self, x_t: Tensor, images_whwh: Tensor, *, pred_boxes: Tensor, keep: Tensor, t: int, t_next: int,
+                 schedule: DiffusionSchedule, noise: Tensor, renew_noise: Tensor, eta: float,
+                 scale: float) -> tuple[Tensor, Tensor]: ...
 
 
 def checked_draw(draws: DrawFn, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -150,6 +157,6 @@ def ddim_sample(head: Callable[[Tensor, Tensor], HeadOutput], images_whwh: Tenso
         if t_next < 0:
             break
         noise, renew = draws.step(index, keep, x_t.dtype)
-        x_t, boxes = ddim_step(x_t, out.boxes[-1], images_whwh, keep, t, t_next, schedule, cfg.eta, cfg.snr_scale,
-                               noise, renew)
+        x_t, boxes = ddim_step(x_t, images_whwh, pred_boxes=out.boxes[-1], keep=keep, t=t, t_next=t_next,
+                               schedule=schedule, noise=noise, renew_noise=renew, eta=cfg.eta, scale=cfg.snr_scale)
     return steps

@@ -1,8 +1,8 @@
 """Argument checks run in Python before dispatch: clear ``TypeError``/``ValueError`` messages that
 name the argument, what was expected and what was given (docs/design.md §2); and the synchronising
-value checks the ops add on CUDA when ``set_input_checks(True)``, with the C++ kernels' messages
-(the index range check is :func:`fastdiffinst.common.indices.check_index_range`, shared with the
-references)."""
+value checks the ops add on CUDA when ``set_input_checks(True)`` (never while torch.compile traces),
+with the C++ kernels' messages (the index range checks are in :mod:`fastdiffinst.common.indices`,
+shared with the references)."""
 
 from __future__ import annotations
 
@@ -181,12 +181,20 @@ def integer(op: str, name: str, value: object) -> int:
 
 
 MAX_SAMPLING_RATIO = _extension.limit("MAX_SAMPLING_RATIO")
+# What a valid sampling_ratio is, in the words of the error messages (the ops' and the config's).
+SAMPLING_RATIO_RULE = f"at most {MAX_SAMPLING_RATIO} (<= 0 for the adaptive grid)"
+
+
+def valid_sampling_ratio(value: object) -> bool:
+    """Whether ``value`` is a valid ``sampling_ratio``: an int (not a bool) of at most
+    :data:`MAX_SAMPLING_RATIO`; any value <= 0 (down to the kernels' int32 minimum) selects the
+    adaptive grid. The one rule of the ops and of ``fastdiffinst.config``."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**31) <= value <= MAX_SAMPLING_RATIO
 
 
 def sampling_ratio(op: str, value: object) -> int:
-    """Samples per bin and axis: at most :data:`MAX_SAMPLING_RATIO`; <= 0 for the adaptive grid."""
+    """Samples per bin and axis (:func:`valid_sampling_ratio`)."""
     value = integer(op, "sampling_ratio", value)
-    if not -(2**31) <= value <= MAX_SAMPLING_RATIO:
-        raise ValueError(f"{op}: sampling_ratio must be at most {MAX_SAMPLING_RATIO} (<= 0 for the adaptive grid), "
-                         f"got {value}")
+    if not valid_sampling_ratio(value):
+        raise ValueError(f"{op}: sampling_ratio must be {SAMPLING_RATIO_RULE}, got {value}")
     return value

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from fastdiffinst import _extension
+from fastdiffinst.common.indices import value_checks_allowed
 
 # op name -> backends it offers and a description of each.
 _BACKENDS: dict[str, dict[str, str]] = {}
@@ -120,6 +121,7 @@ def set_input_checks(enabled: bool) -> None:
 
 
 def input_checks_enabled() -> bool:
-    """Whether to run the synchronising value checks now: never while torch.compile traces (they
-    are data-dependent and would break the graph; the compiled kernels stay memory-safe)."""
-    return _input_checks and not torch.compiler.is_compiling()
+    """Whether to run the synchronising value checks now: when ``set_input_checks(True)``, and never
+    while torch.compile traces (:func:`fastdiffinst.common.indices.value_checks_allowed`, the rule of
+    every synchronising value check)."""
+    return _input_checks and value_checks_allowed()

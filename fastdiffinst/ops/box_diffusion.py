@@ -31,9 +31,8 @@ _dispatch.register_op(_DDIM_STEP, _BACKENDS)
 
 
 def _check_images_whwh(op: str, images_whwh: object, batch: int) -> None:
-    _checks.require_tensor(op, "images_whwh", images_whwh)
-    _checks.require_floating(op, "images_whwh", images_whwh)
     _checks.require_shape(op, "images_whwh", images_whwh, (batch, 4), "[B, 4]")
+    _checks.require_floating(op, "images_whwh", images_whwh)
 
 
 def _check_q_sample_args(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Tensor, draws: QSampleDraws,
@@ -101,8 +100,8 @@ def q_sample_boxes(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Tensor, *, 
 
 def _check_q_sample_values(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Tensor, draws: QSampleDraws,
                            sqrt_alphas_cumprod: Tensor, sqrt_one_minus_alphas_cumprod: Tensor) -> None:
-    """Synchronising value checks for CUDA, with the CPU kernel's messages where they are index
-    checks (the CPU kernel makes them itself)."""
+    """Synchronising value checks for CUDA, with the CPU kernel's messages, which name the Python
+    arguments (``draws.t``; the CPU kernel makes these checks itself)."""
     op = _Q_SAMPLE
     max_gt, timesteps = gt_boxes.shape[1], sqrt_alphas_cumprod.shape[0]
     bad = _checks.first_out_of_range(gt_counts, 0, max_gt + 1)
@@ -110,20 +109,21 @@ def _check_q_sample_values(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Ten
         raise RuntimeError(f"{op}: gt_counts[{bad[0]}] must be in [0, G = {max_gt}], got {int(gt_counts[bad])}")
     bad = _checks.first_out_of_range(draws.t, 0, timesteps)
     if bad is not None:
-        raise RuntimeError(f"{op}: t[{bad[0]}] must be in [0, {timesteps}), got {int(draws.t[bad])}")
+        raise RuntimeError(f"{op}: draws.t[{bad[0]}] must be in [0, {timesteps}), got {int(draws.t[bad])}")
     available = gt_counts.clamp(min=1)[:, None]  # an image without GT has one (fake) box, index 0
     bad = _checks.first_out_of_range(draws.select_index, -1, available)
     if bad is not None:
-        raise RuntimeError(f"{op}: select_index[{bad[0]}, {bad[1]}] must be -1 or in [0, {int(available[bad[0]])}), "
-                           f"got {int(draws.select_index[bad])}")
-    _check_finite(op, noise=draws.noise, placeholder_noise=draws.placeholder_noise, images_whwh=images_whwh)
+        raise RuntimeError(f"{op}: draws.select_index[{bad[0]}, {bad[1]}] must be -1 or in "
+                           f"[0, {int(available[bad[0]])}), got {int(draws.select_index[bad])}")
+    _check_finite(op, {"draws.noise": draws.noise, "draws.placeholder_noise": draws.placeholder_noise,
+                       "images_whwh": images_whwh})
     buffers = torch.stack([sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod])
     if not bool(((buffers >= 0) & (buffers <= 1)).all()):
         raise RuntimeError(f"{op}: the schedule must hold values in [0, 1]")
     _check_sizes(op, images_whwh)
 
 
-def _check_finite(op: str, **tensors: Tensor) -> None:
+def _check_finite(op: str, tensors: dict[str, Tensor]) -> None:
     for name, x in tensors.items():
         if not bool(torch.isfinite(x).all()):
             raise RuntimeError(f"{op}: {name} must be finite")
@@ -205,7 +205,8 @@ def _check_ddim_step_values(x_t: Tensor, images_whwh: Tensor, pred_boxes: Tensor
                             alphas_cumprod: Tensor, eta: float, noise: Tensor, renew_noise: Tensor) -> None:
     """Synchronising value checks for CUDA (the CPU kernel makes them itself)."""
     op = _DDIM_STEP
-    _check_finite(op, x_t=x_t, pred_boxes=pred_boxes, images_whwh=images_whwh, noise=noise, renew_noise=renew_noise)
+    _check_finite(op, {"x_t": x_t, "pred_boxes": pred_boxes, "images_whwh": images_whwh, "noise": noise,
+                       "renew_noise": renew_noise})
     _check_sizes(op, images_whwh)
     alpha = float(alphas_cumprod[t])
     alpha_next = float(alphas_cumprod[t_next]) if t_next >= 0 else 1.0

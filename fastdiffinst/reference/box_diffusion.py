@@ -100,12 +100,15 @@ def official_prepare_diffusion_concat(gt_boxes: Tensor, num_proposals: int, t: T
     return box_cxcywh_to_xyxy(x)
 
 
-def official_training_boxes(gt_boxes: list[Tensor], images_whwh: Tensor, num_proposals: int, t: Tensor,
-                            noise: Tensor, placeholder_noise: Tensor, select_index: Tensor,
+def official_training_boxes(gt_boxes: list[Tensor], images_whwh: Tensor, *, draws: QSampleDraws,
                             schedule: DiffusionSchedule, scale: float = SIGNAL_SCALE) -> Tensor:
     """The official per-image loop of ``prepare_targets`` and the × whwh of ``forward``, fed with the
     fixed-shape draws of :func:`q_sample_boxes` (placeholder rows after the GT rows, the kept subset
-    from ``select_index``). gt_boxes: per image [G_b, 4] normalised cxcywh -> [B, N, 4] float64."""
+    from ``select_index``; N = ``draws.noise.shape[1]`` proposals): the arguments of
+    ``q_sample_boxes`` with per-image GT boxes instead of the padded batch and its counts.
+    gt_boxes: per image [G_b, 4] normalised cxcywh -> [B, N, 4] float64."""
+    t, noise, placeholder_noise, select_index = draws
+    num_proposals = noise.shape[1]
     diffused = []
     for b, gt in enumerate(gt_boxes):
         n_gt = max(gt.shape[0], 1)
@@ -145,3 +148,25 @@ def official_ddim_step(img: Tensor, pred_boxes: Tensor, image_whwh: Tensor, keep
     img = x_start * alpha_next.sqrt() + c * pred_noise + sigma * noise
     img = torch.cat((img, renew_noise), dim=1)
     return img, full_x_start
+
+
+def official_ddim_step_batch(x_t: Tensor, images_whwh: Tensor, *, pred_boxes: Tensor, keep: Tensor, t: int,
+                             t_next: int, schedule: DiffusionSchedule, noise: Tensor, renew_noise: Tensor,
+                             eta: float = 1.0, scale: float = SIGNAL_SCALE) -> tuple[Tensor, Tensor]:
+    """:func:`official_ddim_step` image by image, on the arguments of ``ddim_step_boxes`` (a non-final
+    step, ``t_next >= 0``): image b's compacted slot p uses ``noise[b, p]``, its refilled slot p
+    ``renew_noise[b, p]``, both in the dtype of ``x_t`` as the official ``randn_like(img)``.
+    Returns ``(x_next [B, N, 4], the next step's head boxes [B, N, 4])``, the boxes decoded from
+    ``x_next`` as the official ``model_predictions`` does."""
+    if t_next < 0:
+        raise ValueError(f"official_ddim_step_batch: the final step (t_next = {t_next}) keeps a different number of "
+                         f"proposals per image; call official_ddim_step per image")
+    states = []
+    for b in range(x_t.shape[0]):
+        kept = int(keep[b].sum())
+        state, _ = official_ddim_step(x_t[b:b + 1], pred_boxes[b:b + 1], images_whwh[b:b + 1], keep[b], t, t_next,
+                                      schedule, eta, noise[b:b + 1, :kept].to(x_t.dtype),
+                                      renew_noise[b:b + 1, kept:].to(x_t.dtype), scale)
+        states.append(state)
+    x_next = torch.cat(states)
+    return x_next, signal_to_boxes(x_next, images_whwh.to(x_next.dtype), scale)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from fastdiffinst import _extension
 from fastdiffinst.common.levels import assign_fpn_levels, level_range
 
 # (input, rois [K, 5], output_size, spatial_scale, sampling_ratio, aligned) -> [K, C, PH, PW]
@@ -20,8 +21,8 @@ RoIAlignFn = Callable[[Tensor, Tensor, tuple[int, int], float, int, bool], Tenso
 
 # Bounds the gathered [rois, samples_y, samples_x, C] tensor of one chunk (elements).
 _CHUNK_ELEMENTS = 1 << 24
-# Same cap as the native kernels (csrc/ops/common/roi_align_math.h).
-_MAX_ADAPTIVE_GRID = 1024
+# The adaptive grid's cap of the native kernels (roi::kMaxAdaptiveGrid, exported by fastdiffinst._C).
+_MAX_ADAPTIVE_GRID = _extension.limit("MAX_SAMPLING_RATIO")
 
 
 def _axis_taps(coords: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:

@@ -14,7 +14,9 @@
 namespace fastdiffinst {
 namespace diffusion {
 
-// Placeholder boxes: N(0.5, (1/6)^2) per coordinate, sizes at least this.
+// Placeholder boxes: N(0.5, (1/6)^2) per coordinate, sizes at least this. The plain-PyTorch
+// references use fastdiffinst/common/diffusion.py PLACEHOLDER_MIN_SIZE; fastdiffinst._C exports this
+// one as PLACEHOLDER_MIN_SIZE and tests/test_box_diffusion.py checks that the two agree.
 constexpr double kPlaceholderMinSize = 1e-4;
 
 C10_HOST_DEVICE inline double clamp_signal(double v, double scale) {
