@@ -51,27 +51,64 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model or the expected format."""
 
 
-def _read(path: str | os.PathLike) -> Any:
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
+
+
+def _describe_contents(path: str) -> str:
+    """What a file that cannot be read as a checkpoint holds, for the error message."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+    size = os.path.getsize(path)
+    if not head:
+        return "an empty file"
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path):  # reads the central directory at the end: fails when truncated
+                pass
+        except (zipfile.BadZipFile, OSError):
+            return f"a damaged or truncated torch archive ({size} bytes)"
+        return ("a torch archive holding Python objects besides tensors and plain containers (a whole model "
+                "saved with torch.save(model)?), which are not loaded because unpickling them can run code")
+    if head[0] == 0x80:  # the PROTO opcode that starts every pickle of protocol >= 2
+        return f"a pickle that cannot be read ({size} bytes)"
+    text = head.decode("utf-8", errors="replace").strip()
+    if text.isprintable():
+        return f"text starting with {text[:40]!r}"
+    return f"{size} bytes of unrecognised binary data"
+
+
+def read_checkpoint(path: str | os.PathLike) -> Any:
+    """The object stored in a checkpoint file: ``.pkl`` through :mod:`pickle` (detectron2's format),
+    anything else through ``torch.load(weights_only=True)``. ``FileNotFoundError`` when there is no
+    such file; :class:`CheckpointError` naming the path and what it holds when it cannot be read."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.endswith(".pkl"):
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding="latin1")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unpickling foreign or damaged bytes can raise nearly any exception type
+        raise CheckpointError(f"{path} is not a fastdiffinst or detectron2 checkpoint: found "
+                              f"{_describe_contents(path)}") from None
 
 
 def _state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Tensor]:
     """A flat ``name -> Tensor`` dict from a path, a checkpoint dict (detectron2 ``{"model": ...}``,
     Detectron ``{"blobs": ...}``) or a state dict; numpy arrays (pickles) become tensors and
     metadata entries (``__author__``, ``matching_heuristics``, ...) are skipped."""
-    data = _read(source) if isinstance(source, (str, os.PathLike)) else source
+    data = read_checkpoint(source) if isinstance(source, (str, os.PathLike)) else source
+    where = os.fspath(source) if isinstance(source, (str, os.PathLike)) else "the checkpoint"
     for wrapper in ("model", "state_dict", "blobs"):
         if isinstance(data, Mapping) and isinstance(data.get(wrapper), Mapping):
             data = data[wrapper]
             break
     if not isinstance(data, Mapping):
-        raise CheckpointError(f"a checkpoint must hold a state dict, got {type(data).__name__}")
+        raise CheckpointError(f"{where} is not a fastdiffinst or detectron2 checkpoint: found a "
+                              f"{type(data).__name__}, not a state dict")
     out = {}
     for name, value in data.items():
         if isinstance(value, np.ndarray):
@@ -79,10 +116,10 @@ def _state_dict(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Tens
         if isinstance(value, Tensor):
             out[name] = value
         elif not isinstance(value, (str, bytes, bool, int, float, type(None))):
-            raise CheckpointError(f"checkpoint entry {name!r} is neither a tensor nor metadata "
+            raise CheckpointError(f"{where}: entry {name!r} is neither a tensor nor metadata "
                                   f"(got {type(value).__name__})")
     if not out:
-        raise CheckpointError("the checkpoint holds no tensors")
+        raise CheckpointError(f"{where} holds no tensors")
     return out
 
 
@@ -110,6 +147,10 @@ def convert_official(source: Mapping[str, Any] | str | os.PathLike) -> dict[str,
 def load_into(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
     """``module.load_state_dict(state, strict=True)`` with one error that lists every missing,
     unexpected and mis-shaped key."""
+    not_tensors = sorted(k for k, v in state.items() if not isinstance(v, Tensor))
+    if not_tensors:
+        raise CheckpointError(f"{what}: entries that are not tensors: {', '.join(map(str, not_tensors[:5]))}"
+                              + (f" and {len(not_tensors) - 5} more" if len(not_tensors) > 5 else ""))
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -198,6 +239,20 @@ def ensure_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
+TEMPORARY_PREFIX = ".tmp-"  # atomic_save's temporary files: ".tmp-<random>.pth" beside the target
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files that atomic writes (:func:`atomic_save`, the metrics log's trim)
+    leave in ``folder`` when their process is killed mid-write (a kill skips their clean-up);
+    returns what was deleted. Only one process writes in a run's folder (rank 0), and it calls this
+    between writes, so none of them is in use."""
+    stale = sorted(Path(folder).glob(f"{TEMPORARY_PREFIX}*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then an atomic rename: ``path`` is
     either the old file or the complete new one, never half-written."""
@@ -206,7 +261,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pth")
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=".pth")
     try:
         with os.fdopen(handle, "wb") as f:
             torch.save(obj, f)
@@ -238,8 +293,10 @@ def load_model(path: str | os.PathLike, preset: str | None = None, ops_impl: str
     from fastdiffinst.config import config_from_dict, get_config
     from fastdiffinst.modeling import DiffusionInst
 
-    data = _read(path)
+    data = read_checkpoint(path)
     if isinstance(data, Mapping) and data.get("format") == MODEL_FORMAT:
+        if not isinstance(data.get("model"), Mapping):
+            raise CheckpointError(f"{path}: a fastdiffinst model file without its 'model' state dict")
         try:
             cfg = config_from_dict(data["config"])
         except (KeyError, ValueError, TypeError) as error:
@@ -247,12 +304,20 @@ def load_model(path: str | os.PathLike, preset: str | None = None, ops_impl: str
         model = DiffusionInst(cfg, ops_impl=ops_impl)
         load_into(model, data["model"], f"{path}")
         names = data.get("class_names")
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise CheckpointError(f"{path}: 'class_names' must be a list of strings, got {names!r:.100}")
     else:
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{path} is not a fastdiffinst or detectron2 checkpoint: found a "
+                                  f"{type(data).__name__}, not a state dict")
         if preset is None:
             raise CheckpointError(f"{path} is not a fastdiffinst model file: for an official DiffusionInst checkpoint "
                                   f"name its configuration (--config r50_coco, r101_coco, swinb_coco, r50_lvis, ...)")
         model = DiffusionInst(get_config(preset), ops_impl=ops_impl)
-        load_official(model, data)
+        try:
+            load_official(model, data)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
         names = list(COCO_CLASSES) if model.cfg.num_classes == len(COCO_CLASSES) else None
     names = list(names) if names else [f"class {i}" for i in range(model.cfg.num_classes)]
     if len(names) != model.cfg.num_classes:

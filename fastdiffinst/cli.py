@@ -8,34 +8,108 @@
     python -m fastdiffinst demo --checkpoint model.pth --synthetic 8 --out pictures/
 
 ``--checkpoint`` is a fastdiffinst model file, or an official DiffusionInst checkpoint together
-with ``--config PRESET``. Errors in the arguments, the files or the data end the command with a
-one-line message and exit status 2.
+with ``--config PRESET``. Errors in the arguments (every number is range-checked and named), the
+files or the data end the command with a one-line message and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from fastdiffinst.config import PRESETS
+from fastdiffinst.config import PRESETS, get_config, override
+
+
+class UsageError(ValueError):
+    """A command line argparse rejects (the message names the argument)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing the usage and exiting, so that
+    :func:`main` reports every error the same way: one line, exit status 2."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _number(kind: type, low: float, high: float = math.inf, *, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: ``kind`` (int or float) in ``[low, high]`` (``(low, high]`` with
+    ``low_open``), finite."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not (math.isfinite(value) and (low < value if low_open else low <= value) and value <= high):
+            interval = f"> {low}" if low_open else f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'} {interval}, "
+                                             f"got {text}")
+        return value
+
+    return parse
+
+
+def _config_field(path: str) -> Callable[[str], object]:
+    """An argparse ``type`` for a flag that sets the configuration field ``path``: parsed and checked
+    by the configuration's own rules (:func:`fastdiffinst.config.override`)."""
+    def parse(text: str):
+        try:
+            cfg = override(get_config("tiny"), [f"{path}={text}"])
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error).removeprefix("config: ").removeprefix("config override ")) \
+                from None
+        section, field = path.split(".")
+        return getattr(getattr(cfg, section), field)
+
+    return parse
+
+
+_COUNT = _number(int, 1)  # a positive count: images, iterations, threads, ...
+_PERIOD = _number(int, 0)  # iterations between events, 0 for none
+# The range torch.Generator.manual_seed accepts.
+_SEED = _number(int, -(2**63), 2**64 - 1)
+
+
+def _device(text: str) -> str:
+    """An argparse ``type``: a device this machine has (``cpu``, ``cuda``, ``cuda:N``)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text}: this machine has {count} CUDA device(s)")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+# Flags of `train` that set a configuration field.
+_TRAIN_CONFIG_FLAGS = (("--iterations", "solver.max_iter"), ("--batch-size", "solver.ims_per_batch"),
+                       ("--lr", "solver.base_lr"), ("--seed", "solver.seed"))
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="fastdiffinst model file or official checkpoint")
     parser.add_argument("--config", choices=sorted(PRESETS), help="preset of an official checkpoint")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops-impl", choices=["fused", "reference"], default="fused")
-    parser.add_argument("--steps", type=int, help="DDIM sampling steps (default: the checkpoint's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler's random boxes")
-    parser.add_argument("--threads", type=int, help="CPU threads")
+    parser.add_argument("--steps", type=_config_field("sampler.sample_steps"),
+                        help="DDIM sampling steps (default: the checkpoint's)")
+    parser.add_argument("--seed", type=_SEED, default=0, help="seed of the sampler's random boxes")
+    parser.add_argument("--threads", type=_COUNT, help="CPU threads")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fastdiffinst", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="python -m fastdiffinst", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train a model (one process, or many under torchrun)")
     train.add_argument("--config", default="tiny", choices=sorted(PRESETS), help="preset (default tiny)")
@@ -45,17 +119,16 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compile", action="store_true", help="torch.compile the backbone, mask branch and head")
     train.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (autocast)")
     train.add_argument("--ops-impl", choices=["fused", "reference"], default="fused")
-    train.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    train.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    train.add_argument("--iterations", type=int, help="solver.max_iter")
-    train.add_argument("--batch-size", type=int, help="solver.ims_per_batch (all processes together)")
-    train.add_argument("--lr", type=float, help="solver.base_lr")
-    train.add_argument("--seed", type=int, help="solver.seed")
-    train.add_argument("--log-period", type=int, default=20)
-    train.add_argument("--eval-period", type=int, default=0, help="iterations between evaluations (0: at the end)")
-    train.add_argument("--eval-limit", type=int, help="evaluate on the first N validation images")
-    train.add_argument("--checkpoint-period", type=int, default=500)
-    train.add_argument("--threads", type=int, help="CPU threads")
+    train.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    train.add_argument("--workers", type=_PERIOD, default=0, help="data-loading worker processes (0: none)")
+    for flag, path in _TRAIN_CONFIG_FLAGS:
+        train.add_argument(flag, type=_config_field(path), help=path)
+    train.add_argument("--log-period", type=_COUNT, default=20, help="iterations between log records")
+    train.add_argument("--eval-period", type=_PERIOD, default=0, help="iterations between evaluations (0: at the end)")
+    train.add_argument("--eval-limit", type=_COUNT, help="evaluate on the first N validation images")
+    train.add_argument("--checkpoint-period", type=_PERIOD, default=500,
+                       help="iterations between last.pth saves (0: at the end and on a stop signal only)")
+    train.add_argument("--threads", type=_COUNT, help="CPU threads")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config fields, e.g. head.num_stages=3")
     evaluate = commands.add_parser("eval", help="COCO-style AP of a checkpoint")
@@ -63,15 +136,15 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default="synthetic", help="synthetic | synthetic:N | coco:ROOT | lvis:ROOT")
     evaluate.add_argument("--split", default="val", choices=["train", "val"])
     evaluate.add_argument("--out", type=Path, help="folder for metrics.json and predictions.json")
-    evaluate.add_argument("--limit", type=int, help="evaluate the first N images only")
-    evaluate.add_argument("--batch-size", type=int, default=1)
+    evaluate.add_argument("--limit", type=_COUNT, help="evaluate the first N images only")
+    evaluate.add_argument("--batch-size", type=_COUNT, default=1)
     demo = commands.add_parser("demo", help="pictures of a checkpoint's results")
     _common(demo)
     source = demo.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="an image or a folder of images")
-    source.add_argument("--synthetic", type=int, metavar="N", help="the first N synthetic validation images")
+    source.add_argument("--synthetic", type=_COUNT, metavar="N", help="the first N synthetic validation images")
     demo.add_argument("--out", type=Path, required=True, help="folder for the PNG pictures")
-    demo.add_argument("--score-threshold", type=float, default=0.5)
+    demo.add_argument("--score-threshold", type=_number(float, 0, 1), default=0.5)
     return parser
 
 
@@ -92,10 +165,10 @@ def run_train(args: argparse.Namespace) -> int:
     from fastdiffinst.engine.train import Trainer, TrainOptions
 
     fields = list(args.overrides)
-    for flag, path in (("iterations", "solver.max_iter"), ("batch_size", "solver.ims_per_batch"),
-                       ("lr", "solver.base_lr"), ("seed", "solver.seed")):
-        if getattr(args, flag) is not None:
-            fields.append(f"{path}={getattr(args, flag)}")
+    for flag, path in _TRAIN_CONFIG_FLAGS:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None:
+            fields.append(f"{path}={value}")
     cfg = override(get_config(args.config), fields)
     device = distributed.setup(args.device)
     try:
@@ -147,8 +220,6 @@ def run_demo(args: argparse.Namespace) -> int:
     out = ensure_writable(args.out)
     model, names = _load(args)
     if args.synthetic is not None:
-        if args.synthetic < 1:
-            raise ValueError(f"--synthetic needs a positive count, got {args.synthetic}")
         # The first N images of the validation split (every image depends only on its index).
         dataset = dataset_from_spec(f"synthetic:{args.synthetic}", "val")
         inputs = [(f"synthetic-{i:05d}", dataset.load_image(i)) for i in range(len(dataset))]
@@ -166,12 +237,16 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     from fastdiffinst.checkpoint import CheckpointError
     from fastdiffinst.data import DatasetError
 
+    try:
+        args = _build_parser().parse_args(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         return {"train": run_train, "eval": run_eval, "demo": run_demo}[args.command](args)
     except KeyboardInterrupt as interrupt:

@@ -485,14 +485,22 @@ def _parse(text: str, current: Any, annotation: Any = None) -> Any:
             raise ValueError(f"expected a boolean, got {text!r}")
         return text.lower() in ("true", "1")
     if isinstance(current, int):
-        return int(text)
+        return _convert(int, text)
     if isinstance(current, float):
-        return float(text)
+        return _convert(float, text)
     if isinstance(current, tuple):
         declared = typing.get_args(annotation)
         kind = declared[0] if declared else type(current[0]) if current else float
-        return tuple(kind(v) for v in text.strip("()[] ").split(",") if v.strip())
+        return tuple(_convert(kind, v) for v in text.strip("()[] ").split(",") if v.strip())
     return text
+
+
+def _convert(kind: type, text: str) -> Any:
+    """``kind(text)`` for int, float (or str), with an error that says what was expected."""
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise ValueError(f"expected {'an int' if kind is int else 'a number'}, got {text.strip()!r}") from None
 
 
 def override(cfg: ModelConfig, assignments: list[str]) -> ModelConfig:

@@ -56,8 +56,23 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_resume_after_an_interruption_equals_an_uninterrupted_run(data_root):
-    cfg = small_config(max_iter=6)
+# Runs whose training draws from torch's global generator besides the trainer's own generators.
+RANDOM_LAYERS = {"dropout": ["head.dropout=0.1"],
+                 "drop-path": ["backbone.name=swin", "backbone.swin.embed_dim=16", "backbone.swin.depths=(1,1,1,1)",
+                               "backbone.swin.num_heads=(1,1,1,1)", "backbone.swin.window_size=4",
+                               "backbone.swin.drop_path_rate=0.5"]}
+
+
+def _assert_same_training_state(a: Trainer, b: Trainer) -> None:
+    for (name, x), y in zip(a.module.state_dict().items(), b.module.state_dict().values()):
+        assert torch.equal(x, y), name
+    for x, y in zip(a.optimizer.state_dict()["state"].values(), b.optimizer.state_dict()["state"].values()):
+        assert torch.equal(x["exp_avg"], y["exp_avg"]) and torch.equal(x["exp_avg_sq"], y["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("layers", sorted(RANDOM_LAYERS))
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(data_root, layers):
+    cfg = override(small_config(max_iter=5), RANDOM_LAYERS[layers])
     whole = Trainer(cfg, _options(data_root / "whole"))
     whole.train()
 
@@ -75,26 +90,48 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(data_root):
         first.train()
     saved = torch.load(data_root / "split" / "last.pth", weights_only=True)
     assert saved["iteration"] == 3
+    torch.rand(7)  # whatever else draws from the global generator in between changes nothing
     resumed = Trainer(cfg, _options(data_root / "split", resume=True))
     resumed.train()
-    for (name, a), b in zip(whole.module.state_dict().items(), resumed.module.state_dict().values()):
-        assert torch.equal(a, b), name
-    for a, b in zip(whole.optimizer.state_dict()["state"].values(), resumed.optimizer.state_dict()["state"].values()):
-        assert torch.equal(a["exp_avg"], b["exp_avg"])
+    _assert_same_training_state(whole, resumed)
     train_records = [r for r in _records(data_root / "whole" / "metrics.jsonl") if "loss" in r]
     resumed_records = [r for r in _records(data_root / "split" / "metrics.jsonl") if "loss" in r]
-    assert [r["iter"] for r in resumed_records] == [1, 2, 3, 4, 5, 6]
+    assert [r["iter"] for r in resumed_records] == [1, 2, 3, 4, 5]
     for a, b in zip(train_records, resumed_records):
         assert a["loss"] == b["loss"] and a["lr"] == b["lr"]
     assert not list((data_root / "split").glob(".tmp-*")), "a temporary checkpoint was left behind"
 
 
+def test_a_finished_run_extends_to_more_iterations_with_a_new_schedule(data_root, capsys):
+    cfg = override(small_config(max_iter=5), ["solver.steps=(4,)"])
+    whole = Trainer(cfg, _options(data_root / "whole"))
+    whole.train()
+    Trainer(small_config(max_iter=3), _options(data_root / "extended")).train()
+    extended = Trainer(cfg, _options(data_root / "extended", resume=True))
+    extended.train()
+    _assert_same_training_state(whole, extended)
+    printed = capsys.readouterr().err
+    assert "solver.max_iter: checkpoint 3, this run 5" in printed and "solver.steps" in printed
+    records = _records(data_root / "extended" / "metrics.jsonl")
+    assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
+    assert any(r.get("resumed_with") for r in records)
+    # A different learning rate takes effect from the resumed iteration on.
+    lower = Trainer(override(cfg, ["solver.max_iter=6", "solver.base_lr=1e-6"]),
+                    _options(data_root / "extended", resume=True))
+    lower.train()
+    assert [r["lr"] for r in _records(data_root / "extended" / "metrics.jsonl")
+            if r["iter"] == 6 and "loss" in r] == [pytest.approx(1e-7)]
+    with pytest.raises(CheckpointError, match="iteration 6, beyond solver.max_iter 4"):
+        Trainer(override(cfg, ["solver.max_iter=4"]), _options(data_root / "extended", resume=True)).train()
+
+
 def test_resume_checks_the_configuration(data_root):
     cfg = small_config(max_iter=1)
     Trainer(cfg, _options(data_root / "run")).train()
-    other = override(cfg, ["head.dim_dynamic=8"])
-    with pytest.raises(CheckpointError, match="head.dim_dynamic: checkpoint 16, this run 8"):
-        Trainer(other, _options(data_root / "run", resume=True)).train()
+    for change, message in (("head.dim_dynamic=8", "head.dim_dynamic: checkpoint 16, this run 8"),
+                            ("solver.seed=3", "solver.seed"), ("solver.ims_per_batch=4", "solver.ims_per_batch")):
+        with pytest.raises(CheckpointError, match=message):
+            Trainer(override(cfg, [change]), _options(data_root / "run", resume=True)).train()
     with pytest.raises(CheckpointError, match="no checkpoint"):
         Trainer(cfg, _options(data_root / "empty", resume=True)).train()
 

@@ -158,6 +158,8 @@ def train_loader(dataset: Dataset, batch_size: int,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sampler = sampler if sampler is not None else TrainingSampler(len(dataset), seed=seed)
+    # The loader's own generator: starting an iterator draws the workers' base seed from it, which
+    # must neither consume nor depend on the global generator's state.
     return DataLoader(AugmentedSamples(dataset, make_transform, seed), batch_size=batch_size,
                       sampler=PositionedSampler(sampler, start), num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=derived_generator(seed))

@@ -3,9 +3,12 @@ COCO evaluation, atomic checkpoints, exact resume, and DDP under ``torchrun``.
 
 Every random draw of iteration i is a function of ``(seed, i, rank)`` — the sampler's stream of
 sample positions, each sample's augmentation (seeded by its position in the stream,
-:func:`fastdiffinst.data.train_loader`) and the model's box draws — so a run killed and resumed
+:func:`fastdiffinst.data.train_loader`), the model's box draws, and dropout and stochastic depth,
+which draw from torch's global generator, seeded for each iteration — so a run killed and resumed
 from its last checkpoint ends in the same state as an uninterrupted one (single process; with
-workers too). SIGINT/SIGTERM save a checkpoint at the end of the current iteration and stop.
+workers too). SIGINT/SIGTERM save a checkpoint at the end of the current iteration and stop. A run
+can be resumed with a longer or otherwise changed schedule (``solver.max_iter``, ``steps``, ...:
+:mod:`fastdiffinst.engine.training_checkpoint`); the changes are printed and logged.
 
 Files in ``--out``: ``last.pth`` (model, optimizer, scheduler, scaler, iteration, RNG states:
 :mod:`fastdiffinst.engine.training_checkpoint`), ``best.pth`` (best segm AP), ``metrics.jsonl`` (one
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,9 +133,14 @@ class Trainer:
             self.checkpoints.save(name, self.iteration, self.best)
 
     def resume(self) -> None:
-        self.iteration, self.best = self.checkpoints.resume("last.pth", self.cfg, self.device)
+        """Continues from ``last.pth``; schedule changes are printed and logged."""
+        self.iteration, self.best, changes = self.checkpoints.resume("last.pth", self.cfg, self.device)
         if self.rank == 0:
             self.metrics.trim_after(self.iteration)
+            if changes:
+                print(f"resuming {self.out / 'last.pth'} at iteration {self.iteration} with a changed schedule:\n  "
+                      + "\n  ".join(changes), file=sys.stderr)
+                self._log({"iter": self.iteration, "resumed_with": changes})
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -150,7 +159,9 @@ class Trainer:
     def _step(self, batch: list[dict]) -> dict[str, float]:
         images = [s["image"].to(self.device) for s in batch]
         targets = [{k: s[k].to(self.device) for k in ("boxes", "labels", "masks")} for s in batch]
-        generator = derived_generator((self.cfg.solver.seed * 1_000_003 + self.iteration) * 64 + self.rank)
+        stream = (self.cfg.solver.seed * 1_000_003 + self.iteration) * 64 + self.rank
+        generator = derived_generator(stream)  # the box draws
+        torch.manual_seed((stream + 2**63) % 2**64)  # dropout, drop-path: another stream than the boxes'
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             losses = self.model(images, targets, generator=generator)
         total = sum(losses.values())

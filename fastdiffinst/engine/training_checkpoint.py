@@ -2,27 +2,44 @@
 (:func:`fastdiffinst.checkpoint.save_model`, written atomically, so a killed run never leaves a torn
 file) with the training state beside the model — optimizer, LR scheduler, gradient scaler,
 iteration, best segm AP, the global RNG states and the run's options — so that a resumed run ends
-in the state of an uninterrupted one."""
+in the state of an uninterrupted one.
+
+A run may be resumed with another schedule (:data:`SCHEDULE_FIELDS`: more or fewer iterations,
+other LR steps, warm-up, learning rate, weight decay, clipping norm): the changes are returned for
+the trainer to report. Any other difference of configuration (model, batch, seed, ...) is refused.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from fastdiffinst.checkpoint import CheckpointError, save_model
+from fastdiffinst.checkpoint import MODEL_FORMAT, CheckpointError, read_checkpoint, remove_stale_temporaries, save_model
 from fastdiffinst.config import ModelConfig, config_to_dict
 from fastdiffinst.engine.config_diff import config_differences
 from fastdiffinst.engine.rng_state import capture_rng_state, restore_rng_state
 
+# The configuration fields a resumed run may change: they shape the optimisation from here on, not
+# the model, the data stream or the random draws.
+SCHEDULE_FIELDS = tuple(f"solver.{name}" for name in
+                        ("max_iter", "steps", "base_lr", "warmup_iters", "warmup_factor", "weight_decay",
+                         "clip_grad_norm"))
+# What a training checkpoint holds besides the model file's entries, with the expected types.
+_TRAINING_ENTRIES = {"optimizer": Mapping, "scheduler": Mapping, "scaler": Mapping, "iteration": int,
+                     "best_segm_ap": float, "rng": Mapping}
+
 
 class ResumePoint(NamedTuple):
-    """Where a resumed run continues."""
+    """Where a resumed run continues, and the schedule changes it was resumed with
+    (``"solver.max_iter: checkpoint 6, this run 10"``)."""
 
     iteration: int
     best_segm_ap: float
+    schedule_changes: list[str]
 
 
 class TrainingCheckpoints:
@@ -37,25 +54,57 @@ class TrainingCheckpoints:
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
 
     def save(self, name: str, iteration: int, best_segm_ap: float) -> None:
-        """Writes ``folder/name`` (the global RNG states as they are now)."""
+        """Writes ``folder/name`` (the global RNG states as they are now), after deleting what an
+        earlier write killed midway left behind."""
+        remove_stale_temporaries(self.folder)
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "iteration": iteration, "best_segm_ap": best_segm_ap,
                  "rng": capture_rng_state(), "options": self.options}
         save_model(self.module, self.folder / name, self.class_names, extra)
 
     def resume(self, name: str, cfg: ModelConfig, device: torch.device) -> ResumePoint:
-        """Restores everything ``folder/name`` holds, global RNG states included; ``CheckpointError``
-        when it is missing or was written by a run of another configuration than ``cfg``."""
+        """Restores everything ``folder/name`` holds, global RNG states included, with the schedule
+        of ``cfg``; ``CheckpointError`` when the file is missing, is not a training checkpoint, was
+        written by a run of another configuration, or is already past ``cfg.solver.max_iter``."""
         path = self.folder / name
         if not path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=device, weights_only=True)
+        remove_stale_temporaries(self.folder)
+        state = read_checkpoint(path)
+        _check_training_state(state, path)
         differences = config_differences(state["config"], config_to_dict(cfg))
-        if differences:
-            raise CheckpointError(f"--resume: {path} is a run of another configuration:\n  " + "\n  ".join(differences))
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        restore_rng_state(state["rng"])
-        return ResumePoint(state["iteration"], state["best_segm_ap"])
+        refused = [line for line in differences if not line.startswith(tuple(f + ":" for f in SCHEDULE_FIELDS))]
+        if refused:
+            raise CheckpointError(f"--resume: {path} is a run of another configuration (only the schedule, "
+                                  f"{', '.join(SCHEDULE_FIELDS)}, may change):\n  " + "\n  ".join(refused))
+        if state["iteration"] > cfg.solver.max_iter:
+            raise CheckpointError(f"--resume: {path} is at iteration {state['iteration']}, beyond "
+                                  f"solver.max_iter {cfg.solver.max_iter}")
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            restore_rng_state(state["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as error:
+            raise CheckpointError(f"--resume: {path} holds a damaged training state: {error}") from None
+        self._apply_schedule(cfg)
+        return ResumePoint(state["iteration"], state["best_segm_ap"], differences)
+
+    def _apply_schedule(self, cfg: ModelConfig) -> None:
+        """The learning rate and weight decay of ``cfg`` in place of the restored ones (the LR factor
+        itself is computed from ``cfg`` by the scheduler's function)."""
+        solver, epoch = cfg.solver, self.scheduler.last_epoch
+        self.scheduler.base_lrs = [solver.base_lr] * len(self.optimizer.param_groups)
+        for group, lr_lambda in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+            group.update(initial_lr=solver.base_lr, lr=solver.base_lr * lr_lambda(epoch),
+                         weight_decay=solver.weight_decay)
+
+def _check_training_state(state: object, path: Path) -> None:
+    """``CheckpointError`` unless ``state`` is a fastdiffinst model file with the training entries."""
+    if not (isinstance(state, Mapping) and state.get("format") == MODEL_FORMAT):
+        raise CheckpointError(f"--resume: {path} is not a fastdiffinst training checkpoint")
+    wrong = [key for key, kind in _TRAINING_ENTRIES.items() if not isinstance(state.get(key), kind)]
+    if wrong or not isinstance(state.get("config"), Mapping):
+        raise CheckpointError(f"--resume: {path} holds no training state ({', '.join(wrong or ['config'])} missing "
+                              f"or malformed): a model file rather than a run's last.pth?")
