@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiffinst.checkpoint import ensure_writable
+from fastdiffinst.checkpoint import CheckpointError, ensure_writable
 from fastdiffinst.config import ModelConfig, config_to_dict
 from fastdiffinst.data.loader import (
     RepeatFactorTrainingSampler,
@@ -97,6 +97,10 @@ class Trainer:
                              f"processes ({self.world})")
         self.batch = solver.ims_per_batch // self.world
         self.out = options.out
+        if not options.resume and (self.out / "last.pth").is_file():
+            # Starting over would overwrite the run's checkpoints and mix its metrics with the new ones.
+            raise CheckpointError(f"{self.out} already holds a run ({self.out / 'last.pth'}): continue it with "
+                                  f"--resume, or choose another --out")
         if self.rank == 0:
             ensure_writable(self.out)
         self.train_set = dataset_from_spec(options.data, "train")
