@@ -602,3 +602,52 @@ def test_postprocess_memory_at_500_instances_on_800x1216(ops_impl):
     assert int(count) == 500
     limit = 96 if ops_impl == "fused" else 256
     assert float(extra_mib) <= limit, f"post-processing used {float(extra_mib):.0f} MiB beyond its result"
+
+
+def _target(count: int = 2, size=(32, 32), **changes) -> dict:
+    boxes = torch.tensor([[2.0, 3.0, 20.0, 25.0], [0.0, 0.0, 31.0, 31.0]])[:count]
+    target = {"boxes": boxes, "labels": torch.arange(count), "masks": torch.ones(count, *size, dtype=torch.uint8)}
+    return {**target, **changes}
+
+
+def _pixels(value: float, dtype=torch.float32) -> torch.Tensor:
+    image = torch.full((3, 32, 32), 100.0, dtype=dtype)
+    image[1, 5, 7] = value
+    return image
+
+
+NAN, INF = float("nan"), float("inf")
+# (images, targets or None for inference, exception type, message pattern).
+BAD_MODEL_INPUTS = {
+    "nan pixel": ([_pixels(NAN)], None, ValueError, r"images\[0\] \(of 1\) has non-finite pixel values"),
+    "inf pixel": ([torch.full((3, 32, 32), 9.0), _pixels(-INF)], None, ValueError, r"images\[1\] \(of 2\)"),
+    "pixels beyond float32": ([_pixels(1e300, torch.float64)], None, ValueError, "beyond the range of torch.float32"),
+    "two bad images": ([_pixels(NAN), _pixels(INF)], None, ValueError, r"images\[0, 1\] \(of 2\) have"),
+    "nan pixel in training": ([_pixels(NAN)], [_target()], ValueError, r"images\[0\]"),
+    "targets not a list": (None, "boxes", ValueError, "one dict per image"),
+    "fewer targets than images": ([_pixels(1.0)] * 2, [_target()], ValueError, r"one dict per image \(2\)"),
+    "target not a dict": (None, [[1, 2]], ValueError, r"targets\[0\] must be a dict"),
+    "target without masks": (None, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}],
+                             ValueError, r"'masks'"),
+    "boxes a list": (None, [_target(boxes=[[1, 2, 3, 4]] * 2)], TypeError, r"\['boxes'\] must be a Tensor"),
+    "float labels": (None, [_target(labels=torch.tensor([0.0, 1.0]))], ValueError, r"\['labels'\] must be int64"),
+    "labels out of range": (None, [_target(labels=torch.tensor([0, 99]))], ValueError, r"in \[0, \d+\), got \[99\]"),
+    "negative label": (None, [_target(labels=torch.tensor([-1, 0]))], ValueError, r"got \[-1\]"),
+    "nan box": (None, [_target(boxes=torch.tensor([[NAN, 0, 5, 5], [0, 0, 5, 5]]))], ValueError, "finite"),
+    "inf box": (None, [_target(boxes=torch.tensor([[0, 0, INF, 5], [0, 0, 5, 5]]))], ValueError, "finite"),
+    "inverted box": (None, [_target(boxes=torch.tensor([[9.0, 0, 5, 5], [0, 0, 5, 5]]))], ValueError, "x2 >= x1"),
+    "integer boxes": (None, [_target(boxes=torch.zeros(2, 4, dtype=torch.int64))], ValueError, "float"),
+    "boxes of another count": (None, [_target(boxes=torch.zeros(3, 4))], ValueError, r"\[2, 4\]"),
+    "masks of another size": (None, [_target(masks=torch.ones(2, 16, 16))], ValueError, r"\[2, 32, 32\]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MODEL_INPUTS))
+def test_bad_model_inputs_name_the_culprit(case):
+    inputs, targets, kind, message = BAD_MODEL_INPUTS[case]
+    model = small_model()
+    inputs = inputs if inputs is not None else [_pixels(1.0)]
+    if targets is not None:
+        model.train()
+    with pytest.raises(kind, match=message):
+        model(inputs, targets) if targets is not None else model(inputs)
