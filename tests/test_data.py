@@ -89,16 +89,22 @@ def test_synthetic_split_written_as_coco(synthetic):
 # COCO / LVIS format
 
 
-def _coco_folder(tmp_path, annotations, images=None, categories=None):
+# Two images (20×30 and 16×16) and two categories, for the tests here and in test_data_validation.py.
+COCO_IMAGES = [{"id": 1, "file_name": "a.png", "height": 20, "width": 30},
+               {"id": 2, "file_name": "b.png", "height": 16, "width": 16}]
+COCO_CATEGORIES = [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}]
+
+
+def coco_folder(tmp_path, annotations, images=None, categories=None):
+    """``tmp_path/ann.json`` and a grey PNG per image under ``tmp_path/images``; the json's path."""
     from PIL import Image
 
     (tmp_path / "images").mkdir(exist_ok=True)
-    images = images or [{"id": 1, "file_name": "a.png", "height": 20, "width": 30},
-                        {"id": 2, "file_name": "b.png", "height": 16, "width": 16}]
+    images = images or COCO_IMAGES
     for entry in images:
         Image.fromarray(np.full((entry["height"], entry["width"], 3), 100, np.uint8)).save(
             tmp_path / "images" / entry["file_name"])
-    categories = categories or [{"id": 7, "name": "dog"}, {"id": 3, "name": "cat"}]
+    categories = categories or COCO_CATEGORIES
     path = tmp_path / "ann.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return path
@@ -117,7 +123,7 @@ def test_coco_polygons_rle_crowd_and_empty_images(tmp_path):
         {"id": 2, "image_id": 1, "category_id": 3, "bbox": [10, 5, 10, 4], "iscrowd": 0, "segmentation": rle},
         {"id": 3, "image_id": 1, "category_id": 3, "bbox": [0, 0, 30, 20], "iscrowd": 1, "segmentation": rle},
     ]
-    dataset = InstanceDataset(_coco_folder(tmp_path, annotations), tmp_path / "images")
+    dataset = InstanceDataset(coco_folder(tmp_path, annotations), tmp_path / "images")
     assert dataset.class_names == ["cat", "dog"]  # contiguous labels in category-id order
     sample = dataset[0]
     assert sample["labels"].tolist() == [1, 0] and sample["masks"].shape == (2, 20, 30)
@@ -147,12 +153,12 @@ def test_lvis_format(tmp_path):
 
 def test_malformed_annotation_files_name_the_entry(tmp_path):
     good = {"id": 1, "image_id": 1, "category_id": 7, "bbox": [2, 2, 6, 6], "segmentation": [[2, 2, 8, 2, 8, 8]]}
-    cases = [({**good, "category_id": 99}, "annotations\\[0\\] \\(id 1\\) has category_id 99"),
+    cases = [({**good, "category_id": 99}, "annotation 1 of image 1 \\(annotations\\[0\\]\\): has category_id 99"),
              ({**good, "image_id": 5}, "image_id 5"),
              ({**good, "bbox": [1, 2]}, "'bbox' must be"),
-             ({**good, "segmentation": [[1, 2]]}, "'segmentation' must be")]
+             ({**good, "segmentation": [[1, 2]]}, "segmentation\\[0\\] must be a polygon")]
     for annotation, message in cases:
-        path = _coco_folder(tmp_path, [annotation])
+        path = coco_folder(tmp_path, [annotation])
         with pytest.raises(DatasetError, match=message) as error:
             InstanceDataset(path, tmp_path / "images")
         assert str(path) in str(error.value)
@@ -171,7 +177,7 @@ def test_malformed_annotation_files_name_the_entry(tmp_path):
 
 def test_unreadable_images_and_annotations_outside_the_image(tmp_path):
     outside = {"id": 4, "image_id": 1, "category_id": 7, "bbox": [40, 2, 6, 6], "segmentation": [[40, 2, 46, 2, 46, 8]]}
-    dataset = InstanceDataset(_coco_folder(tmp_path, [outside]), tmp_path / "images")
+    dataset = InstanceDataset(coco_folder(tmp_path, [outside]), tmp_path / "images")
     with pytest.raises(DatasetError, match="annotation 4 of image 1 lies outside"):
         dataset[0]
     (tmp_path / "images" / "b.png").write_bytes(b"not a png")
