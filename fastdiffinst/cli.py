@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from fastdiffinst.config import PRESETS, get_config, override
+from fastdiffinst.data.sources import MAX_SYNTHETIC_IMAGES
 
 
 class UsageError(ValueError):
@@ -70,8 +71,11 @@ def _config_field(path: str) -> Callable[[str], object]:
     return parse
 
 
-_COUNT = _number(int, 1)  # a positive count: images, iterations, threads, ...
+_COUNT = _number(int, 1)  # a positive count: images, iterations, ...
 _PERIOD = _number(int, 0)  # iterations between events, 0 for none
+# Threads and processes: beyond these a typo, which would hang the machine starting them.
+_THREADS = _number(int, 1, 1024)
+_WORKERS = _number(int, 0, 256)
 # The range torch.Generator.manual_seed accepts.
 _SEED = _number(int, -(2**63), 2**64 - 1)
 
@@ -104,7 +108,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_config_field("sampler.sample_steps"),
                         help="DDIM sampling steps (default: the checkpoint's)")
     parser.add_argument("--seed", type=_SEED, default=0, help="seed of the sampler's random boxes")
-    parser.add_argument("--threads", type=_COUNT, help="CPU threads")
+    parser.add_argument("--threads", type=_THREADS, help="CPU threads")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -120,7 +124,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (autocast)")
     train.add_argument("--ops-impl", choices=["fused", "reference"], default="fused")
     train.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    train.add_argument("--workers", type=_PERIOD, default=0, help="data-loading worker processes (0: none)")
+    train.add_argument("--workers", type=_WORKERS, default=0, help="data-loading worker processes (0: none)")
     for flag, path in _TRAIN_CONFIG_FLAGS:
         train.add_argument(flag, type=_config_field(path), help=path)
     train.add_argument("--log-period", type=_COUNT, default=20, help="iterations between log records")
@@ -128,7 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-limit", type=_COUNT, help="evaluate on the first N validation images")
     train.add_argument("--checkpoint-period", type=_PERIOD, default=500,
                        help="iterations between last.pth saves (0: at the end and on a stop signal only)")
-    train.add_argument("--threads", type=_COUNT, help="CPU threads")
+    train.add_argument("--threads", type=_THREADS, help="CPU threads")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="config fields, e.g. head.num_stages=3")
     evaluate = commands.add_parser("eval", help="COCO-style AP of a checkpoint")
@@ -142,7 +146,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _common(demo)
     source = demo.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", type=Path, help="an image or a folder of images")
-    source.add_argument("--synthetic", type=_COUNT, metavar="N", help="the first N synthetic validation images")
+    source.add_argument("--synthetic", type=_number(int, 1, MAX_SYNTHETIC_IMAGES), metavar="N",
+                        help="the first N synthetic validation images")
     demo.add_argument("--out", type=Path, required=True, help="folder for the PNG pictures")
     demo.add_argument("--score-threshold", type=_number(float, 0, 1), default=0.5)
     return parser
@@ -255,4 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, DatasetError, FileNotFoundError, OSError, ValueError, RuntimeError,
             FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory (a smaller --batch-size, images or model?)", file=sys.stderr)
         return 2

@@ -416,7 +416,7 @@ def read_image(path: Path) -> Tensor:
             array = np.asarray(image.convert("RGB"))
     except FileNotFoundError:
         raise DatasetError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as error:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise DatasetError(f"cannot read image {path}: {error}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 

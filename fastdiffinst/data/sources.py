@@ -1,7 +1,7 @@
 """Where the command line's ``--data`` points.
 
 * ``synthetic`` — the embedded shapes set (2000 train / 200 val images), generated on first use;
-  ``synthetic:N`` — N images per split (small sets for tests and smoke runs).
+  ``synthetic:N`` — N images per split, at most ``MAX_SYNTHETIC_IMAGES`` (small sets for tests and smoke runs).
 * ``coco:ROOT`` — ``ROOT/annotations/instances_{split}2017.json`` and ``ROOT/{split}2017/``.
 * ``lvis:ROOT`` — ``ROOT/lvis_v1_{split}.json`` (or ``ROOT/annotations/``), images under ``ROOT``
   as in the COCO layout (``train2017/``, ``val2017/``), found from their ``coco_url``.
@@ -15,6 +15,9 @@ from pathlib import Path
 from fastdiffinst.data.coco import DatasetError, InstanceDataset
 from fastdiffinst.data.synthetic import synthetic_split
 
+# synthetic:N generates its N images on first use (~10 ms each): beyond this, a typo, not a request.
+MAX_SYNTHETIC_IMAGES = 100_000
+
 
 def dataset_from_spec(spec: str, split: str, transform: Callable[[dict], dict] | None = None) -> InstanceDataset:
     """The dataset named by ``spec`` (see the module docstring); ``split`` is ``"train"`` or ``"val"``."""
@@ -24,8 +27,9 @@ def dataset_from_spec(spec: str, split: str, transform: Callable[[dict], dict] |
     if kind == "synthetic":
         count = None
         if value:
-            if not value.isdigit() or int(value) < 1:
-                raise DatasetError(f"--data synthetic:N needs a positive image count, got {spec!r}")
+            if not value.isdigit() or not 1 <= int(value) <= MAX_SYNTHETIC_IMAGES:
+                raise DatasetError(f"--data synthetic:N needs an image count in [1, {MAX_SYNTHETIC_IMAGES}], "
+                                   f"got {spec!r}")
             count = int(value)
         folder = synthetic_split(split, count)
         return InstanceDataset(folder / "annotations.json", folder / "images", transform)
