@@ -19,6 +19,7 @@ Build with ``pip install -e . --no-build-isolation`` (torch must already be inst
 
 import glob
 import os
+import re
 import shutil
 
 from setuptools import find_packages, setup
@@ -100,9 +101,16 @@ def cmdclass():
     return {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True, use_ninja=True)}
 
 
+def version():
+    """``__version__`` of fastdiffinst/__init__.py, read without importing the package (torch)."""
+    with open(os.path.join(HERE, "fastdiffinst", "__init__.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
 setup(
     name="fastdiffinst",
-    version="0.1.0",
+    version=version(),
+    license="Apache-2.0",
     description="Fast, trainable DiffusionInst on fused RoIAlign, dynamic-mask-head and box-diffusion kernels",
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -112,11 +120,12 @@ setup(
     install_requires=["torch>=2.11", "numpy>=1.24"],
     extras_require={
         "vision": ["torchvision>=0.26"],
-        "data": ["pycocotools>=2.0.7", "pillow>=10"],
+        "data": ["pycocotools>=2.0.7", "pillow>=10", "pyyaml>=6"],
         "lvis": ["lvis>=0.5.3"],
         "extra": ["tqdm>=4.66", "matplotlib>=3.8"],
         "test": ["pytest>=8", "pytest-benchmark>=4", "torchvision>=0.26"],
     },
+    entry_points={"console_scripts": ["fastdiffinst = fastdiffinst.cli:console_main"]},
     ext_modules=extensions(),
     cmdclass=cmdclass(),
     zip_safe=False,

@@ -1,5 +1,3 @@
-import sys
+from fastdiffinst.cli import console_main
 
-from fastdiffinst.cli import main
-
-sys.exit(main())
+console_main()

@@ -243,11 +243,13 @@ TEMPORARY_PREFIX = ".tmp-"  # atomic_save's temporary files: ".tmp-<random>.pth"
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Deletes the temporary files that atomic writes (:func:`atomic_save`, the metrics log's trim)
-    leave in ``folder`` when their process is killed mid-write (a kill skips their clean-up);
-    returns what was deleted. Only one process writes in a run's folder (rank 0), and it calls this
-    between writes, so none of them is in use."""
-    stale = sorted(Path(folder).glob(f"{TEMPORARY_PREFIX}*"))
+    """Deletes the temporary files that atomic writes (:func:`atomic_save`'s ``.tmp-*.pth``, the
+    metrics log's ``.tmp-metrics.jsonl``) leave in ``folder`` when their process is killed mid-write
+    (a kill skips their clean-up); returns what was deleted. Call it only from the one process that
+    writes in the folder (a run's rank 0), between its writes, so that none of them is in use."""
+    folder = Path(folder)
+    candidates = [*folder.glob(f"{TEMPORARY_PREFIX}*.pth"), folder / f"{TEMPORARY_PREFIX}metrics.jsonl"]
+    stale = sorted(path for path in candidates if path.is_file())
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -286,11 +288,13 @@ def save_model(model: nn.Module, path: str | os.PathLike, class_names: list[str]
     atomic_save(payload, path)
 
 
-def load_model(path: str | os.PathLike, preset: str | None = None, ops_impl: str = "fused",
+def load_model(path: str | os.PathLike, config: str | os.PathLike | None = None, ops_impl: str = "fused",
                device: str | torch.device = "cpu") -> tuple[nn.Module, list[str]]:
     """``(model in eval mode, class names)`` from our model file, or from an official DiffusionInst
-    checkpoint with ``preset`` naming its configuration (e.g. ``"r50_coco"``)."""
-    from fastdiffinst.config import config_from_dict, get_config
+    checkpoint with ``config`` naming its configuration: a preset (e.g. ``"r50_coco"``) or a YAML/JSON
+    file (:func:`fastdiffinst.config_files.load_config`)."""
+    from fastdiffinst.config import config_from_dict
+    from fastdiffinst.config_files import load_config
     from fastdiffinst.modeling import DiffusionInst
 
     data = read_checkpoint(path)
@@ -310,10 +314,10 @@ def load_model(path: str | os.PathLike, preset: str | None = None, ops_impl: str
         if not isinstance(data, Mapping):
             raise CheckpointError(f"{path} is not a fastdiffinst or detectron2 checkpoint: found a "
                                   f"{type(data).__name__}, not a state dict")
-        if preset is None:
+        if config is None:
             raise CheckpointError(f"{path} is not a fastdiffinst model file: for an official DiffusionInst checkpoint "
                                   f"name its configuration (--config r50_coco, r101_coco, swinb_coco, r50_lvis, ...)")
-        model = DiffusionInst(get_config(preset), ops_impl=ops_impl)
+        model = DiffusionInst(load_config(config), ops_impl=ops_impl)
         try:
             load_official(model, data)
         except CheckpointError as error:

@@ -51,11 +51,9 @@ class _FieldChecks:
 
     def integer(self, name: str, low: int = 1, high: int | None = None) -> None:
         """An int (not a bool) in [low, high]."""
-        value = getattr(self.section, name)
-        if not _is_int(value) or value < low or (high is not None and value > high):
-            if high is not None:
-                self.fail(name, f"an int in [{low}, {high}]")
-            self.fail(name, "a positive int" if low == 1 else f"an int >= {low}")
+        requirement = integer_requirement(getattr(self.section, name), low, high)
+        if requirement is not None:
+            self.fail(name, requirement)
 
     def positive_ints(self, *names: str) -> None:
         for name in names:
@@ -64,13 +62,10 @@ class _FieldChecks:
     def number(self, name: str, low: float, high: float = math.inf, *, low_open: bool = False,
                high_open: bool = False) -> None:
         """A finite real in the interval from ``low`` to ``high`` (closed unless ``*_open``)."""
-        value = getattr(self.section, name)
-        if not _is_real(value) or not math.isfinite(value):
-            self.fail(name, "a finite number")
-        if not ((low < value if low_open else low <= value) and (value < high if high_open else value <= high)):
-            if high == math.inf:
-                self.fail(name, f"{'>' if low_open else '>='} {low:g}")
-            self.fail(name, f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        requirement = number_requirement(getattr(self.section, name), low, high, low_open=low_open,
+                                         high_open=high_open)
+        if requirement is not None:
+            self.fail(name, requirement)
 
     def one_of(self, name: str, choices: Sequence[Any]) -> None:
         if getattr(self.section, name) not in choices:
@@ -98,6 +93,29 @@ class _FieldChecks:
         if not (isinstance(values, (tuple, list)) and len(values) == length
                 and all(_is_real(v) and math.isfinite(v) and (not positive or v > 0) for v in values)):
             self.fail(name, f"a tuple of {length} finite{' positive' if positive else ''} numbers")
+
+
+def integer_requirement(value: Any, low: int = 1, high: int | None = None) -> str | None:
+    """None when ``value`` is an int (not a bool) in [low, high], else what it must be (``"a positive
+    int"``): the rule of every integer field, and of the command line's integer flags."""
+    if _is_int(value) and value >= low and (high is None or value <= high):
+        return None
+    if high is not None:
+        return f"an int in [{low}, {high}]"
+    return "a positive int" if low == 1 else f"an int >= {low}"
+
+
+def number_requirement(value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+                       high_open: bool = False) -> str | None:
+    """None when ``value`` is a finite real in the interval from ``low`` to ``high`` (closed unless
+    ``*_open``), else what it must be: the rule of every real field and real command-line flag."""
+    if not _is_real(value) or not math.isfinite(value):
+        return "a finite number"
+    if (low < value if low_open else low <= value) and (value < high if high_open else value <= high):
+        return None
+    if high == math.inf:
+        return f"{'>' if low_open else '>='} {low:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
 def _is_int(value: Any) -> bool:

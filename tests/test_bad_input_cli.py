@@ -45,7 +45,7 @@ FLAG_CASES = [
     (["train", "--data", "synthetic:2"], "--out"),
     (TRAIN + ["--bogus"], "--bogus"),
     (["fly"], "fly"),
-    ([], "command"),
+    ([], "{train,eval,demo,config}"),
     *[(EVAL + ["--limit", v], "--limit") for v in ("0", "-1")],
     *[(EVAL + ["--batch-size", v], "--batch-size") for v in ("0", "-4")],
     *[(EVAL + ["--steps", v], "--steps") for v in ("0", "1001", "x")],

@@ -175,11 +175,8 @@ def test_malformed_annotation_files_name_the_entry(tmp_path):
         dataset_from_spec("imagenet", "val")
 
 
-def test_unreadable_images_and_annotations_outside_the_image(tmp_path):
-    outside = {"id": 4, "image_id": 1, "category_id": 7, "bbox": [40, 2, 6, 6], "segmentation": [[40, 2, 46, 2, 46, 8]]}
-    dataset = InstanceDataset(coco_folder(tmp_path, [outside]), tmp_path / "images")
-    with pytest.raises(DatasetError, match="annotation 4 of image 1 lies outside"):
-        dataset[0]
+def test_unreadable_images(tmp_path):
+    dataset = InstanceDataset(coco_folder(tmp_path, []), tmp_path / "images")
     (tmp_path / "images" / "b.png").write_bytes(b"not a png")
     with pytest.raises(DatasetError, match="cannot read image"):
         dataset[1]

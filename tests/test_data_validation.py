@@ -193,7 +193,18 @@ _CASES = [
     ("rle-string-under-runs", _rle(_compressed(19, 30)), A5, "RLE counts must sum to", "summing to 570"),
     ("rle-string-cut-mid-run", _rle("0P"), A5, "not a compressed RLE string", "ends in the middle of a run"),
     ("rle-string-negative", _rle("A"), A5, "RLE counts must be >= 0, got -15 at counts[0]"),
-    ("rle-string-run-too-long", _rle("P" * 13 + "0"), A5, "not a compressed RLE string", "more than 12 characters"),
+    ("rle-string-run-too-long", _rle("P" * 7 + "0"), A5, "not a compressed RLE string", "more than 6 characters"),
+    # A run padded with zero groups ("P": continuation, value 0) to 7 characters: pycocotools' 32-bit
+    # shifts would misread it.
+    ("rle-string-padded-run", _rle("X" + "P" * 5 + "0"), A5, "more than 6 characters"),
+    ("polygon-zig-zag", _annotation(segmentation=[[-30, -20, 60, 40] * 400]), A5, "segmentation[0] has an outline",
+     "more than 100 times"),
+    ("bbox-outside", _annotation(bbox=[40, 2, 6, 6]), A5, "'bbox' [40, 2, 6, 6] lies outside its 30×20 image"),
+    ("bbox-outside-left", _annotation(bbox=[-9, 2, 9, 6]), A5, "lies outside"),
+    ("area-negative", _annotation(area=-1), A5, "'area' must be a finite number >= 0, got -1"),
+    ("area-string", _annotation(area="big"), A5, "'area' must be a finite number >= 0, got 'big'"),
+    ("category-name-number", _category(name=5), "category 7 (categories[0])", "'name' must be a string, got 5"),
+    ("category-name-null", _category(name=None), "'name' must be a string, got None"),
     ("rle-string-empty", _rle(""), A5, "RLE counts must sum to", "got 0 runs"),
     ("crowd-rle-bad", _rle([0, 601], iscrowd=1), A5, "RLE counts must sum to"),
 ]

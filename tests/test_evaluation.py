@@ -15,7 +15,13 @@ from fastdiffinst.cli import main
 from fastdiffinst.config import get_config
 from fastdiffinst.data import InstanceDataset
 from fastdiffinst.data.synthetic import CLASSES, write_split
-from fastdiffinst.engine.evaluation import coco_metrics, format_metrics, instances_to_results, lvis_metrics
+from fastdiffinst.engine.evaluation import (
+    coco_metrics,
+    format_metrics,
+    format_per_class,
+    instances_to_results,
+    lvis_metrics,
+)
 from fastdiffinst.modeling import DiffusionInst
 
 
@@ -46,14 +52,15 @@ def _gt_instances(sample, shift: int = 0):
             "scores": torch.linspace(1.0, 0.5, len(sample["labels"]))}
 
 
-def test_perfect_predictions_give_ap_one(dataset):
+def test_perfect_predictions_give_ap_100_percent(dataset):
     category_ids = [c["id"] for c in dataset.categories]
     results = []
     for i in range(len(dataset)):
         results += instances_to_results(_gt_instances(dataset[i]), dataset.images[i]["id"], category_ids, 100)
     metrics = coco_metrics(dataset.annotation_file, results)
-    assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
-    assert metrics["segm"]["AP50"] == pytest.approx(1.0)
+    assert metrics["bbox"]["AP"] == pytest.approx(100) and metrics["segm"]["AP"] == pytest.approx(100)
+    assert metrics["segm"]["AP50"] == pytest.approx(100)
+    assert all(ap == pytest.approx(100) or ap == -1 for ap in metrics["per_class"]["segm"].values())
     assert "| segm | 100.00" in format_metrics(metrics)
 
 
@@ -81,9 +88,9 @@ def test_shifted_predictions_match_pycocotools_directly(dataset):
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-        assert metrics[iou_type]["AP"] == pytest.approx(evaluator.stats[0])
-        assert metrics[iou_type]["AP75"] == pytest.approx(evaluator.stats[2])
-    assert 0 < metrics["segm"]["AP"] < 1
+        assert metrics[iou_type]["AP"] == pytest.approx(100 * evaluator.stats[0])  # percent
+        assert metrics[iou_type]["AP75"] == pytest.approx(100 * evaluator.stats[2])
+    assert 0 < metrics["segm"]["AP"] < 100
 
 
 def test_at_most_max_dets_per_image_by_score():
@@ -128,8 +135,85 @@ def test_eval_cli_end_to_end(checkpoint, split, tmp_path, monkeypatch, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["images"] == 3 and set(metrics["metrics"]) == {"bbox", "segm"}
     assert set(metrics["metrics"]["segm"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert metrics["unit"] == "percent" and metrics["undefined"] == -1 and metrics["split"] == "val"
+    assert set(metrics["per_class"]) == {"bbox", "segm"} and set(metrics["per_class"]["segm"]) == set(CLASSES)
+    assert all(v == -1 or 0 <= v <= 100 for v in metrics["per_class"]["segm"].values())
+    assert "per-class segm AP (%):" in printed and "per-class bbox AP (%):" in printed and "percent" in printed
     predictions = json.loads((out / "predictions.json").read_text())
     assert predictions and all(len([p for p in predictions if p["image_id"] == i]) <= 100 for i in (1, 2, 3))
+
+
+def test_eval_cli_on_a_json_and_image_folder(checkpoint, split, tmp_path, capsys):
+    out = tmp_path / "eval"
+    spec = f"coco:{split / 'annotations.json'}:{split / 'images'}"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", spec, "--limit", "1", "--out", str(out),
+                 "--threads", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{spec} (1 images)" in printed and "per-class segm AP (%):" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == spec and metrics["split"] is None and metrics["unit"] == "percent"
+    assert list(metrics["per_class"]["bbox"]) == list(CLASSES)  # class names from the json
+    wrong = tmp_path / "one_class.json"
+    data = json.loads((split / "annotations.json").read_text())
+    wrong.write_text(json.dumps({**data, "categories": data["categories"][:1],
+                                 "annotations": [a for a in data["annotations"]
+                                                 if a["category_id"] == data["categories"][0]["id"]]}))
+    assert main(["eval", "--checkpoint", str(checkpoint), "--data", f"coco:{wrong}:{split / 'images'}"]) == 2
+    assert "classes but" in capsys.readouterr().err
+
+
+def _hand_made_ground_truth(path):
+    """Two 20x20 images; "cat" on both, "dog" on the first, no "bird"; RLE masks of squares."""
+    from pycocotools import mask as mask_utils
+
+    def square(x, y, side):
+        mask = np.zeros((20, 20), np.uint8)
+        mask[y:y + side, x:x + side] = 1
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        rle["counts"] = rle["counts"].decode("ascii")
+        return {"bbox": [x, y, side, side], "segmentation": rle, "area": side * side}
+
+    objects = [(1, 1, square(2, 2, 8)), (2, 1, square(5, 5, 10)), (1, 2, square(12, 12, 6))]
+    data = {"images": [{"id": i, "file_name": f"{i}.png", "height": 20, "width": 20} for i in (1, 2)],
+            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}],
+            "annotations": [{"id": n, "image_id": image, "category_id": cat, "iscrowd": 0, **shape}
+                            for n, (image, cat, shape) in enumerate(objects, 1)]}
+    path.write_text(json.dumps(data))
+    return data
+
+
+def test_per_class_ap_table(tmp_path):
+    path = tmp_path / "gt.json"
+    data = _hand_made_ground_truth(path)
+    cats = [a for a in data["annotations"] if a["category_id"] == 1]
+    # Both cats found exactly, the dog missed, a bird (no ground truth) detected on image 2.
+    results = [{"image_id": a["image_id"], "category_id": 1, "bbox": a["bbox"], "segmentation": a["segmentation"],
+                "score": 0.9} for a in cats]
+    results.append({"image_id": 2, "category_id": 3, "bbox": [0, 0, 4, 4], "score": 0.5,
+                    "segmentation": data["annotations"][0]["segmentation"]})
+    metrics = coco_metrics(path, results)
+    for task in ("bbox", "segm"):
+        assert metrics["per_class"][task] == {"cat": pytest.approx(100), "dog": 0.0, "bird": -1.0}
+        assert metrics[task]["AP"] == pytest.approx(50)  # COCOeval's mean over the classes with ground truth
+    table = format_per_class(metrics)
+    assert table.splitlines()[:4] == ["per-class bbox AP (%):", "| class | AP | class | AP | class | AP |",
+                                      "|---|---|---|---|---|---|", "| cat | 100.00 | dog | 0.00 | bird | – |"]
+    assert "per-class segm AP (%):" in table
+    assert "| segm | 50.00 |" in format_metrics(metrics) and "cat" not in format_metrics(metrics)
+    # Two columns a row: a short last row is padded.
+    assert format_per_class(metrics, columns=2).splitlines()[3:5] == ["| cat | 100.00 | dog | 0.00 |",
+                                                                      "| bird | – |  |  |"]
+
+
+def test_an_empty_result_list_gives_valid_tables(tmp_path):
+    path = tmp_path / "gt.json"
+    _hand_made_ground_truth(path)
+    metrics = coco_metrics(path, [])
+    assert metrics["segm"]["AP"] == 0 and metrics["per_class"]["segm"] == {"cat": 0.0, "dog": 0.0, "bird": -1.0}
+    assert "| segm | 0.00 | 0.00 |" in format_metrics(metrics)
+    assert "| cat | 0.00 | dog | 0.00 | bird | – |" in format_per_class(metrics)
+    only_second = coco_metrics(path, [], image_ids=[2])  # the dog is on image 1
+    assert only_second["per_class"]["bbox"] == {"cat": 0.0, "dog": -1.0, "bird": -1.0}
 
 
 def test_demo_cli_end_to_end(checkpoint, split, tmp_path, monkeypatch):

@@ -90,8 +90,8 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(data_root, lay
         first.train()
     saved = torch.load(data_root / "split" / "last.pth", weights_only=True)
     assert saved["iteration"] == 3
-    torch.rand(7)  # whatever else draws from the global generator in between changes nothing
     resumed = Trainer(cfg, _options(data_root / "split", resume=True))
+    torch.rand(7)  # whatever draws from the global generator before the resumed run changes nothing
     resumed.train()
     _assert_same_training_state(whole, resumed)
     train_records = [r for r in _records(data_root / "whole" / "metrics.jsonl") if "loss" in r]
@@ -110,8 +110,9 @@ def test_a_finished_run_extends_to_more_iterations_with_a_new_schedule(data_root
     extended = Trainer(cfg, _options(data_root / "extended", resume=True))
     extended.train()
     _assert_same_training_state(whole, extended)
-    printed = capsys.readouterr().err
-    assert "solver.max_iter: checkpoint 3, this run 5" in printed and "solver.steps" in printed
+    printed, log = capsys.readouterr().out, (data_root / "extended" / "log.txt").read_text()
+    for text in (printed, log):
+        assert "solver.max_iter: checkpoint 3, this run 5" in text and "solver.steps" in text
     records = _records(data_root / "extended" / "metrics.jsonl")
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
     assert any(r.get("resumed_with") for r in records)

@@ -1,8 +1,8 @@
 """Data for DiffusionInst: COCO/LVIS-format datasets (pycocotools), the augmentations of the
 official training, samplers and loaders, and the embedded synthetic shapes set.
 
-``dataset_from_spec("synthetic" | "coco:ROOT" | "lvis:ROOT", split)`` resolves the data argument
-of the command line.
+``dataset_from_spec("synthetic" | "coco:ROOT" | "coco:FILE.json:IMAGES" | "lvis:ROOT", split)``
+resolves the data argument of the command line.
 """
 
 from fastdiffinst.data.coco import DatasetError, InstanceDataset, read_image

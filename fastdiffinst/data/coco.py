@@ -66,6 +66,10 @@ class DatasetError(ValueError):
 
 # How far outside its image a polygon coordinate may lie, in image widths (x) or heights (y).
 POLYGON_MARGIN = 1.0
+# The longest polygon outline accepted, in multiples of its image's height + width: a real outline
+# goes round an object a few times at most (a convex one: at most twice), while pycocotools'
+# buffers grow with the outline.
+MAX_PERIMETER = 100
 # The largest image side accepted: pycocotools rasterises every mask at its image's declared size
 # (COCOeval too), so an absurd size in the json would allocate as absurd a buffer.
 MAX_IMAGE_SIDE = 1 << 16
@@ -104,6 +108,11 @@ def _as_floats(numbers: list) -> np.ndarray:
         )
 
 
+# pycocotools shifts each 5-bit group of a run into a 32-bit int: a run's 7th character would
+# overflow it, so pycocotools reads runs of at most 6 characters (30 bits) correctly.
+MAX_RLE_RUN_CHARACTERS = 6
+
+
 def decode_rle_string(counts: str | bytes) -> list[int]:
     """The run lengths of a COCO compressed RLE ``counts`` string; ValueError where it is not one.
 
@@ -126,8 +135,9 @@ def decode_rle_string(counts: str | bytes) -> list[int]:
         raise ValueError("it ends in the middle of a run")
     starts = np.concatenate(([0], ends[:-1] + 1))
     lengths = ends - starts + 1
-    if lengths.max() > 12:  # 60 bits: more than any image has pixels, and int64 arithmetic stays exact
-        raise ValueError(f"a run at character {starts[lengths.argmax()]} has more than 12 characters")
+    if lengths.max() > MAX_RLE_RUN_CHARACTERS:
+        raise ValueError(f"a run at character {starts[lengths.argmax()]} has more than {MAX_RLE_RUN_CHARACTERS} "
+                         f"characters (pycocotools reads no more)")
     shifts = 5 * (np.arange(codes.size) - np.repeat(starts, lengths))
     values = np.add.reduceat((codes & 0x1F) << shifts, starts)
     values -= np.where(codes[ends] & 0x10, 1 << (5 * lengths), 0)  # sign extension
@@ -209,6 +219,8 @@ def _check_categories(path: Path, categories: list) -> set[int]:
             raise DatasetError(f"{where}: has the id of an earlier category")
         if "image_count" in category and not (_is_int(category["image_count"]) and category["image_count"] >= 0):
             raise DatasetError(f"{where}: 'image_count' must be an integer >= 0, got {_show(category['image_count'])}")
+        if "name" in category and not isinstance(category["name"], str):
+            raise DatasetError(f"{where}: 'name' must be a string, got {_show(category['name'])}")
         ids.add(category["id"])
     return ids
 
@@ -272,6 +284,9 @@ def _check_annotation(ann: dict, seen: set[int], sizes: dict[int, tuple[int, int
         )
     if "iscrowd" in ann and not (_is_int(ann["iscrowd"]) and ann["iscrowd"] in (0, 1)):
         raise _Invalid(f"'iscrowd' must be 0 or 1, got {_show(ann['iscrowd'], 50)}")
+    area = ann.get("area", 0)
+    if type(area) not in _NUMBER or not (math.isfinite(area) and area >= 0):
+        raise _Invalid(f"'area' must be a finite number >= 0, got {_show(area, 50)}")
     if not (isinstance(ann.get("bbox"), list) and len(ann["bbox"]) == 4):
         raise _Invalid(f"'bbox' must be [x, y, w, h], got {_show(ann.get('bbox'))}")
     segmentation = ann.get("segmentation")
@@ -326,6 +341,7 @@ def _check_coordinates(batch: list, lengths: np.ndarray, owners: list[int], anno
         extent = np.repeat(height_width[:, ::-1], lengths // 2, axis=0).ravel()
         inside = (values >= -POLYGON_MARGIN * extent) & (values <= (1 + POLYGON_MARGIN) * extent)
         if inside.all():
+            _check_perimeters(values, lengths, height_width)
             return
         bad = int(np.argmin(inside))
     ends = np.cumsum(lengths)
@@ -341,16 +357,38 @@ def _check_coordinates(batch: list, lengths: np.ndarray, owners: list[int], anno
     )
 
 
-def _check_bboxes(path: Path, annotations: list) -> np.ndarray:
+def _check_perimeters(values: np.ndarray, lengths: np.ndarray, height_width: np.ndarray) -> None:
+    """Each polygon's outline, measured as pycocotools walks it (the larger of |dx| and |dy| per
+    edge, the closing edge included), at most ``MAX_PERIMETER`` times its image's height + width:
+    pycocotools' buffers grow with it, and a zig-zag of many vertices across the image would
+    otherwise take gigabytes."""
+    xs, ys = values[0::2], values[1::2]
+    starts = np.concatenate(([0], np.cumsum(lengths // 2)[:-1]))
+    following = np.arange(1, xs.size + 1)
+    following[np.cumsum(lengths // 2) - 1] = starts  # each polygon's last vertex closes on its first
+    steps = np.maximum(np.abs(xs[following] - xs), np.abs(ys[following] - ys))
+    perimeters = np.add.reduceat(steps, starts)
+    limits = MAX_PERIMETER * height_width.sum(axis=1)
+    too_long = np.flatnonzero(perimeters > limits)
+    if too_long.size:
+        k = int(too_long[0])
+        raise _Invalid(k, f" has an outline of {perimeters[k]:.0f} pixels, more than {MAX_PERIMETER} times its "
+                          f"image's height + width ({limits[k]:.0f})")
+
+
+def _check_bboxes(path: Path, annotations: list, sizes: dict[int, tuple[int, int]]) -> np.ndarray:
     """``[N]`` bool, True where an annotation's ``bbox`` (a list of 4 already) has a zero width or
-    height; the values must be finite numbers and width and height >= 0."""
+    height; the values must be finite numbers, width and height >= 0, and a box of positive area
+    must overlap its image."""
     flat = list(chain.from_iterable(ann["bbox"] for ann in annotations))
     bad = _first_not_of(flat, _NUMBER)
     if bad is None:
         boxes = _as_floats(flat).reshape(-1, 4)
         wrong = ~np.isfinite(boxes).all(axis=1) | (boxes[:, 2:] < 0).any(axis=1)
         if not wrong.any():
-            return (boxes[:, 2:] == 0).any(axis=1)
+            degenerate = (boxes[:, 2:] == 0).any(axis=1)
+            _check_overlaps(path, annotations, boxes, ~degenerate, sizes)
+            return degenerate
         bad = 4 * int(np.argmax(wrong))
     i = bad // 4
     raise _annotation_error(
@@ -359,6 +397,19 @@ def _check_bboxes(path: Path, annotations: list) -> np.ndarray:
         annotations[i],
         f"'bbox' must be [x, y, w, h] of finite numbers with w, h >= 0, got {_show(annotations[i]['bbox'])}",
     )
+
+
+def _check_overlaps(path: Path, annotations: list, boxes: np.ndarray, checked: np.ndarray,
+                    sizes: dict[int, tuple[int, int]]) -> None:
+    """The ``checked`` boxes ``[N, 4]`` (xywh) overlap their images."""
+    height_width = np.array([sizes[ann["image_id"]] for ann in annotations], np.float64).reshape(-1, 2)
+    x, y, w, h = boxes.T
+    outside = checked & ((x + w <= 0) | (y + h <= 0) | (x >= height_width[:, 1]) | (y >= height_width[:, 0]))
+    if outside.any():
+        i = int(np.argmax(outside))
+        height, width = sizes[annotations[i]["image_id"]]
+        raise _annotation_error(path, i, annotations[i], f"'bbox' {_show(annotations[i]['bbox'])} lies outside its "
+                                                          f"{width}×{height} image")
 
 
 def _check_entries(path: Path, data: dict) -> np.ndarray:
@@ -383,7 +434,17 @@ def _check_entries(path: Path, data: dict) -> np.ndarray:
             polygons.extend(ann["segmentation"])
             owners.extend([i] * len(ann["segmentation"]))
     _check_polygons(path, annotations, polygons, owners, sizes)
-    return _check_bboxes(path, annotations)
+    return _check_bboxes(path, annotations, sizes)
+
+
+def evaluation_ground_truth(path: str | os.PathLike) -> dict:
+    """The json of a checked data set (:class:`InstanceDataset`) with what COCOeval needs but the
+    format leaves optional filled in: ``iscrowd`` 0, and ``area`` the bbox's ``w * h`` where absent."""
+    data = _load_json(Path(path))
+    for ann in data["annotations"]:
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+    return data
 
 
 def annotation_to_mask(ann: dict, height: int, width: int) -> np.ndarray:
@@ -533,11 +594,6 @@ class InstanceDataset(Dataset):
         boxes, labels, masks = [], [], []
         for ann in self.annotations[entry["id"]]:
             x, y, w, h = ann["bbox"]
-            if x + w <= 0 or y + h <= 0 or x >= width or y >= height:
-                raise DatasetError(
-                    f"{self.annotation_file}: annotation {ann.get('id')} of image {entry['id']} lies "
-                    f"outside its {width}×{height} image (bbox {ann['bbox']})"
-                )
             boxes.append([x, y, x + w, y + h])
             labels.append(self.category_to_label[ann["category_id"]])
             masks.append(self._mask(ann, entry["id"], height, width))

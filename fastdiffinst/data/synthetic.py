@@ -6,7 +6,8 @@ rasterised shape minus the shapes drawn over it), and instances left with fewer 
 :data:`MIN_VISIBLE_PIXELS` visible pixels are dropped. Everything is a deterministic function of
 ``(seed, split, index)``. :func:`write_split` writes a split as COCO json (RLE masks, boxes from the
 masks) + PNG files; :func:`synthetic_split` returns a split's folder, generating it on first use
-under ``$FASTDIFFINST_DATA`` (default ``~/.cache/fastdiffinst``).
+under ``$FASTDIFFINST_DATA`` (default ``~/.cache/fastdiffinst``); :func:`render_samples` gives the
+first N images of a split in memory, writing nothing (the demo's ``--synthetic N``).
 """
 
 from __future__ import annotations
@@ -109,6 +110,35 @@ def render(seed: int, split: str, index: int) -> tuple[np.ndarray, list[dict]]:
         visible.append({"category": kind, "mask": mask})
     instances = [inst for inst in visible if int(inst["mask"].sum()) >= MIN_VISIBLE_PIXELS]
     return np.clip(image, 0, 255).astype(np.uint8), instances
+
+
+def render_sample(index: int, split: str = "val", seed: int = 0) -> dict:
+    """Image ``index`` of ``split`` in memory, as :class:`~fastdiffinst.data.InstanceDataset` reads it
+    from the files :func:`write_split` writes (PNG is lossless; boxes are the masks' extents):
+    ``{"image": uint8 [3, H, W], "boxes": [G, 4] float32 xyxy, "labels": [G] int64, "masks": [G, H, W]
+    uint8, "image_id": index + 1, "height": H, "width": W}``. Nothing is written."""
+    import torch
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    image, instances = render(seed, split, index)
+    height, width = image.shape[:2]
+    boxes = []
+    for inst in instances:
+        ys, xs = np.nonzero(inst["mask"])
+        boxes.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+    masks = np.stack([inst["mask"] for inst in instances]) if instances else np.zeros((0, height, width), bool)
+    return {"image": torch.from_numpy(image).permute(2, 0, 1).contiguous(),
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([inst["category"] for inst in instances], dtype=torch.int64),
+            "masks": torch.from_numpy(masks.astype(np.uint8)), "image_id": index + 1, "height": height, "width": width}
+
+
+def render_samples(count: int, split: str = "val", seed: int = 0):
+    """The first ``count`` images of ``split`` (:func:`render_sample`), rendered one at a time as
+    they are iterated: the images of ``synthetic:N`` for any N >= ``count``, with no files."""
+    for index in range(count):
+        yield render_sample(index, split, seed)
 
 
 def coco_categories() -> list[dict]:

@@ -36,7 +36,7 @@ def plot_losses(metrics_file: Path, png: Path) -> bool:
                        label=f"bbox {key}")
         right.legend()
     right.set_xlabel("iteration")
-    right.set_ylabel("validation")
+    right.set_ylabel("validation AP (%)")
     figure.tight_layout()
     figure.savefig(png, dpi=110)
     plt.close(figure)

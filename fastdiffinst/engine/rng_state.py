@@ -1,6 +1,8 @@
 """The global random generators' states (torch, CUDA, numpy, Python) as a checkpoint entry, in types
-``torch.load(weights_only=True)`` accepts, and back: what exact resume needs besides the per-iteration
-generators (docs/design.md §5)."""
+``torch.load(weights_only=True)`` accepts, and back. Training reseeds torch's global generator at
+every iteration (dropout, drop-path) and draws everything else from its own generators, so exact
+resume does not rest on these states; restoring them leaves the process as the saved one was for
+anything else that draws from the global generators (docs/design.md §5)."""
 
 from __future__ import annotations
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from fastdiffinst.checkpoint import CheckpointError, ensure_writable
+from fastdiffinst.checkpoint import CheckpointError, ensure_writable, remove_stale_temporaries, save_model
 from fastdiffinst.config import ModelConfig, config_to_dict
 from fastdiffinst.data.loader import (
     RepeatFactorTrainingSampler,
@@ -40,10 +41,20 @@ from fastdiffinst.data.transforms import official_train_transform
 from fastdiffinst.engine import distributed
 from fastdiffinst.engine.loss_plot import plot_losses
 from fastdiffinst.engine.metrics_log import MetricsLog
+from fastdiffinst.engine.run_log import RunLog, format_duration
 from fastdiffinst.engine.stop_signals import handle_stop_signals
 from fastdiffinst.engine.throughput import Throughput
 from fastdiffinst.engine.training_checkpoint import TrainingCheckpoints
 from fastdiffinst.progress import ProgressBar
+
+# The trained model alone (weights, configuration, class names), written when a run completes.
+FINAL_MODEL = "model_final.pth"
+# What a run writes in its folder (besides the temporary files of atomic writes).
+RUN_FILES = ("last.pth", "best.pth", FINAL_MODEL, "metrics.jsonl", "log.txt", "config.json", "loss.png")
+
+
+class EvaluationAbandoned(Exception):
+    """Raised by the stop-signal handler inside an evaluation, to leave it at once."""
 
 
 @dataclasses.dataclass
@@ -52,6 +63,7 @@ class TrainOptions:
 
     out: Path
     data: str = "synthetic"
+    val_data: str | None = None  # the validation set's spec; None: split "val" of ``data``
     ops_impl: str = "fused"
     amp: str | None = None  # "bf16" | "fp16"
     compile: bool = False
@@ -63,6 +75,7 @@ class TrainOptions:
     eval_limit: int | None = None
     checkpoint_period: int = 500
     progress: bool = True
+    overwrite: bool = False  # delete a run found in ``out`` and start a new one
 
 
 def train_transform(cfg: ModelConfig, generator: torch.Generator):
@@ -97,14 +110,9 @@ class Trainer:
                              f"processes ({self.world})")
         self.batch = solver.ims_per_batch // self.world
         self.out = options.out
-        if not options.resume and (self.out / "last.pth").is_file():
-            # Starting over would overwrite the run's checkpoints and mix its metrics with the new ones.
-            raise CheckpointError(f"{self.out} already holds a run ({self.out / 'last.pth'}): continue it with "
-                                  f"--resume, or choose another --out")
-        if self.rank == 0:
-            ensure_writable(self.out)
+        self._start_folder(options)
         self.train_set = dataset_from_spec(options.data, "train")
-        self.val_set = dataset_from_spec(options.data, "val")
+        self.val_set = dataset_from_spec(options.val_data or options.data, "val", like=self.train_set)
         if cfg.num_classes != self.train_set.num_classes:
             raise ValueError(f"the model has {cfg.num_classes} classes but {options.data} has "
                              f"{self.train_set.num_classes}: set num_classes={self.train_set.num_classes}")
@@ -125,25 +133,47 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.amp == "fp16")
         self.iteration, self.best = 0, -1.0
         self._stop_signal: int | None = None
+        self._evaluating = False
+        self._progress: ProgressBar | None = None
         self.metrics = MetricsLog(self.out / "metrics.jsonl")
+        self.run_log = RunLog(self.out / "log.txt", self._echo)
         self.checkpoints = TrainingCheckpoints(self.out, self.module, self.optimizer, self.scheduler, self.scaler,
                                                self.train_set.class_names,
                                                {"data": options.data, "ops_impl": options.ops_impl, "amp": options.amp})
 
+    def _start_folder(self, options: TrainOptions) -> None:
+        """``--out`` for this run: a new run refuses a folder that holds one (starting over would
+        overwrite its checkpoints and mix its metrics with the new ones) unless ``overwrite``, which
+        deletes the old run's files first."""
+        existing = [name for name in RUN_FILES if (self.out / name).exists()]
+        if existing and not options.resume:
+            if not options.overwrite:
+                raise CheckpointError(f"{self.out} holds a run ({', '.join(existing)}): continue it with --resume, "
+                                      f"start over with --overwrite, or choose another --out")
+            if self.rank == 0:
+                for name in existing:
+                    (self.out / name).unlink()
+                remove_stale_temporaries(self.out)
+        if self.rank == 0:
+            ensure_writable(self.out)
+
     # -- checkpoints (rank 0 writes them) -------------------------------------------------------
 
     def save(self, name: str) -> None:
+        """Writes ``name`` (rank 0), after deleting what an earlier write killed midway left behind."""
         if self.rank == 0:
+            remove_stale_temporaries(self.out)
             self.checkpoints.save(name, self.iteration, self.best)
 
     def resume(self) -> None:
-        """Continues from ``last.pth``; schedule changes are printed and logged."""
+        """Continues from ``last.pth``; changes of schedule or options are printed and logged."""
         self.iteration, self.best, changes = self.checkpoints.resume("last.pth", self.cfg, self.device)
         if self.rank == 0:
+            remove_stale_temporaries(self.out)
             self.metrics.trim_after(self.iteration)
+            self._line(f"resumed {self.out / 'last.pth'} at iteration {self.iteration}"
+                       + (" with changes:\n  " + "\n  ".join(changes) if changes else ""))
             if changes:
-                print(f"resuming {self.out / 'last.pth'} at iteration {self.iteration} with a changed schedule:\n  "
-                      + "\n  ".join(changes), file=sys.stderr)
                 self._log({"iter": self.iteration, "resumed_with": changes})
 
     # -- the loop --------------------------------------------------------------------------------
@@ -181,24 +211,33 @@ class Trainer:
         return dict(zip(list(losses) + ["loss"], values.tolist()))
 
     def evaluate(self) -> dict | None:
-        """COCO metrics of the model on the validation set (rank 0; None on the others); a new best
-        segm AP is saved as ``best.pth``."""
-        from fastdiffinst.engine.evaluation import coco_metrics, predict_dataset
+        """COCO metrics of the model on the validation set (rank 0; None on the others), logged with
+        their table; a new best segm AP is saved as ``best.pth``. A stop signal abandons it (None)."""
+        from fastdiffinst.engine.evaluation import coco_metrics, format_metrics, predict_dataset
 
         metrics = None
         if self.rank == 0:
-            self.module.eval()
-            results = predict_dataset(self.module, self.val_set, limit=self.options.eval_limit,
-                                      generator=torch.Generator().manual_seed(0))
             count = len(self.val_set) if self.options.eval_limit is None else min(self.options.eval_limit,
                                                                                    len(self.val_set))
-            metrics = coco_metrics(self.val_set.annotation_file, results,
-                                   [e["id"] for e in self.val_set.images[:count]])
-            self.module.train()
-            self._log({"iter": self.iteration, "eval": metrics})
-            if metrics["segm"]["AP"] > self.best:
-                self.best = metrics["segm"]["AP"]
-                self.save("best.pth")
+            self._line(f"evaluating iteration {self.iteration} on {count} validation images")
+            self.module.eval()
+            self._evaluating = True
+            try:
+                results = predict_dataset(self.module, self.val_set, limit=count,
+                                          generator=torch.Generator().manual_seed(0), progress=self.options.progress)
+                metrics = coco_metrics(self.val_set.annotation_file, results,
+                                       [e["id"] for e in self.val_set.images[:count]])
+            except EvaluationAbandoned:
+                self._line(f"evaluation at iteration {self.iteration} abandoned: stop signal")
+            finally:
+                self._evaluating = False
+                self.module.train()
+            if metrics is not None:
+                self._log({"iter": self.iteration, "eval": metrics})
+                self._line(f"evaluation at iteration {self.iteration} (AP in percent):\n{format_metrics(metrics)}")
+                if metrics["segm"]["AP"] > self.best:
+                    self.best = metrics["segm"]["AP"]
+                    self.save("best.pth")
         distributed.barrier()
         return metrics
 
@@ -206,34 +245,66 @@ class Trainer:
         if self.rank == 0:
             self.metrics.append(record)
 
+    def _line(self, text: str) -> None:
+        """A line of ``log.txt``, shown on the console too (rank 0)."""
+        if self.rank == 0:
+            self.run_log.line(text)
+
+    def _echo(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.write(text)  # above the bar, which stays intact
+        else:
+            print(text, flush=True)
+
     def _on_signal(self, signum, frame) -> None:
+        """The first SIGINT/SIGTERM: stop after the current iteration (saving ``last.pth``), or now
+        if an evaluation runs; the signal's default action comes back, so a second one ends the
+        process at once (``last.pth``, written atomically, stays whole)."""
         self._stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)
+        print(f"\n{signal.Signals(signum).name}: stopping after this iteration (again to quit at once)",
+              file=sys.stderr, flush=True)
+        if self._evaluating:
+            raise EvaluationAbandoned
 
     def train(self) -> dict | None:
         """Runs to ``solver.max_iter``; returns the last evaluation's metrics."""
+        max_iter = self.cfg.solver.max_iter
         if self.options.resume:
             self.resume()
-        if self.rank == 0:
-            (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
-        max_iter = self.cfg.solver.max_iter
         with handle_stop_signals(self._on_signal), \
                 ProgressBar(max_iter, "train", "it", initial=self.iteration,
                             enabled=self.options.progress and self.rank == 0) as progress:
+            self._progress = progress if self.options.progress else None
+            self._line(f"training {self.options.data} ({len(self.train_set)} images) from iteration {self.iteration} "
+                       f"to {max_iter}, batch {self.cfg.solver.ims_per_batch}, on {self.device}; run folder {self.out}")
+            if self.rank == 0:
+                (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
+            progress.set(self.iteration, "")
             loader = self._loader()
             throughput = Throughput(self.batch * self.world)
+            status = ""
             while self.iteration < max_iter:
                 values = self._train_iteration(next(loader))
                 throughput.add_iteration()
                 with throughput.paused():  # logging, checkpoints and evaluations are not training time
                     if self.iteration % self.options.log_period == 0 or self.iteration == max_iter:
-                        self._log_iteration(values, throughput, progress)
+                        status = self._log_iteration(values, throughput)
+                    progress.set(self.iteration, status)
                     self._periodic_checkpoint_and_evaluation()
                 if distributed.any_flag(self._stop_signal is not None):
                     self._stop_on_signal()
-        self.save("last.pth")
-        metrics = self.evaluate()
-        if self.rank == 0:
-            plot_losses(self.metrics.path, self.out / "loss.png")
+            self.save("last.pth")  # a kill in the final evaluation keeps the trained state
+            metrics = self.evaluate()
+            self.save("last.pth")  # with the final evaluation's best AP
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt(f"stopped by a signal during the final evaluation; {self.out / 'last.pth'} "
+                                        f"is saved at iteration {self.iteration}")
+            if self.rank == 0:
+                save_model(self.module, self.out / FINAL_MODEL, self.train_set.class_names)
+                plot_losses(self.metrics.path, self.out / "loss.png")
+                self._line(f"finished at iteration {self.iteration}: the model is {self.out / FINAL_MODEL}")
+        self._progress = None
         return metrics
 
     def _train_iteration(self, batch: list[dict]) -> dict[str, float]:
@@ -244,26 +315,36 @@ class Trainer:
             raise FloatingPointError(f"non-finite losses at iteration {self.iteration}: {values}")
         return values
 
-    def _log_iteration(self, values: dict[str, float], throughput: Throughput, progress: ProgressBar) -> None:
-        """A ``metrics.jsonl`` record and the progress bar's text for this iteration."""
+    def _log_iteration(self, values: dict[str, float], throughput: Throughput) -> str:
+        """A ``metrics.jsonl`` record and a ``log.txt`` line for this iteration; returns the progress
+        bar's text."""
         lr = self.optimizer.param_groups[0]["lr"]
         images_per_s = throughput.report()
         self._log({"iter": self.iteration, "lr": lr, "images_per_s": images_per_s,
                    "train_s": throughput.train_seconds, **values})
-        progress.set(self.iteration, f"loss {values['loss']:.3f} lr {lr:.2e} {images_per_s:.1f} img/s")
+        remaining = (self.cfg.solver.max_iter - self.iteration) * self.batch * self.world
+        eta = format_duration(remaining / images_per_s) if images_per_s > 0 else "?"
+        losses = " ".join(f"{name} {value:.4f}" for name, value in values.items() if name != "loss")
+        self._line(f"iter {self.iteration}/{self.cfg.solver.max_iter}  loss {values['loss']:.4f} ({losses})  "
+                   f"lr {lr:.3e}  {images_per_s:.2f} img/s  eta {eta}")
+        return f"loss {values['loss']:.3f} lr {lr:.2e} {images_per_s:.1f} img/s"
 
     def _periodic_checkpoint_and_evaluation(self) -> None:
         """``last.pth`` every ``checkpoint_period`` iterations, an evaluation every ``eval_period``
         (the final ones are made by :meth:`train`)."""
         options = self.options
-        if options.checkpoint_period and self.iteration % options.checkpoint_period == 0:
-            self.save("last.pth")
+        # The evaluation first: the checkpoint then holds its best AP, and a kill during it loses
+        # nothing a resume does not redo.
         if options.eval_period and self.iteration % options.eval_period == 0 \
                 and self.iteration < self.cfg.solver.max_iter:
             self.evaluate()
+        if options.checkpoint_period and self.iteration % options.checkpoint_period == 0:
+            self.save("last.pth")
 
     def _stop_on_signal(self) -> None:
         """Saves ``last.pth`` and stops (a signal reached one of the processes)."""
         self.save("last.pth")
-        raise KeyboardInterrupt(f"stopped by a signal at iteration {self.iteration}; "
-                                f"{self.out / 'last.pth'} saved, continue with --resume")
+        message = (f"stopped by a signal at iteration {self.iteration}; {self.out / 'last.pth'} saved, "
+                   f"continue with --resume")
+        self._line(message)
+        raise KeyboardInterrupt(message)

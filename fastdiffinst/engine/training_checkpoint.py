@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastdiffinst.checkpoint import MODEL_FORMAT, CheckpointError, read_checkpoint, remove_stale_temporaries, save_model
+from fastdiffinst.checkpoint import MODEL_FORMAT, CheckpointError, read_checkpoint, save_model
 from fastdiffinst.config import ModelConfig, config_to_dict
 from fastdiffinst.engine.config_diff import config_differences
 from fastdiffinst.engine.rng_state import capture_rng_state, restore_rng_state
@@ -30,7 +30,7 @@ SCHEDULE_FIELDS = tuple(f"solver.{name}" for name in
                          "clip_grad_norm"))
 # What a training checkpoint holds besides the model file's entries, with the expected types.
 _TRAINING_ENTRIES = {"optimizer": Mapping, "scheduler": Mapping, "scaler": Mapping, "iteration": int,
-                     "best_segm_ap": float, "rng": Mapping}
+                     "best_segm_ap": float, "rng": Mapping, "options": Mapping}
 
 
 class ResumePoint(NamedTuple):
@@ -54,9 +54,7 @@ class TrainingCheckpoints:
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
 
     def save(self, name: str, iteration: int, best_segm_ap: float) -> None:
-        """Writes ``folder/name`` (the global RNG states as they are now), after deleting what an
-        earlier write killed midway left behind."""
-        remove_stale_temporaries(self.folder)
+        """Writes ``folder/name`` (the global RNG states as they are now)."""
         extra = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "iteration": iteration, "best_segm_ap": best_segm_ap,
                  "rng": capture_rng_state(), "options": self.options}
@@ -69,7 +67,6 @@ class TrainingCheckpoints:
         path = self.folder / name
         if not path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {path}")
-        remove_stale_temporaries(self.folder)
         state = read_checkpoint(path)
         _check_training_state(state, path)
         differences = config_differences(state["config"], config_to_dict(cfg))
@@ -77,6 +74,12 @@ class TrainingCheckpoints:
         if refused:
             raise CheckpointError(f"--resume: {path} is a run of another configuration (only the schedule, "
                                   f"{', '.join(SCHEDULE_FIELDS)}, may change):\n  " + "\n  ".join(refused))
+        saved_options = state.get("options") or {}
+        if saved_options.get("amp") != self.options["amp"]:
+            raise CheckpointError(f"--resume: {path} is a run with --amp {saved_options.get('amp') or 'off'}, this "
+                                  f"run asks for --amp {self.options['amp'] or 'off'} (the precision cannot change)")
+        differences += [f"{key}: checkpoint {saved_options.get(key)!r}, this run {value!r}"
+                        for key, value in self.options.items() if key != "amp" and saved_options.get(key) != value]
         if state["iteration"] > cfg.solver.max_iter:
             raise CheckpointError(f"--resume: {path} is at iteration {state['iteration']}, beyond "
                                   f"solver.max_iter {cfg.solver.max_iter}")
@@ -105,6 +108,8 @@ def _check_training_state(state: object, path: Path) -> None:
     if not (isinstance(state, Mapping) and state.get("format") == MODEL_FORMAT):
         raise CheckpointError(f"--resume: {path} is not a fastdiffinst training checkpoint")
     wrong = [key for key, kind in _TRAINING_ENTRIES.items() if not isinstance(state.get(key), kind)]
+    if "iteration" not in wrong and (isinstance(state["iteration"], bool) or state["iteration"] < 0):
+        wrong.append("iteration")
     if wrong or not isinstance(state.get("config"), Mapping):
         raise CheckpointError(f"--resume: {path} holds no training state ({', '.join(wrong or ['config'])} missing "
                               f"or malformed): a model file rather than a run's last.pth?")
