@@ -2,7 +2,7 @@
 
     from fastdiffinst.predictor import Predictor
 
-    predictor = Predictor("model.pth")                      # or an official checkpoint + config="r50_coco"
+    predictor = Predictor("runs/tiny/model_final.pth")      # or an official checkpoint + config="r50_coco"
     out = predictor("photo.jpg")                            # or a numpy / PIL / torch image
     out["boxes"], out["scores"], out["labels"], out["masks"]  # [K, 4] xyxy, [K], [K], [K, H, W] bool
     predictor.class_names[int(out["labels"][0])]

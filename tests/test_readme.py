@@ -56,7 +56,7 @@ def test_quick_start_runs_as_written(tmp_path):
         printed.append(run.stdout)
     version, train, evaluation, demo = printed
     assert version.startswith("fastdiffinst ")
-    assert "iter 60/60" in train and "| segm |" in train
+    assert "iter 40/40" in train and "| segm |" in train
     assert "| segm |" in evaluation
     run = tmp_path / "runs" / "quick"
     assert {"model_final.pth", "last.pth", "log.txt", "metrics.jsonl"} <= {p.name for p in run.iterdir()}

@@ -52,6 +52,10 @@ def _check_features(features: Sequence[Tensor], spatial_scales: Sequence[float])
         if f.dtype != first.dtype and not torch.is_autocast_enabled(first.device.type):
             raise TypeError(f"{_OP}: every level must have the dtype of features[0] ({first.dtype}); "
                             f"{name} has {f.dtype}")
+    if torch.compiler.is_compiling():
+        # The scales are Python floats, which a dynamic-shape trace turns into symbols that the
+        # checks below cannot inspect; the eager call checks them.
+        return
     try:
         level_range(spatial_scales)
     except ValueError as error:
