@@ -147,4 +147,5 @@ def test_ctrl_c_stops_after_the_iteration_abandons_an_evaluation_and_twice_quits
     process.communicate(timeout=60)
     # Killed by the second signal (its default action), not ended by the first one's orderly stop.
     assert process.returncode == -signal.SIGINT
-    assert torch.load(out / "last.pth", weights_only=True)["iteration"] >= 2
+    # Iteration 1's checkpoint was written before iteration 2 was logged; iteration 2's may have been cut.
+    assert torch.load(out / "last.pth", weights_only=True)["iteration"] >= 1
