@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fastdiffinst.data.coco import InstanceDataset, evaluation_ground_truth
-from fastdiffinst.data.transforms import resize_for_test
+from fastdiffinst.predictor import predict_batch
 from fastdiffinst.progress import ProgressBar
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -68,7 +68,6 @@ def predict_dataset(model: torch.nn.Module, dataset: InstanceDataset, max_dets: 
                     progress: bool = False) -> list[dict]:
     """COCO results of ``model`` (eval mode) on the first ``limit`` images of ``dataset``; images
     are resized to the model's test size and results reported at their original size."""
-    cfg = model.cfg.input
     count = len(dataset) if limit is None else min(limit, len(dataset))
     category_ids = [c["id"] for c in dataset.categories]
     results: list[dict] = []
@@ -76,12 +75,7 @@ def predict_dataset(model: torch.nn.Module, dataset: InstanceDataset, max_dets: 
     with ProgressBar(len(starts), "eval", "batch", enabled=progress) as bar:
         for start in starts:
             indices = range(start, min(start + batch_size, count))
-            images, sizes = [], []
-            for index in indices:
-                image = dataset.load_image(index)
-                images.append(resize_for_test(image, cfg.min_size_test, cfg.max_size_test))
-                sizes.append((int(image.shape[1]), int(image.shape[2])))
-            outputs = model(images, output_sizes=sizes, generator=generator)
+            outputs = predict_batch(model, [dataset.load_image(index) for index in indices], generator=generator)
             for index, instances in zip(indices, outputs):
                 results += instances_to_results(instances, dataset.images[index]["id"], category_ids, max_dets)
             bar.update()
