@@ -619,9 +619,11 @@ def _pixels(value: float, dtype=torch.float32) -> torch.Tensor:
 NAN, INF = float("nan"), float("inf")
 # (images, targets or None for inference, exception type, message pattern).
 BAD_MODEL_INPUTS = {
-    "nan pixel": ([_pixels(NAN)], None, ValueError, r"images\[0\] \(of 1\) has non-finite pixel values"),
+    "nan pixel": ([_pixels(NAN)], None, ValueError, r"images\[0\] \(of 1\) has non-finite or out-of-range pixel"),
+    "absurd finite pixel": ([_pixels(1e30)], None, ValueError, r"images\[0\] .*beyond ±65535"),
+    "16-bit-range pixel": ([_pixels(-70000.0)], None, ValueError, r"images\[0\]"),
     "inf pixel": ([torch.full((3, 32, 32), 9.0), _pixels(-INF)], None, ValueError, r"images\[1\] \(of 2\)"),
-    "pixels beyond float32": ([_pixels(1e300, torch.float64)], None, ValueError, "beyond the range of torch.float32"),
+    "pixels beyond float32": ([_pixels(1e300, torch.float64)], None, ValueError, r"images\[0\] .*out-of-range"),
     "two bad images": ([_pixels(NAN), _pixels(INF)], None, ValueError, r"images\[0, 1\] \(of 2\) have"),
     "nan pixel in training": ([_pixels(NAN)], [_target()], ValueError, r"images\[0\]"),
     "targets not a list": (None, "boxes", ValueError, "one dict per image"),

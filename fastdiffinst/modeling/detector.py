@@ -48,6 +48,10 @@ from fastdiffinst.modeling.targets import TrainingTargets, prepare_targets
 DYNAMIC_CONV_CHUNK = 256
 
 
+# The largest pixel magnitude accepted (16-bit images fit): beyond it, an input is no image, and its
+# features would overflow into errors that name the RoIAlign boxes instead of the image.
+MAX_PIXEL = 65535.0
+
 @dataclass
 class ImageBatch:
     """Normalised images padded to a multiple of the size divisibility.
@@ -190,7 +194,8 @@ class DiffusionInst(nn.Module):
     # Pieces of the forward pass
 
     def preprocess(self, images: Sequence[Tensor] | Tensor) -> ImageBatch:
-        """RGB images ``[3, H, W]`` (0–255, any real dtype, finite), or a ``[B, 3, H, W]`` tensor, ->
+        """RGB images ``[3, H, W]`` (0–255, any real dtype; NaN, inf and values beyond ±``MAX_PIXEL``
+        are refused), or a ``[B, 3, H, W]`` tensor, ->
         normalised and padded :class:`ImageBatch`."""
         if isinstance(images, Tensor):
             if images.dim() != 4:
@@ -219,12 +224,16 @@ class DiffusionInst(nn.Module):
         batch = torch.zeros((len(images), 3, pad_h, pad_w), dtype=dtype, device=self.device)
         for i, (image, (h, w)) in enumerate(zip(images, sizes)):
             batch[i, :, :h, :w] = (image.to(self.device, dtype) - self.pixel_mean) / self.pixel_std
-        # Integer pixels are always finite; one check of the whole batch (a single device sync) and,
-        # only when it fails, a look at each image to name the culprits.
-        if any(image.is_floating_point() for image in images) and not bool(torch.isfinite(batch).all()):
-            bad = [i for i in range(len(images)) if not bool(torch.isfinite(batch[i]).all())]
-            raise ValueError(f"images[{', '.join(map(str, bad))}] (of {len(images)}) ha{'ve' if len(bad) > 1 else 's'} "
-                             f"non-finite pixel values (NaN, inf, or beyond the range of {dtype})")
+        # Integer pixels are in range; one check of the whole normalised batch (a single device sync)
+        # and, only when it fails, a look at each image to name the culprits. NaN fails the
+        # comparison too.
+        if any(image.is_floating_point() for image in images):
+            bound = (MAX_PIXEL + float(self.pixel_mean.abs().max())) / float(self.pixel_std.min())
+            if not bool((batch.abs() <= bound).all()):
+                bad = [i for i in range(len(images)) if not bool((batch[i].abs() <= bound).all())]
+                raise ValueError(f"images[{', '.join(map(str, bad))}] (of {len(images)}) "
+                                 f"ha{'ve' if len(bad) > 1 else 's'} non-finite or out-of-range pixel values (NaN, "
+                                 f"inf, or beyond ±{MAX_PIXEL:g}; images are 0–255)")
         whwh = torch.tensor([[w, h, w, h] for h, w in sizes], dtype=torch.float32, device=self.device)
         return ImageBatch(batch, sizes, whwh)
 
