@@ -437,6 +437,11 @@ def _check_entries(path: Path, data: dict) -> np.ndarray:
     return _check_bboxes(path, annotations, sizes)
 
 
+def category_name(category: dict) -> str:
+    """A category's ``name``, or its id where it has none."""
+    return category.get("name", str(category["id"]))
+
+
 def evaluation_ground_truth(path: str | os.PathLike) -> dict:
     """The json of a checked data set (:class:`InstanceDataset`) with what COCOeval needs but the
     format leaves optional filled in: ``iscrowd`` 0, and ``area`` the bbox's ``w * h`` where absent."""
@@ -541,7 +546,7 @@ class InstanceDataset(Dataset):
 
     @property
     def class_names(self) -> list[str]:
-        return [c.get("name", str(c["id"])) for c in self.categories]
+        return [category_name(c) for c in self.categories]
 
     @property
     def num_classes(self) -> int:

@@ -12,8 +12,6 @@ truth beside them.
 * :func:`side_by_side` — the ground truth (left) and the predictions (right) in one picture.
 * :func:`write_pictures` — the demo loop: one image at a time (read, predict, draw, save), with a
   progress bar; an image that cannot be read is reported ("skipped <path>: <reason>") and skipped.
-* :func:`predict_image` — one image through :func:`fastdiffinst.predictor.predict_batch`: resized to
-  the model's test size, results at the image's own size.
 """
 
 from __future__ import annotations
@@ -24,10 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from fastdiffinst.predictor import VIDEO_SUFFIXES, predict_batch, video_message
+from fastdiffinst.predictor import VIDEO_SUFFIXES, video_message
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_ALPHA = 0.45
@@ -203,12 +200,6 @@ def picture_names(files: Sequence[Path]) -> list[str]:
     two files share a stem (``a.jpg`` and ``a.png`` -> ``a.jpg``, ``a.png``)."""
     stems = [f.stem for f in files]
     return [f.name if stems.count(f.stem) > 1 else f.stem for f in files]
-
-
-@torch.no_grad()
-def predict_image(model: torch.nn.Module, image: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """One image at the model's test size, results at the image's own size."""
-    return predict_batch(model, [image], generator=generator)[0]
 
 
 # One demo input: (picture name, the file it comes from or None, () -> (image, ground truth or None)).

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastdiffinst.data.coco import InstanceDataset, evaluation_ground_truth
+from fastdiffinst.data.coco import InstanceDataset, category_name, evaluation_ground_truth
 from fastdiffinst.predictor import predict_batch
 from fastdiffinst.progress import ProgressBar
 
@@ -128,7 +128,7 @@ def coco_metrics(annotation_file: str | Path, results: list[dict], image_ids: Se
 
 def _class_names(categories: list[dict]) -> dict[int, str]:
     """Category id -> name (the id where a category has no name; a repeated name gets its id too)."""
-    names = {c["id"]: str(c.get("name", c["id"])) for c in sorted(categories, key=lambda c: c["id"])}
+    names = {c["id"]: category_name(c) for c in sorted(categories, key=lambda c: c["id"])}
     counts: dict[str, int] = {}
     for name in names.values():
         counts[name] = counts.get(name, 0) + 1

@@ -228,7 +228,8 @@ class DiffusionInst(nn.Module):
         # and, only when it fails, a look at each image to name the culprits. NaN fails the
         # comparison too.
         if any(image.is_floating_point() for image in images):
-            bound = (MAX_PIXEL + float(self.pixel_mean.abs().max())) / float(self.pixel_std.min())
+            inputs = self.cfg.input  # the normalisation's constants, read without a device sync
+            bound = (MAX_PIXEL + max(map(abs, inputs.pixel_mean))) / min(inputs.pixel_std)
             if not bool((batch.abs() <= bound).all()):
                 bad = [i for i in range(len(images)) if not bool((batch[i].abs() <= bound).all())]
                 raise ValueError(f"images[{', '.join(map(str, bad))}] (of {len(images)}) "
