@@ -446,15 +446,17 @@ def _official_small() -> ModelConfig:
 
 def _tiny() -> ModelConfig:
     """A ResNet-18 model small enough to train on 2 CPU cores (images <= 256 px)."""
-    cfg = ModelConfig(num_classes=8, num_proposals=100)
+    # The synthetic images hold 2-6 shapes: 50 proposals, and images at about their own size
+    # (128-256 px a side); see docs/training.md for the measurements behind each choice.
+    cfg = ModelConfig(num_classes=8, num_proposals=50)
     cfg.backbone = BackboneConfig(resnet=ResNetConfig(depth=18, stem_out_channels=32, res2_out_channels=32,
                                                       freeze_at=0, norm="GN"), fpn_channels=64)
     cfg.head = HeadConfig(hidden_dim=64, num_attention_heads=4, dim_feedforward=256, num_stages=3, dim_dynamic=16,
-                          mask_branch_channels=64, mask_tower_convs=2)
-    cfg.input = InputConfig(min_size_train=(160, 192, 224, 256), max_size_train=320, crop_resize=(160, 192, 224),
-                            crop_size=(128, 224), min_size_test=224, max_size_test=320)
-    # Tuned on the synthetic set: 3000 iterations of 4 images take about 18 minutes on 2 CPU cores.
-    cfg.solver = SolverConfig(ims_per_batch=4, base_lr=4e-4, steps=(2400,), max_iter=3000, warmup_iters=100)
+                          mask_branch_channels=32, mask_tower_convs=2)
+    cfg.input = InputConfig(min_size_train=(128, 160, 192), max_size_train=256, crop_resize=(128, 160),
+                            crop_size=(96, 160), min_size_test=192, max_size_test=320)
+    # Many small steps: 4200 iterations of 2 images, about 20 minutes on 2 CPU cores.
+    cfg.solver = SolverConfig(ims_per_batch=2, base_lr=8e-4, steps=(3400,), max_iter=4200, warmup_iters=200)
     return cfg
 
 
