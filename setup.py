@@ -117,6 +117,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastdiffinst", "fastdiffinst.*"]) + ["fastdiffinst.kernels"],
     package_dir={"fastdiffinst.kernels": "kernels"},
+    package_data={"fastdiffinst.zoo": ["*.pth", "*.json"]},  # the shipped models' weights and cards
     install_requires=["torch>=2.11", "numpy>=1.24"],
     extras_require={
         "vision": ["torchvision>=0.26"],

@@ -290,13 +290,20 @@ def save_model(model: nn.Module, path: str | os.PathLike, class_names: list[str]
 
 def load_model(path: str | os.PathLike, config: str | os.PathLike | None = None, ops_impl: str = "fused",
                device: str | torch.device = "cpu") -> tuple[nn.Module, list[str]]:
-    """``(model in eval mode, class names)`` from our model file, or from an official DiffusionInst
-    checkpoint with ``config`` naming its configuration: a preset (e.g. ``"r50_coco"``) or a YAML/JSON
-    file (:func:`fastdiffinst.config_files.load_config`)."""
+    """``(model in eval mode, class names)`` from our model file, a shipped model's name (e.g.
+    ``"tiny-synthetic"``, see :mod:`fastdiffinst.zoo`), or an official DiffusionInst checkpoint with
+    ``config`` naming its configuration: a preset (e.g. ``"r50_coco"``) or a YAML/JSON file
+    (:func:`fastdiffinst.config_files.load_config`)."""
     from fastdiffinst.config import config_from_dict
     from fastdiffinst.config_files import load_config
     from fastdiffinst.modeling import DiffusionInst
+    from fastdiffinst.zoo import names as shipped_names
+    from fastdiffinst.zoo import resolve
 
+    path = resolve(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path} (the shipped models, loaded by name: "
+                                f"{', '.join(shipped_names()) or 'none'})")
     data = read_checkpoint(path)
     if isinstance(data, Mapping) and data.get("format") == MODEL_FORMAT:
         if not isinstance(data.get("model"), Mapping):

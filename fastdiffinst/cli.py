@@ -4,13 +4,15 @@
     torchrun --nproc_per_node 8 -m fastdiffinst train --config r50_coco --data coco:/datasets/coco --out runs/r50
     fastdiffinst train --config my.yaml --data coco:train.json:train_images --val-data coco:val.json:val_images \\
         --out runs/mine
+    fastdiffinst eval --data synthetic                  # the shipped model tiny-synthetic
     fastdiffinst eval --checkpoint runs/tiny/model_final.pth --data synthetic [--out DIR]
     fastdiffinst eval --checkpoint model_final.pth --config r50_coco --data coco:/datasets/coco
     fastdiffinst demo --checkpoint runs/tiny/model_final.pth --input photo.jpg --out pictures/
     fastdiffinst config tiny head.num_stages=4 > my.yaml
 
 ``--checkpoint`` is a fastdiffinst model file (a run's ``model_final.pth``, ``last.pth`` or
-``best.pth``), or an official DiffusionInst checkpoint together with ``--config``. ``--config`` is
+``best.pth``), a shipped model's name (``tiny-synthetic``, the default of ``eval`` and ``demo`` on the
+synthetic set), or an official DiffusionInst checkpoint together with ``--config``. ``--config`` is
 a preset or a YAML/JSON file (``fastdiffinst config`` prints one with every field). Errors in the
 arguments (every number is range-checked and named), the files or the data end the command with a
 one-line message and exit status 2.
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 from fastdiffinst.config import get_config, integer_requirement, number_requirement, override
-from fastdiffinst.data.sources import MAX_SYNTHETIC_IMAGES, is_split_independent
+from fastdiffinst.data.sources import MAX_SYNTHETIC_IMAGES, is_split_independent, is_synthetic
 
 
 class UsageError(ValueError):
@@ -127,7 +129,9 @@ def _version() -> str:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, type=Path, help="fastdiffinst model file or official checkpoint")
+    parser.add_argument("--checkpoint", type=Path,
+                        help="a fastdiffinst model file, a shipped model's name (tiny-synthetic), or an official "
+                             "checkpoint with --config (default on the synthetic set: the shipped tiny-synthetic)")
     parser.add_argument("--config", type=_config_source,
                         help="configuration of an official checkpoint: a preset or a YAML/JSON file")
     parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
@@ -201,8 +205,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="draw the ground truth (left, labels without scores) beside the predictions (right) in "
                            "one picture twice as wide; with --data or --synthetic")
     demo.add_argument("--out", type=Path, required=True, help="folder for the PNG pictures")
-    demo.add_argument("--score-threshold", type=_number(float, 0, 1), default=0.5,
-                      help="draw the predictions scoring at least this")
+    demo.add_argument("--score-threshold", type=_number(float, 0, 1),
+                      help="draw the predictions scoring at least this (default: 0.5; for a shipped model, its "
+                           "own, the F1-best on validation)")
     demo.add_argument("--mask-alpha", type=_number(float, 0, 1), default=0.45, metavar="ALPHA",
                       help="opacity of the masks (0: outlines and labels only, 1: solid)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -212,6 +217,20 @@ def _build_parser() -> argparse.ArgumentParser:
     config.add_argument("overrides", nargs="*", metavar="key=value", help="fields to change, e.g. head.num_stages=3")
     config.add_argument("--format", choices=["yaml", "json"], default="yaml")
     return parser
+
+
+def _default_checkpoint(args: argparse.Namespace, synthetic: bool) -> None:
+    """Without ``--checkpoint``: the shipped synthetic-set model on the synthetic set (said on stdout),
+    a usage error elsewhere."""
+    from fastdiffinst import zoo
+
+    if args.checkpoint is not None:
+        return
+    if not synthetic:
+        raise UsageError(f"argument --checkpoint: required except on the synthetic set (where the shipped "
+                         f"{zoo.SYNTHETIC_DEFAULT} is the default); a model file or a shipped model's name")
+    args.checkpoint = Path(zoo.SYNTHETIC_DEFAULT)
+    print(f"no --checkpoint: using {zoo.summary(zoo.SYNTHETIC_DEFAULT)}", flush=True)
 
 
 def _load(args: argparse.Namespace):
@@ -269,6 +288,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from fastdiffinst.engine import evaluation
 
     out = ensure_writable(args.out) if args.out is not None else None
+    _default_checkpoint(args, is_synthetic(args.data))
     model, _ = _load(args)
     dataset = dataset_from_spec(args.data, args.split)
     if model.cfg.num_classes != dataset.num_classes:
@@ -301,10 +321,11 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    from fastdiffinst import zoo
     from fastdiffinst.checkpoint import ensure_writable
     from fastdiffinst.data import dataset_from_spec, read_image
     from fastdiffinst.data.synthetic import CLASSES, render_sample
-    from fastdiffinst.engine.demo import image_files, picture_names, write_pictures
+    from fastdiffinst.engine.demo import DEFAULT_SCORE_THRESHOLD, image_files, picture_names, write_pictures
     from fastdiffinst.predictor import Predictor
 
     if args.show_gt and args.input is not None:
@@ -312,6 +333,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for flag, value in (("--split", args.split), ("--limit", args.limit)):
         if value is not None and args.data is None:
             raise UsageError(f"argument {flag}: applies to --data only")
+    _default_checkpoint(args, args.synthetic is not None or (args.data is not None and is_synthetic(args.data)))
     out = ensure_writable(args.out)
     single = False
     gt_names = None
@@ -350,7 +372,10 @@ def run_demo(args: argparse.Namespace) -> int:
         items = ((name, None, lambda i=i: from_dataset(i)) for i, name in enumerate(names))
     predictor = Predictor(args.checkpoint, config=args.config, device=args.device, ops_impl=args.ops_impl,
                           steps=args.steps, seed=args.seed)
-    written, skipped = write_pictures(predictor, items, total, out, score_threshold=args.score_threshold,
+    threshold = args.score_threshold
+    if threshold is None:
+        threshold = zoo.demo_score_threshold(args.checkpoint) or DEFAULT_SCORE_THRESHOLD
+    written, skipped = write_pictures(predictor, items, total, out, score_threshold=threshold,
                                       alpha=args.mask_alpha, gt_class_names=gt_names, skip_unreadable=not single,
                                       progress=total > 1 and not args.no_progress)
     print(f"{written} picture{'s' if written != 1 else ''} written to {out}, {skipped} skipped")

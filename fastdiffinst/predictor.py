@@ -143,8 +143,9 @@ class Predictor:
 
     Args:
         model_or_path: a :class:`~fastdiffinst.modeling.DiffusionInst` (put in eval mode, moved to
-            ``device`` and given ``steps`` in place), or the path of a fastdiffinst model file or an
-            official checkpoint (with ``config``).
+            ``device`` and given ``steps`` in place), the path of a fastdiffinst model file, a shipped
+            model's name (``"tiny-synthetic"``, :mod:`fastdiffinst.zoo`), or an official checkpoint
+            (with ``config``).
         config: the preset of an official checkpoint (e.g. ``"r50_coco"``).
         device: where the model runs (default: the model's device; for a path, CUDA when available).
         ops_impl: ``"fused"`` or ``"reference"`` (for a path).

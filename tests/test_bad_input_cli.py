@@ -53,7 +53,8 @@ FLAG_CASES = [
     (EVAL + ["--threads", "0"], "--threads"),
     (EVAL + ["--split", "test"], "--split"),
     (EVAL + ["--device", "cuda:3"], "--device"),
-    (["eval", "--data", "synthetic:2"], "--checkpoint"),
+    (["eval", "--data", "coco:{tmp}/nowhere"], "--checkpoint"),  # only the synthetic set has a default model
+    (["demo", "--input", "{tmp}", "--out", "{tmp}/p"], "--checkpoint"),
     *[(DEMO + ["--score-threshold", v], "--score-threshold") for v in ("1.5", "-0.1", "nan")],
     (["demo", "--checkpoint", "{ckpt}", "--synthetic", "0", "--out", "{tmp}/p"], "--synthetic"),
     (["demo", "--checkpoint", "{ckpt}", "--synthetic", "-2", "--out", "{tmp}/p"], "--synthetic"),

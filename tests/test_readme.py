@@ -45,7 +45,7 @@ def test_quick_start_runs_as_written(tmp_path):
     # As a newcomer runs it after `make setup` and `source .venv/bin/activate`: the venv's console
     # command first on PATH, in a fresh folder, the synthetic data generated on first use.
     commands = _quick_start_commands()
-    assert [c.split()[1] for c in commands] == ["--version", "train", "eval", "demo"]
+    assert [c.split()[1] for c in commands] == ["--version", "demo", "train", "eval", "demo"]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                FASTDIFFINST_DATA=str(tmp_path / "data"))
     printed = []
@@ -54,8 +54,9 @@ def test_quick_start_runs_as_written(tmp_path):
                              timeout=900)
         assert run.returncode == 0, f"{command}\n{run.stderr[-3000:]}"
         printed.append(run.stdout)
-    version, train, evaluation, demo = printed
+    version, shipped, train, evaluation, demo = printed
     assert version.startswith("fastdiffinst ")
+    assert "using the shipped model tiny-synthetic" in shipped and len(list((tmp_path / "pictures").glob("*.png"))) == 4
     assert "iter 40/40" in train and "| segm |" in train
     assert "| segm |" in evaluation
     run = tmp_path / "runs" / "quick"

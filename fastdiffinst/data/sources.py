@@ -41,6 +41,11 @@ def coco_json_spec(spec: str) -> tuple[Path, Path] | None:
     return Path(annotations + ".json"), Path(images)
 
 
+def is_synthetic(spec: str) -> bool:
+    """Whether ``spec`` names the embedded shapes set (``synthetic`` or ``synthetic:N``)."""
+    return spec.partition(":")[0] == "synthetic"
+
+
 def is_split_independent(spec: str) -> bool:
     """Whether ``spec`` names the same data for every split (``coco:ANNOTATIONS.json:IMAGES_DIR``)."""
     try:

@@ -27,6 +27,7 @@ from torch import Tensor
 from fastdiffinst.predictor import VIDEO_SUFFIXES, video_message
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+DEFAULT_SCORE_THRESHOLD = 0.5  # detectron2's demo default
 DEFAULT_ALPHA = 0.45
 
 
@@ -113,7 +114,7 @@ def _shown_sorted(instances: dict[str, Tensor], score_threshold: float) -> list[
 
 
 def label_rects(image_size: tuple[int, int], instances: dict[str, Tensor], class_names: Sequence[str],
-                score_threshold: float = 0.5) -> list[tuple[str, tuple[int, ...]]]:
+                score_threshold: float = DEFAULT_SCORE_THRESHOLD) -> list[tuple[str, tuple[int, ...]]]:
     """The ``(text, (left, top, right, bottom))`` of every label :func:`draw_instances` draws on
     an image of ``image_size`` ``(height, width)``, best score first: each placed by
     :func:`place_label` around the labels before it."""
@@ -133,7 +134,7 @@ def label_rects(image_size: tuple[int, int], instances: dict[str, Tensor], class
 
 
 def draw_instances(image: Tensor, instances: dict[str, Tensor], class_names: Sequence[str],
-                   score_threshold: float = 0.5, alpha: float = DEFAULT_ALPHA):
+                   score_threshold: float = DEFAULT_SCORE_THRESHOLD, alpha: float = DEFAULT_ALPHA):
     """``image`` uint8 [3, H, W] with ``instances`` (``boxes`` [K, 4] xyxy, ``labels`` [K], ``masks``
     [K, H, W], and ``scores`` [K] for predictions — ground truth has none) drawn -> a PIL image.
     Predictions scoring below ``score_threshold`` are left out; ``alpha`` in [0, 1] is the masks'
@@ -206,7 +207,8 @@ def picture_names(files: Sequence[Path]) -> list[str]:
 DemoItem = tuple[str, Path | None, Callable[[], tuple[Tensor, dict[str, Tensor] | None]]]
 
 
-def write_pictures(predictor, items: Iterable[DemoItem], total: int, out: Path, *, score_threshold: float = 0.5,
+def write_pictures(predictor, items: Iterable[DemoItem], total: int, out: Path, *,
+                   score_threshold: float = DEFAULT_SCORE_THRESHOLD,
                    alpha: float = DEFAULT_ALPHA, gt_class_names: Sequence[str] | None = None,
                    skip_unreadable: bool = True, progress: bool = True) -> tuple[int, int]:
     """Pictures of ``predictor``'s (:class:`fastdiffinst.predictor.Predictor`) results on ``items``,
