@@ -5,8 +5,9 @@
 Each RUN is a training run's folder (its ``metrics.jsonl``: the evaluation records and the training
 seconds logged with each iteration record, evaluations and checkpoints not counted); a run's
 curve is its segm and bbox ``--metric`` at each evaluation, against the training minutes at that
-iteration. A ``final.json`` in the run folder (``fastdiffinst eval --out``'s ``metrics.json``) adds
-the full-validation-set point at the end, drawn hollow. Needs matplotlib.
+iteration (interpolated between logged iterations). A ``final.json`` in the run folder
+(``fastdiffinst eval --out``'s ``metrics.json``) adds the full-validation-set point at the end,
+drawn hollow. Needs matplotlib.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 
 def curve(run: Path, metric: str) -> tuple[list[tuple[float, float, float]], tuple[float, float, float] | None]:
     """``([(minutes, segm, bbox) per evaluation], the final full evaluation or None)``."""
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    seconds = {r["iter"]: r["train_s"] for r in records if "train_s" in r}
-    points = [(seconds[r["iter"]] / 60, r["eval"]["segm"][metric], r["eval"]["bbox"][metric])
-              for r in records if "eval" in r and r["iter"] in seconds]
+    logged = sorted((r["iter"], r["train_s"]) for r in records if "train_s" in r)
+    # An evaluation between two logged iterations: the training time interpolated between them.
+    points = [(float(np.interp(r["iter"], *zip(*logged))) / 60, r["eval"]["segm"][metric], r["eval"]["bbox"][metric])
+              for r in records if "eval" in r and logged and r["iter"] <= logged[-1][0]]
     final = None
     if (run / "final.json").is_file() and points:
         metrics = json.loads((run / "final.json").read_text())["metrics"]

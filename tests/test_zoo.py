@@ -88,6 +88,8 @@ def test_shipped_model_reproduces_its_recorded_predictions_and_ap():
 
 def test_names_resolve_and_a_users_file_of_that_name_wins(tmp_path, monkeypatch):
     assert NAME in zoo.names() and zoo.resolve(NAME) == zoo.model_path(NAME)
+    with pytest.raises(FileNotFoundError, match=f"no shipped model named 'nope'.*: {NAME}"):
+        zoo.model_path("nope")
     with pytest.raises(FileNotFoundError, match=f"the shipped models, loaded by name: {NAME}"):
         load_model("tiny-synthetc")
     monkeypatch.chdir(tmp_path)

@@ -26,9 +26,11 @@ def names() -> list[str]:
 
 
 def model_path(name: str) -> Path:
-    """The weights of the shipped model ``name``; ``KeyError`` naming the shipped ones otherwise."""
+    """The weights of the shipped model ``name``; ``FileNotFoundError`` naming the shipped ones
+    otherwise (also when an installation lacks the files)."""
     if name not in names():
-        raise KeyError(f"no shipped model named {name!r}; the shipped models are: {', '.join(names()) or 'none'}")
+        raise FileNotFoundError(f"no shipped model named {name!r} in {FOLDER}; the shipped models are: "
+                                f"{', '.join(names()) or 'none'}")
     return FOLDER / f"{name}.pth"
 
 
