@@ -1,8 +1,8 @@
 """Models that ship with the package, loaded by name: ``load_model("tiny-synthetic")``,
 ``fastdiffinst eval --checkpoint tiny-synthetic``.
 
-A named model is two files in this folder: ``NAME.pth``, a fastdiffinst model file whose floating-point
-parameters are stored in fp16 (they load into an fp32 model), and ``NAME.json``, its card: the
+A named model is two files in this folder: ``NAME.pth``, a fastdiffinst model file whose weight
+matrices and kernels are stored in fp16 (they load into an fp32 model), and ``NAME.json``, its card: the
 recipe (commands and configuration), the commit it was trained at, its training curve and metrics, and
 the predictions it made on a slice of validation images (the tests compare against them).
 :mod:`fastdiffinst.zoo.export` writes both from a training run.
