@@ -30,6 +30,7 @@ import torch
 
 from fastdiffinst.config import get_config, integer_requirement, number_requirement, override
 from fastdiffinst.data.sources import MAX_SYNTHETIC_IMAGES, is_split_independent, is_synthetic
+from fastdiffinst.modeling.precision import PRECISIONS, emulation_reason
 
 
 class UsageError(ValueError):
@@ -141,6 +142,19 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=_config_field("solver.seed"), default=0,
                         help="seed of the sampler's random boxes (the range of solver.seed)")
     parser.add_argument("--threads", type=_THREADS, help="CPU threads")
+    _precision_flag(parser)
+
+
+def _precision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="fp32 (the official numerics) or bf16/fp16 (half-precision dense layers, fp32 boxes and "
+                             "scores; docs/precision.md)")
+
+
+def _check_precision(args: argparse.Namespace) -> None:
+    reason = emulation_reason(args.precision, args.device)
+    if reason is not None:
+        raise UsageError(f"argument --precision: {reason}; use --precision fp32 here")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -161,7 +175,8 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pth")
     start.add_argument("--overwrite", action="store_true", help="delete the run in --out and start a new one")
     train.add_argument("--compile", action="store_true", help="torch.compile the backbone, mask branch and head")
-    train.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision (autocast)")
+    _precision_flag(train)
+    train.add_argument("--amp", choices=["bf16", "fp16"], help=argparse.SUPPRESS)  # the former --precision
     train.add_argument("--ops-impl", choices=["fused", "reference"], default="fused")
     train.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     train.add_argument("--workers", type=_WORKERS, default=0, help="data-loading worker processes (0: none)")
@@ -238,6 +253,7 @@ def _load(args: argparse.Namespace):
     from fastdiffinst.config import replace_path
 
     model, names = load_model(args.checkpoint, args.config, args.ops_impl, args.device)
+    model.set_precision(args.precision)
     if args.steps is not None:
         model.cfg = replace_path(model.cfg, "sampler.sample_steps", args.steps)
     return model, names
@@ -253,9 +269,13 @@ def run_train(args: argparse.Namespace) -> int:
         value = getattr(args, flag.removeprefix("--").replace("-", "_"))
         if value is not None:
             fields.append(f"{path}={value}")
-    if args.amp == "fp16" and torch.device(args.device).type == "cpu":
-        raise UsageError("argument --amp: fp16 on the CPU is emulated and about 25x slower than fp32: use --amp bf16 "
-                         "on CPUs with bf16 instructions (AVX512-BF16, AMX), or no --amp")
+    if args.amp is not None:
+        if args.precision != "fp32" and args.precision != args.amp:
+            raise UsageError(f"argument --amp: --amp is the former name of --precision; give one of them "
+                             f"(--amp {args.amp} --precision {args.precision})")
+        print(f"note: --amp {args.amp} is now --precision {args.amp}", file=sys.stderr)
+        args.precision = args.amp
+    _check_precision(args)
     run_config = args.out / "config.json"
     source = args.config or (run_config if args.resume and run_config.is_file() else "tiny")
     cfg = override(load_config(source), fields)
@@ -264,7 +284,7 @@ def run_train(args: argparse.Namespace) -> int:
               f"the training data (give the validation set with --val-data)", file=sys.stderr)
     device = distributed.setup(args.device)
     try:
-        options = TrainOptions(out=args.out, data=args.data, ops_impl=args.ops_impl, amp=args.amp,
+        options = TrainOptions(out=args.out, data=args.data, ops_impl=args.ops_impl, precision=args.precision,
                                compile=args.compile, resume=args.resume, overwrite=args.overwrite, device=device,
                                num_workers=args.workers, log_period=args.log_period, eval_period=args.eval_period,
                                eval_limit=args.eval_limit, checkpoint_period=args.checkpoint_period,
@@ -287,6 +307,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from fastdiffinst.data import dataset_from_spec
     from fastdiffinst.engine import evaluation
 
+    _check_precision(args)
     out = ensure_writable(args.out) if args.out is not None else None
     _default_checkpoint(args, is_synthetic(args.data))
     model, _ = _load(args)
@@ -333,6 +354,7 @@ def run_demo(args: argparse.Namespace) -> int:
     for flag, value in (("--split", args.split), ("--limit", args.limit)):
         if value is not None and args.data is None:
             raise UsageError(f"argument {flag}: applies to --data only")
+    _check_precision(args)
     _default_checkpoint(args, args.synthetic is not None or (args.data is not None and is_synthetic(args.data)))
     out = ensure_writable(args.out)
     single = False
@@ -371,7 +393,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                for entry in dataset.images[:total]])
         items = ((name, None, lambda i=i: from_dataset(i)) for i, name in enumerate(names))
     predictor = Predictor(args.checkpoint, config=args.config, device=args.device, ops_impl=args.ops_impl,
-                          steps=args.steps, seed=args.seed)
+                          steps=args.steps, seed=args.seed, precision=args.precision)
     threshold = args.score_threshold
     if threshold is None:
         threshold = zoo.demo_score_threshold(args.checkpoint) or DEFAULT_SCORE_THRESHOLD

@@ -53,6 +53,8 @@ class PerImageDraws(DrawSource):
     """Random boxes for a batch where image ``b`` draws from its own generator seeded with
     ``seeds[b]``: each image gets the draws it would get alone (batch 1)."""
 
+    ahead = True
+
     def __init__(self, seeds: Sequence[int], num_steps: int) -> None:
         self.sources = [GeneratorDraws(torch.Generator().manual_seed(int(seed)), num_steps) for seed in seeds]
 
@@ -61,8 +63,8 @@ class PerImageDraws(DrawSource):
             raise ValueError(f"{len(self.sources)} seeds for a batch of {batch} images")
         return torch.cat([source.initial(1, num, device) for source in self.sources])
 
-    def step(self, step: int, keep: Tensor, state_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        parts = [source.step(step, keep[b:b + 1], state_dtype) for b, source in enumerate(self.sources)]
+    def step(self, step: int, keep: Tensor | None, state_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        parts = [source.step(step, keep, state_dtype) for source in self.sources]
         return torch.cat([noise for noise, _ in parts]), torch.cat([renew for _, renew in parts])
 
 
@@ -152,11 +154,13 @@ class Predictor:
         steps: DDIM sampling steps (default: the model's configuration).
         seed: seed of every image's random boxes.
         class_names: the class names of a model given as a module (default ``class 0``, ...).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (set on the model; default: a model given as
+            a module keeps its own, a loaded one is fp32). See :mod:`fastdiffinst.modeling.precision`.
     """
 
     def __init__(self, model_or_path: nn.Module | str | os.PathLike, *, config: str | None = None,
                  device: str | torch.device | None = None, ops_impl: str = "fused", steps: int | None = None,
-                 seed: int = 0, class_names: Sequence[str] | None = None) -> None:
+                 seed: int = 0, class_names: Sequence[str] | None = None, precision: str | None = None) -> None:
         from fastdiffinst.config import replace_path
 
         if isinstance(model_or_path, nn.Module):
@@ -178,6 +182,8 @@ class Predictor:
             raise ValueError(f"{len(names)} class names for a model of {model.cfg.num_classes} classes")
         if steps is not None:
             model.cfg = replace_path(model.cfg, "sampler.sample_steps", steps)
+        if precision is not None:
+            model.set_precision(precision)
         self.model = model.eval()
         self.class_names: list[str] = names
         self.seed = int(seed)

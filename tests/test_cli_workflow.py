@@ -105,9 +105,26 @@ def test_runs_resume_from_their_own_config_refuse_to_overwrite_and_log(tmp_path,
     capsys.readouterr()
 
 
-def test_fp16_on_the_cpu_is_refused(tmp_path, capsys):
-    assert main(["train", "--out", str(tmp_path / "o"), "--amp", "fp16", "--device", "cpu", *RUN]) == 2
-    assert "argument --amp" in capsys.readouterr().err
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_emulated_half_precision_on_the_cpu_is_refused(tmp_path, capsys, precision):
+    from fastdiffinst.modeling.precision import emulation_reason
+
+    reason = emulation_reason(precision, "cpu")
+    if reason is None:
+        pytest.skip(f"this CPU computes {precision} natively: nothing to refuse")
+    commands = [["train", "--out", str(tmp_path / "o"), *RUN, "--precision", precision],
+                ["train", "--out", str(tmp_path / "o"), *RUN, "--amp", precision],  # the former name
+                ["eval", "--data", "synthetic:2", "--precision", precision],
+                ["demo", "--synthetic", "1", "--out", str(tmp_path / "d"), "--precision", precision]]
+    for command in commands:
+        assert main([*command, "--device", "cpu"]) == 2
+        assert f"argument --precision: {reason}" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "d").exists()
+
+
+def test_amp_is_the_former_name_of_precision(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "o"), *RUN, "--amp", "bf16", "--precision", "fp16"]) == 2
+    assert "argument --amp: --amp is the former name of --precision" in capsys.readouterr().err
 
 
 def _wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 240) -> None:

@@ -442,7 +442,7 @@ def test_bad_images_raise_clear_errors():
     model.eval()
     with pytest.raises(ValueError, match="model.train"):
         model(images([(32, 32)]), targets=[{}])
-    with pytest.raises(TypeError, match="autocast"):
+    with pytest.raises(TypeError, match="precision=.bf16."):
         small_model().bfloat16()(images([(32, 32)]))
     with pytest.raises(ValueError, match="one image at a time"):
         model(images([(32, 32), (32, 32)]), draws=lambda shape, dtype, device: torch.randn(shape, dtype=dtype))

@@ -65,7 +65,7 @@ class TrainOptions:
     data: str = "synthetic"
     val_data: str | None = None  # the validation set's spec; None: split "val" of ``data``
     ops_impl: str = "fused"
-    amp: str | None = None  # "bf16" | "fp16"
+    precision: str = "fp32"  # "bf16" | "fp16": mixed precision (fastdiffinst.modeling.precision)
     compile: bool = False
     resume: bool = False
     device: str = "cpu"
@@ -118,7 +118,8 @@ class Trainer:
                              f"{self.train_set.num_classes}: set num_classes={self.train_set.num_classes}")
         self.device = torch.device(options.device)
         torch.manual_seed(solver.seed)
-        self.model = DiffusionInst(cfg, ops_impl=options.ops_impl, compile=options.compile).to(self.device)
+        self.model = DiffusionInst(cfg, ops_impl=options.ops_impl, compile=options.compile,
+                                   precision=options.precision).to(self.device)
         if cfg.loss.use_fed_loss:
             self.model.criterion.set_class_image_counts(self.train_set.class_image_counts().to(self.device))
         self.model.train()
@@ -129,8 +130,8 @@ class Trainer:
         params = [p for p in self.module.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=solver.base_lr, weight_decay=solver.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, solver))
-        self.amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[options.amp]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.amp == "fp16")
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.precision == "fp16")
         self.iteration, self.best = 0, -1.0
         self._stop_signal: int | None = None
         self._evaluating = False
@@ -139,7 +140,8 @@ class Trainer:
         self.run_log = RunLog(self.out / "log.txt", self._echo)
         self.checkpoints = TrainingCheckpoints(self.out, self.module, self.optimizer, self.scheduler, self.scaler,
                                                self.train_set.class_names,
-                                               {"data": options.data, "ops_impl": options.ops_impl, "amp": options.amp})
+                                               {"data": options.data, "ops_impl": options.ops_impl,
+                                                "precision": options.precision})
 
     def _start_folder(self, options: TrainOptions) -> None:
         """``--out`` for this run: a new run refuses a folder that holds one (starting over would
@@ -196,8 +198,7 @@ class Trainer:
         stream = (self.cfg.solver.seed * 1_000_003 + self.iteration) * 64 + self.rank
         generator = derived_generator(stream)  # the box draws
         torch.manual_seed((stream + 2**63) % 2**64)  # dropout, drop-path: another stream than the boxes'
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            losses = self.model(images, targets, generator=generator)
+        losses = self.model(images, targets, generator=generator)  # under autocast in bf16/fp16
         total = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()

@@ -75,11 +75,14 @@ class TrainingCheckpoints:
             raise CheckpointError(f"--resume: {path} is a run of another configuration (only the schedule, "
                                   f"{', '.join(SCHEDULE_FIELDS)}, may change):\n  " + "\n  ".join(refused))
         saved_options = state.get("options") or {}
-        if saved_options.get("amp") != self.options["amp"]:
-            raise CheckpointError(f"--resume: {path} is a run with --amp {saved_options.get('amp') or 'off'}, this "
-                                  f"run asks for --amp {self.options['amp'] or 'off'} (the precision cannot change)")
+        # Runs saved before --precision recorded their autocast dtype as "amp" (None: fp32).
+        saved_precision = saved_options.get("precision", saved_options.get("amp") or "fp32")
+        if saved_precision != self.options["precision"]:
+            raise CheckpointError(f"--resume: {path} is a run with --precision {saved_precision}, this run asks for "
+                                  f"--precision {self.options['precision']} (the precision cannot change)")
         differences += [f"{key}: checkpoint {saved_options.get(key)!r}, this run {value!r}"
-                        for key, value in self.options.items() if key != "amp" and saved_options.get(key) != value]
+                        for key, value in self.options.items()
+                        if key != "precision" and saved_options.get(key) != value]
         if state["iteration"] > cfg.solver.max_iter:
             raise CheckpointError(f"--resume: {path} is at iteration {state['iteration']}, beyond "
                                   f"solver.max_iter {cfg.solver.max_iter}")

@@ -9,7 +9,8 @@ mask features are computed once per image batch, not once per DDIM step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,7 @@ from fastdiffinst.modeling.postprocess import (
     select_detections,
     topk_candidates,
 )
+from fastdiffinst.modeling.precision import HalfPrecisionCopies, precision_dtype
 from fastdiffinst.modeling.resnet import ResNet
 from fastdiffinst.modeling.sampler import (
     DrawFn,
@@ -41,6 +43,7 @@ from fastdiffinst.modeling.sampler import (
     OfficialDraws,
     SamplingStep,
     ddim_sample,
+    sampling_step,
 )
 from fastdiffinst.modeling.targets import TrainingTargets, prepare_targets
 
@@ -111,15 +114,24 @@ class DiffusionInst(nn.Module):
     Args:
         cfg: a :class:`fastdiffinst.config.ModelConfig` (see ``fastdiffinst.config.get_config``).
         ops_impl: ``"fused"`` (our kernels) or ``"reference"`` (the official formulations).
-        compile: ``torch.compile`` the backbone, the mask branch and the decoder (``fullgraph``).
+        compile: ``torch.compile`` the backbone and the mask branch, and on the fused ops each DDIM
+            step whole (decoder, renewal and box update, one ``fullgraph`` graph with static shapes
+            and no host synchronisation; on the official formulations the decoder alone).
         recompute: train with recomputation instead of stored activations (see
             :meth:`set_recompute`; default on for ``"fused"``, off for ``"reference"``).
+        precision: ``"fp32"`` (the official numerics), ``"bf16"`` or ``"fp16"`` (see
+            :mod:`fastdiffinst.modeling.precision`, :meth:`set_precision`). The parameters and the
+            state dict stay fp32 in every precision.
     """
 
     def __init__(self, cfg: ModelConfig, ops_impl: str = "fused", compile: bool = False,
-                 recompute: bool | None = None) -> None:
+                 recompute: bool | None = None, precision: str = "fp32") -> None:
         super().__init__()
         self.cfg = cfg.validate()
+        self.set_precision(precision)
+        self._half_copies = HalfPrecisionCopies()
+        self.compiled = bool(compile)
+        self._compiled_step: Callable[..., tuple[Tensor, ...]] | None = None
         head_cfg = cfg.head
         self.impl = ops_implementation(ops_impl)
         self.backbone = FPN(build_bottom_up(cfg), cfg.backbone.fpn_channels)
@@ -136,10 +148,7 @@ class DiffusionInst(nn.Module):
         self.set_recompute(self.impl is FUSED if recompute is None else recompute)
         # A plain dict, so the compiled wrappers are not registered as submodules (their
         # parameters would appear twice in the state dict).
-        self._runners = {"backbone": self.backbone, "mask_branch": self.mask_branch, "head": self.head}
-        if compile:
-            self._runners = {"backbone": torch.compile(self.backbone), "mask_branch": torch.compile(self.mask_branch),
-                             "head": torch.compile(self.head, fullgraph=True)}
+        self._runners = {name: self._wrap(name, getattr(self, name)) for name in ("backbone", "mask_branch", "head")}
 
     # ------------------------------------------------------------------------------------------
     # Configuration
@@ -156,6 +165,14 @@ class DiffusionInst(nn.Module):
         a switch does not (call :meth:`set_recompute` to change it too)."""
         self.impl = ops_implementation(ops_impl)
         self.head.box_pooler = self._pooler(self.impl)
+
+    def set_precision(self, precision: str) -> None:
+        """``"fp32"``, ``"bf16"`` or ``"fp16"``: training then runs under ``torch.autocast`` in that
+        dtype (fp32 master weights), inference on half-precision copies of the backbone, mask branch
+        and decoder made once (remade when the weights change). fp32 is exactly the official
+        numerics."""
+        self.compute_dtype = precision_dtype(precision)
+        self.precision = precision
 
     def set_recompute(self, enabled: bool) -> None:
         """Training recomputes the backbone's trainable stages, the decoder stages and DynamicConv
@@ -176,6 +193,26 @@ class DiffusionInst(nn.Module):
         head_cfg = self.cfg.head
         scales = [1.0 / s for s in self.backbone.out_strides]
         return impl.pooler(head_cfg.pooler_resolution, scales, head_cfg.pooler_sampling_ratio)
+
+    def _wrap(self, name: str, module: nn.Module) -> nn.Module | Callable:
+        """``module`` as the forward runs it: itself, or compiled (the decoder in one graph)."""
+        if not self.compiled:
+            return module
+        return torch.compile(module, fullgraph=name == "head")
+
+    def _half_inference(self) -> bool:
+        """Whether this forward runs on the half-precision copies: inference (eval mode, no
+        gradients) in bf16 or fp16. In training mode the mask branch's BatchNorm updates its running
+        statistics, which must be the model's own."""
+        return self.precision != "fp32" and not (self.training or torch.is_grad_enabled())
+
+    def _runner(self, name: str) -> nn.Module | Callable:
+        """The backbone (with FPN), the mask branch or the decoder as this forward runs it: the model's
+        own modules in fp32 and in training (autocast does the casting there), otherwise their
+        half-precision copies."""
+        if not self._half_inference():
+            return self._runners[name]
+        return self._half_copies.get(name, getattr(self, name), self.compute_dtype, lambda m: self._wrap(name, m))
 
     def schedule(self, device: torch.device) -> DiffusionSchedule:
         """The float64 cosine schedule on ``device`` (kept out of the buffers: it is derived, and
@@ -215,8 +252,8 @@ class DiffusionInst(nn.Module):
                 raise ValueError(f"images[{i}] is empty: shape {tuple(image.shape)}")
         dtype = self.pixel_mean.dtype
         if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"DiffusionInst runs in float32 or float64, not {dtype}: keep the weights in float32 and "
-                            f"use torch.autocast for half precision")
+            raise TypeError(f"DiffusionInst's weights are float32 or float64, not {dtype}: keep them in float32 and "
+                            f"ask for DiffusionInst(..., precision='bf16') or model.set_precision('bf16')")
         divisor = self.backbone.size_divisibility
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         pad_h = -(-max(h for h, _ in sizes) // divisor) * divisor
@@ -239,20 +276,22 @@ class DiffusionInst(nn.Module):
         return ImageBatch(batch, sizes, whwh)
 
     def extract_features(self, images: Tensor) -> Features:
-        """``[B, 3, Hp, Wp]`` -> P2–P5 and the mask features, computed once."""
-        return self.pyramid_features(self._runners["backbone"](images))
+        """``[B, 3, Hp, Wp]`` -> P2–P5 and the mask features, computed once (in half precision
+        when the model infers in one)."""
+        if self._half_inference():
+            images = images.to(self.compute_dtype)
+        return self.pyramid_features(self._runner("backbone")(images))
 
     def pyramid_features(self, pyramid: list[Tensor]) -> Features:
         """P2–P5 -> :class:`Features` (the mask branch and the levels the RoI pooler reads)."""
         roi_levels = pyramid
         if self.impl.channels_last_levels and pyramid[0].device.type == "cpu":
             roi_levels = [p.contiguous(memory_format=torch.channels_last) for p in pyramid]
-        return Features(pyramid, self._runners["mask_branch"](pyramid), roi_levels)
+        return Features(pyramid, self._runner("mask_branch")(pyramid), roi_levels)
 
     def run_head(self, features: Features, boxes: Tensor, t: Tensor) -> HeadOutput:
-        """The decoder on ``boxes [B, N, 4]`` at timesteps ``t [B]``. The boxes are cast to the
-        features' dtype (fp32) first: the official pooler (``Boxes``) and box decoding do the same."""
-        return HeadOutput(*self._runners["head"](features.roi_levels, boxes.to(features.mask_feats.dtype), t))
+        """The decoder on ``boxes [B, N, 4]`` at timesteps ``t [B]``."""
+        return HeadOutput(*self._runner("head")(features.roi_levels, boxes, t))
 
     def mask_logits(self, mask_feats: Tensor, kernels: Tensor, image_index: Tensor, sigmoid: bool = False) -> Tensor:
         """Dynamic mask head: ``kernels [n, P]`` of instances of images ``image_index [n]`` on
@@ -273,8 +312,26 @@ class DiffusionInst(nn.Module):
             source = OfficialDraws(draws, self.cfg.sampler.box_renewal)
         else:
             source = GeneratorDraws(generator, self.cfg.sampler.sample_steps)
-        return ddim_sample(lambda boxes, t: self.run_head(features, boxes, t), images_whwh, self.cfg.num_proposals,
-                           self.schedule(images_whwh.device), self.cfg.sampler, source, self.impl.ddim_step)
+        schedule = self.schedule(images_whwh.device)
+        step = functools.partial(self._step_function(), self._runner("head"), features.roi_levels, images_whwh,
+                                 schedule=schedule, cfg=self.cfg.sampler, ddim_step=self.impl.ddim_step)
+        return ddim_sample(step, images_whwh, self.cfg.num_proposals, schedule, self.cfg.sampler, source,
+                           self.impl.ddim_step)
+
+    def _step_function(self) -> Callable[..., tuple[Tensor, ...]]:
+        """:func:`~fastdiffinst.modeling.sampler.sampling_step`; compiled, on the fused ops, as one
+        ``fullgraph`` graph (the decoder runs inside it uncompiled, so it is traced once, with the
+        step)."""
+        if not (self.compiled and self.impl is FUSED):
+            return sampling_step
+        if self._compiled_step is None:
+            compiled = torch.compile(sampling_step, fullgraph=True)
+
+            def run(head, *args, **kwargs):
+                return compiled(getattr(head, "_orig_mod", head), *args, **kwargs)
+
+            self._compiled_step = run
+        return self._compiled_step
 
     def ensemble_steps(self, steps: list[SamplingStep]) -> list[SamplingStep]:
         """The steps whose predictions become candidates: the last one, or with the ensemble every
@@ -377,7 +434,8 @@ class DiffusionInst(nn.Module):
 
     def training_outputs(self, images: Sequence[Tensor] | Tensor, targets: Sequence[Mapping[str, Tensor]],
                          generator: torch.Generator | None = None, draws: DrawFn | None = None) -> TrainingOutputs:
-        """The training forward with its intermediates (see :meth:`losses`)."""
+        """The training forward with its intermediates (see :meth:`losses`); in bf16 or fp16 under
+        ``torch.autocast`` (mixed precision on the fp32 weights)."""
         batch = self.preprocess(images)
         prepared = prepare_targets(targets, batch.image_sizes, tuple(batch.tensor.shape[2:]), self.cfg.num_classes,
                                    self.device, batch.tensor.dtype)
@@ -385,10 +443,11 @@ class DiffusionInst(nn.Module):
                                    self.schedule(batch.tensor.device), self.cfg.sampler.snr_scale,
                                    self.impl.training_boxes,
                                    generator=generator, draws=draws)
-        features = self.extract_features(batch.tensor)
-        head = self.run_head(features, boxes, t)
-        losses, matches = self.criterion(head.class_logits, head.boxes, head.kernels, features.mask_feats, prepared,
-                                         self.impl.dice_sums, self._class_sampler(generator, draws))
+        with torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.precision != "fp32"):
+            features = self.extract_features(batch.tensor)
+            head = self.run_head(features, boxes, t)
+            losses, matches = self.criterion(head.class_logits, head.boxes, head.kernels, features.mask_feats,
+                                             prepared, self.impl.dice_sums, self._class_sampler(generator, draws))
         return TrainingOutputs(batch, prepared, boxes, t, features, head, losses, matches)
 
     @staticmethod

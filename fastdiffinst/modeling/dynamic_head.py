@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from fastdiffinst.config import HeadConfig
+from fastdiffinst.modeling.precision import at_least_fp32
 
 # Box deltas are clamped below exp() overflow territory, as detectron2's Box2BoxTransform.
 SCALE_CLAMP = math.log(100000.0 / 16)
@@ -28,7 +29,11 @@ class SinusoidalTimeEmbedding(nn.Module):
     """``t [B] -> [B, dim]``: ``[sin(t·f_j), cos(t·f_j)]`` with ``f_j = exp(-j·ln(10000)/(dim/2 - 1))``.
 
     The frequencies are computed in fp32 as the official code does, and kept as a (non-persistent)
-    buffer so that they follow the model's dtype."""
+    buffer so that they follow the model's dtype (fp32 or fp64): a half-precision model keeps them
+    and the angles in fp32 (``full_precision``; t·f near t = 999 needs more than bf16's 8 bits) and
+    casts the embedding."""
+
+    full_precision = True
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -44,7 +49,9 @@ class SinusoidalTimeEmbedding(nn.Module):
 
 def apply_deltas(deltas: Tensor, boxes: Tensor) -> Tensor:
     """detectron2 ``Box2BoxTransform.apply_deltas`` with weights (2, 2, 1, 1): ``deltas [K, 4]``
-    applied to ``boxes [K, 4]`` (xyxy, cast to the deltas' dtype) -> ``[K, 4]`` xyxy."""
+    applied to ``boxes [K, 4]`` (xyxy) -> ``[K, 4]`` xyxy, in the deltas' dtype promoted to fp32
+    (the official fp32 arithmetic; half-precision deltas are widened, not the boxes rounded)."""
+    deltas = deltas.to(at_least_fp32(deltas.dtype))
     boxes = boxes.to(deltas.dtype)
     widths = boxes[:, 2] - boxes[:, 0]
     heights = boxes[:, 3] - boxes[:, 1]
@@ -182,8 +189,8 @@ class DynamicHead(nn.Module):
     """The time MLP, the RoI pooler (``box_pooler``, stateless) and the decoder stages.
 
     ``forward(features, boxes [B, N, 4], t [B] int64)`` -> per-stage stacks
-    ``class_logits [S, B, N, K]``, ``boxes [S, B, N, 4]`` (fp32 absolute xyxy),
-    ``kernels [S, B, N, P]``.
+    ``class_logits [S, B, N, K]`` (at least fp32), ``boxes [S, B, N, 4]`` (fp32 absolute xyxy),
+    ``kernels [S, B, N, P]`` (in the features' dtype, which the mask head reads).
 
     With ``recompute_stages`` (the fused path) training keeps only each stage's inputs and
     recomputes the stage in the backward: the stages hold no BatchNorm and no randomness
@@ -220,7 +227,13 @@ class DynamicHead(nn.Module):
             nn.init.constant_(stage.class_logits.bias, bias)
 
     def forward(self, features: list[Tensor], boxes: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        time = self.time_mlp(t)
+        # The boxes in the features' dtype promoted to fp32: the official pooler (``Boxes``) and box
+        # decoding cast them to fp32; half-precision features must not round them.
+        boxes = boxes.to(at_least_fp32(features[0].dtype))
+        embedding, *mlp = self.time_mlp
+        time = embedding(t).to(mlp[0].weight.dtype)
+        for layer in mlp:
+            time = layer(time)
         logits, stage_boxes, kernels = [], [], []
         pro_features = None
         workspace = self._filter_workspace(boxes, time)
@@ -234,7 +247,8 @@ class DynamicHead(nn.Module):
             stage_boxes.append(boxes_out)
             kernels.append(kernel)
             boxes = boxes_out.detach()
-        return torch.stack(logits), torch.stack(stage_boxes), torch.stack(kernels)
+        logits = torch.stack(logits)
+        return logits.to(at_least_fp32(logits.dtype)), torch.stack(stage_boxes), torch.stack(kernels)
 
     def _filter_workspace(self, boxes: Tensor, time: Tensor) -> Tensor | None:
         """In eager inference, one buffer for every stage's generated DynamicConv filters

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from fastdiffinst import reference
 from fastdiffinst.common.levels import level_range
+from fastdiffinst.modeling.precision import at_least_fp32
 from fastdiffinst.ops import multilevel_roi_align
 
 
@@ -51,10 +52,14 @@ class FusedRoIPooler(_Pooler):
 
 def _detectron2_roi_align(input: Tensor, rois: Tensor, output_size: tuple[int, int], spatial_scale: float,
                           sampling_ratio: int, aligned: bool) -> Tensor:
-    """detectron2's ``ROIAlign``: torchvision's kernel on the rois cast to the features' dtype."""
+    """detectron2's ``ROIAlign``: torchvision's kernel on the rois cast to the features' dtype; half-
+    precision features in fp32 and the result cast back, as torchvision's autocast kernel does (its
+    CPU kernel has no half-precision version)."""
     from torchvision.ops import roi_align
 
-    return roi_align(input, rois.to(input.dtype), output_size, spatial_scale, sampling_ratio, aligned)
+    dtype = at_least_fp32(input.dtype)
+    return roi_align(input.to(dtype), rois.to(dtype), output_size, spatial_scale, sampling_ratio,
+                     aligned).to(input.dtype)
 
 
 class OfficialRoIPooler(_Pooler):

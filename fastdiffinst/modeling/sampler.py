@@ -5,6 +5,11 @@ whose best class score passes the renewal threshold, and moves them with the DDI
 others are replaced by fresh noise (the ``ddim_step`` of the model's
 :class:`~fastdiffinst.modeling.implementation.OpsImplementation`).
 
+:func:`sampling_step` is one whole step (decoder, renewal decision, DDIM update) as a function of
+tensors with static shapes and no host synchronisation, so that ``torch.compile(fullgraph=True)``
+makes it one graph (and a CUDA graph with ``mode="reduce-overhead"``). It needs the step's noise
+before the decoder runs, which every :class:`DrawSource` with ``ahead = True`` gives.
+
 Random draws come from a :class:`DrawSource`:
 
 * :class:`GeneratorDraws` (the default) draws everything up front from a ``torch.Generator`` with
@@ -77,21 +82,27 @@ class SamplingStep:
 
 
 class DrawSource(abc.ABC):
-    """Where the sampler's random boxes come from."""
+    """Where the sampler's random boxes come from. ``ahead``: a step's draws do not depend on its
+    renewal decision (``step`` ignores ``keep``), so the step can run as one function."""
+
+    ahead = False
 
     @abc.abstractmethod
     def initial(self, batch: int, num: int, device: torch.device) -> Tensor:
         """``x_T [B, N, 4]`` in the diffusion space."""
 
     @abc.abstractmethod
-    def step(self, step: int, keep: Tensor, state_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def step(self, step: int, keep: Tensor | None, state_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``(noise, renew_noise)`` of non-final step ``step``, each ``[B, N, 4]``: compacted slot
-        p uses ``noise[:, p]``, refilled slot p uses ``renew_noise[:, p]``."""
+        p uses ``noise[:, p]``, refilled slot p uses ``renew_noise[:, p]``. ``keep [B, N]`` is the
+        step's renewal decision (None for sources that draw ``ahead``)."""
 
 
 class GeneratorDraws(DrawSource):
     """Every draw up front from ``generator`` (CPU draws when it is None or a CPU generator, moved to
     the model's device), fixed shapes, no host synchronisation."""
+
+    ahead = True
 
     def __init__(self, generator: torch.Generator | None, num_steps: int) -> None:
         self.generator = generator
@@ -104,7 +115,7 @@ class GeneratorDraws(DrawSource):
         self.noise = [ops.draw_ddim_noise(batch, num, self.generator, device=device) for _ in range(self.num_steps - 1)]
         return x_t.to(device)
 
-    def step(self, step: int, keep: Tensor, state_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def step(self, step: int, keep: Tensor | None, state_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         return self.noise[step]
 
 
@@ -125,7 +136,8 @@ class OfficialDraws(DrawSource):
     def _draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return checked_draw(self.draws, shape, dtype, self.device)
 
-    def step(self, step: int, keep: Tensor, state_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def step(self, step: int, keep: Tensor | None, state_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        assert keep is not None  # ahead is False: the loop passes the renewal decision
         num = keep.shape[1]
         kept = int(keep.sum())
         noise = torch.zeros(1, num, 4, dtype=torch.float64, device=self.device)
@@ -136,27 +148,57 @@ class OfficialDraws(DrawSource):
         return noise, renew
 
 
-def ddim_sample(head: Callable[[Tensor, Tensor], HeadOutput], images_whwh: Tensor, num_proposals: int,
-                schedule: DiffusionSchedule, cfg: SamplerConfig, draws: DrawSource,
-                ddim_step: DDIMStep) -> list[SamplingStep]:
-    """Runs the sampler; ``head(boxes [B, N, 4], t [B])`` is the decoder, ``ddim_step`` the DDIM
-    update of the model's :class:`~fastdiffinst.modeling.implementation.OpsImplementation`.
-    Returns every step."""
+def sampling_step(head: Callable[..., tuple[Tensor, Tensor, Tensor]], levels: list[Tensor], images_whwh: Tensor,
+                  x_t: Tensor, boxes: Tensor, noise: Tensor | None, renew_noise: Tensor | None, *, t: int, t_next: int,
+                  schedule: DiffusionSchedule, cfg: SamplerConfig,
+                  ddim_step: DDIMStep) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One DDIM step: the decoder ``head(levels, boxes [B, N, 4], t [B])`` on the state's boxes,
+    the renewal decision, and (with ``noise`` and ``renew_noise``, ``[B, N, 4]`` each) the DDIM
+    update ``ddim_step``; without them the update is left to the caller.
+
+    Returns ``(class_logits [S, B, N, K], boxes [S, B, N, 4], kernels [S, B, N, P], keep [B, N],
+    x_next [B, N, 4], next_boxes [B, N, 4])`` (``x_t`` and ``boxes`` themselves without noise)."""
+    t_batch = torch.full((boxes.shape[0],), t, dtype=torch.int64, device=boxes.device)
+    class_logits, stage_boxes, kernels = head(levels, boxes, t_batch)
+    if cfg.box_renewal:
+        keep = torch.sigmoid(class_logits[-1]).amax(-1) > cfg.renewal_threshold
+    else:
+        keep = torch.ones(stage_boxes.shape[1:3], dtype=torch.bool, device=boxes.device)
+    if noise is None or renew_noise is None:
+        return class_logits, stage_boxes, kernels, keep, x_t, boxes
+    x_next, next_boxes = ddim_step(x_t, images_whwh, pred_boxes=stage_boxes[-1], keep=keep, t=t, t_next=t_next,
+                                   schedule=schedule, noise=noise, renew_noise=renew_noise, eta=cfg.eta,
+                                   scale=cfg.snr_scale)
+    return class_logits, stage_boxes, kernels, keep, x_next, next_boxes
+
+
+SamplingStepFn = Callable[..., tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]]
+
+
+def ddim_sample(step: SamplingStepFn, images_whwh: Tensor, num_proposals: int, schedule: DiffusionSchedule,
+                cfg: SamplerConfig, draws: DrawSource, ddim_step: DDIMStep) -> list[SamplingStep]:
+    """Runs the sampler; ``step(x_t, boxes, noise, renew_noise, t=, t_next=)`` is
+    :func:`sampling_step` with its decoder, features and images bound (compiled or not),
+    ``ddim_step`` the DDIM update of the model's
+    :class:`~fastdiffinst.modeling.implementation.OpsImplementation`, which the loop calls itself
+    when a step's draws depend on its renewal decision (:class:`OfficialDraws`). Returns every step."""
     batch, device = images_whwh.shape[0], images_whwh.device
     pairs = ddim_time_pairs(cfg.sample_steps, schedule.alphas_cumprod.shape[0])
     x_t = draws.initial(batch, num_proposals, device)
     boxes = signal_to_boxes(x_t, images_whwh, cfg.snr_scale)
     steps = []
     for index, (t, t_next) in enumerate(pairs):
-        out = head(boxes, torch.full((batch,), t, dtype=torch.int64, device=device))
-        if cfg.box_renewal:
-            keep = torch.sigmoid(out.class_logits[-1]).amax(-1) > cfg.renewal_threshold
-        else:
-            keep = torch.ones(out.boxes.shape[1:3], dtype=torch.bool, device=device)
+        final = t_next < 0
+        noise, renew = draws.step(index, None, x_t.dtype) if draws.ahead and not final else (None, None)
+        *head, keep, x_next, next_boxes = step(x_t, boxes, noise, renew, t=t, t_next=t_next)
+        out = HeadOutput(*head)
         steps.append(SamplingStep(t, t_next, boxes, out, keep))
-        if t_next < 0:
+        if final:
             break
-        noise, renew = draws.step(index, keep, x_t.dtype)
-        x_t, boxes = ddim_step(x_t, images_whwh, pred_boxes=out.boxes[-1], keep=keep, t=t, t_next=t_next,
-                               schedule=schedule, noise=noise, renew_noise=renew, eta=cfg.eta, scale=cfg.snr_scale)
+        if noise is None:
+            noise, renew = draws.step(index, keep, x_t.dtype)
+            x_next, next_boxes = ddim_step(x_t, images_whwh, pred_boxes=out.boxes[-1], keep=keep, t=t,
+                                           t_next=t_next, schedule=schedule, noise=noise, renew_noise=renew,
+                                           eta=cfg.eta, scale=cfg.snr_scale)
+        x_t, boxes = x_next, next_boxes
     return steps

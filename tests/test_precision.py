@@ -1,0 +1,166 @@
+"""Half-precision DiffusionInst (fastdiffinst.modeling.precision): what runs in half precision and
+what stays fp32, the inference copies made once, mixed-precision training; and the DDIM step as one
+graph without host synchronisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastdiffinst import ops
+from fastdiffinst.common.boxes import signal_to_boxes
+from fastdiffinst.modeling import DiffusionInst
+from fastdiffinst.modeling.precision import half_precision_copy, precision_dtype
+from fastdiffinst.modeling.sampler import sampling_step
+from test_losses import synthetic_batch
+from test_model import images, small_model
+
+HALF = ["bf16", "fp16"]
+# Unit roundoff of each half format (half the distance between 1 and the next number).
+UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
+
+
+def _teacher_forced(model: DiffusionInst, batch, boxes: torch.Tensor):
+    """Features and one decoder pass on fixed boxes, as inference runs them."""
+    with torch.no_grad():
+        features = model.extract_features(batch.tensor)
+        return features, model.run_head(features, boxes, torch.tensor([999, 500]))
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative L2 distance."""
+    expected = expected.double()
+    return float((actual.double() - expected).norm() / expected.norm())
+
+
+def test_precision_is_named_and_checked():
+    with pytest.raises(ValueError, match="precision must be one of \\('fp32', 'bf16', 'fp16'\\), got 'fp8'"):
+        precision_dtype("fp8")
+    model = small_model()
+    assert model.precision == "fp32" and model.compute_dtype == torch.float32
+    with pytest.raises(ValueError, match="precision must be one of"):
+        model.set_precision("half")
+    assert model.precision == "fp32"
+    with pytest.raises(TypeError, match="precision='bf16'"):
+        model.to(torch.bfloat16).preprocess(images([(32, 32)]))
+
+
+@pytest.mark.parametrize("precision", HALF)
+def test_half_inference_computes_in_half_and_keeps_boxes_and_scores_fp32(precision):
+    dtype = precision_dtype(precision)
+    model = small_model()
+    batch = model.preprocess(images([(64, 96), (50, 70)]))
+    boxes = torch.tensor([[4.0, 6.0, 40.0, 50.0]]).repeat(2, 32, 1) + torch.rand(2, 32, 4) * 10
+    features, head = _teacher_forced(model, batch, boxes)
+    model.set_precision(precision)
+    half_features, half_head = _teacher_forced(model, batch, boxes)
+    assert all(p.dtype == dtype for p in half_features.pyramid) and half_features.mask_feats.dtype == dtype
+    assert half_head.class_logits.dtype == torch.float32 and half_head.boxes.dtype == torch.float32
+    assert half_head.kernels.dtype == dtype  # read by the mask head with the mask features
+    # Drift: every layer rounds its output to the half format (relative error <= u). Measured in units
+    # of u over three seeds, bf16 and fp16 alike (AMD EPYC, AVX2: ATen's fp32-accumulating fallback
+    # kernels), relative L2: mask features 2.7-3.2, logits 3.0-4.1, kernels 5.1-6.9; boxes, largest
+    # error against the image's size: 0.7-1.1. Native kernels (AVX512-BF16, AMX) accumulate in fp32
+    # too, in another order: the bounds leave 3x.
+    u = UNIT_ROUNDOFF[precision]
+    assert _rel(half_features.mask_feats, features.mask_feats) < 10 * u
+    assert _rel(half_head.class_logits, head.class_logits) < 12 * u
+    assert _rel(half_head.kernels, head.kernels) < 20 * u
+    assert float((half_head.boxes - head.boxes).abs().max()) < 3.5 * u * 96
+    # The parameters and the state dict stay fp32; the timestep embedding of the copy too.
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
+    copy = half_precision_copy(model.head, dtype)
+    assert copy.time_mlp[0].freqs.dtype == torch.float32 and copy.time_mlp[1].weight.dtype == dtype
+    assert not any(p.requires_grad for p in copy.parameters())
+    results = model(images([(64, 96)]), generator=torch.Generator().manual_seed(0))[0]
+    assert results["boxes"].dtype == torch.float32 and results["scores"].dtype == torch.float32
+    assert len(results["scores"]) > 0 and results["masks"].dtype == torch.bool
+
+
+def test_half_copies_are_made_once_and_follow_the_weights():
+    model = small_model()
+    model.set_precision("bf16")
+    inputs = images([(64, 64)])
+    model(inputs)
+    copies = {name: module for name, (_, module) in model._half_copies._copies.items()}
+    assert set(copies) == {"backbone", "mask_branch", "head"}
+    model(inputs)
+    assert all(model._half_copies._copies[name][1] is module for name, module in copies.items())
+    # An optimizer step (in place) remakes the copy of the module it changed, from the new weights.
+    optimizer = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    for p in model.head.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    model(inputs)
+    head = model._half_copies._copies["head"][1]
+    assert head is not copies["head"] and model._half_copies._copies["backbone"][1] is copies["backbone"]
+    assert torch.equal(head.head_series[0].linear1.weight, model.head.head_series[0].linear1.weight.bfloat16())
+    # So do load_state_dict (in place) and a swapped pooler (another ops implementation).
+    model.load_state_dict(small_model().state_dict())
+    model(inputs)
+    assert model._half_copies._copies["backbone"][1] is not copies["backbone"]
+    before = model._half_copies._copies["head"][1]
+    model.set_ops_impl("reference")
+    model(inputs)
+    assert model._half_copies._copies["head"][1] is not before
+
+
+@pytest.mark.parametrize("precision", HALF)
+def test_mixed_precision_training_keeps_fp32_weights_boxes_and_logits(precision):
+    model = small_model().train()
+    model.set_precision(precision)
+    images_, targets = synthetic_batch([(64, 96)], [2], 8, seed=3)
+    out = model.training_outputs(images_, targets, generator=torch.Generator().manual_seed(0))
+    assert out.features.mask_feats.dtype == precision_dtype(precision)  # autocast's convolutions
+    assert out.head.boxes.dtype == torch.float32 and out.head.class_logits.dtype == torch.float32
+    sum(out.losses.values()).backward()
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    assert not model._half_copies._copies  # training never uses the inference copies
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+# ------------------------------------------------------------------------------------------------
+# The DDIM step as one graph
+
+_HOST_SYNC = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "item", "equal", "is_nonzero"}
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func._schema.name.split("::")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def _step_inputs(model: DiffusionInst):
+    batch = model.preprocess(images([(64, 64), (64, 48)]))
+    with torch.no_grad():
+        features = model.extract_features(batch.tensor)
+    x_t = torch.randn(2, 32, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    noise, renew = ops.draw_ddim_noise(2, 32, torch.Generator().manual_seed(6))
+    return (features.roi_levels, batch.images_whwh, x_t, signal_to_boxes(x_t, batch.images_whwh, 2.0), noise, renew)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ddim_step_is_one_graph_without_host_synchronisation(precision):
+    model = small_model()
+    model.set_precision(precision)
+    levels, whwh, x_t, boxes, noise, renew = _step_inputs(model)
+    with torch.no_grad():
+        head = model._runner("head")  # the half-precision copy in bf16
+    kwargs = dict(t=999, t_next=499, schedule=model.schedule(torch.device("cpu")), cfg=model.cfg.sampler,
+                  ddim_step=model.impl.ddim_step)
+    for step_noise in ((noise, renew), (None, None)):  # a step with its DDIM update; the final one
+        with torch.no_grad():
+            explanation = torch._dynamo.explain(sampling_step)(head, levels, whwh, x_t, boxes, *step_noise, **kwargs)
+        assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    recorder = _RecordOps()
+    with torch.no_grad(), recorder:
+        outputs = sampling_step(head, levels, whwh, x_t, boxes, noise, renew, **kwargs)
+    assert not recorder.names & _HOST_SYNC, recorder.names & _HOST_SYNC
+    assert "ddim_step_boxes" in recorder.names and "multilevel_roi_align" in recorder.names
+    assert [tuple(o.shape) for o in outputs[3:]] == [(2, 32), (2, 32, 4), (2, 32, 4)]  # static shapes
