@@ -176,6 +176,27 @@ def stamp(device: str) -> dict:
     }
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, repeats: int = 5,
+                     warmup: int = 1) -> dict[str, Timing]:
+    """Median/min/max wall time of each of ``fns``, measured interleaved: ``warmup`` rounds, then
+    ``repeats`` rounds that each run every function once, the order rotated by one each round
+    (A B C, B C A, C A B, ...), so that a slow spell of the machine lands on every side and a
+    ratio of medians cannot be flipped by a neighbour."""
+    names = list(fns)
+    if not names:
+        return {}
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name].append(time_fn(fns[name], device, repeats=1, warmup=0).median_s)
+    return {name: Timing(statistics.median(t), min(t), max(t), repeats) for name, t in times.items()}
+
+
 def fmt_ms(seconds: float) -> str:
     """Milliseconds with 3 significant digits or more (0.0201, 1.23, 123.45)."""
     ms = seconds * 1e3

@@ -9,9 +9,11 @@ again as that package's module (``python -m benchmarks.run``, the repository roo
 
 Studies: mask_head, roi_align, box_diffusion, paste_masks (each op vs its official formulation and,
 where they exist, our batched reference and torch.compile of it), model (DiffusionInst inference,
-fused ops vs the official formulations, and where its time goes) and model_training (a training
-step: time and peak memory). The machine's ceilings (copy bandwidth, fp32/bf16 matmul rates, and on
-GPU the FP32 FMA rate) are measured first, and every op's achieved rate is given against them.
+fused ops vs the official formulations, and where its time goes), model_training (a training
+step: time and peak memory) and model_precision (the model in fp32 and bf16, eager and compiled, at
+batch 1 and 8, against the official formulations in fp32 and under bf16 autocast, interleaved). The
+machine's ceilings (copy bandwidth, fp32/bf16 matmul rates, and on GPU the FP32 FMA rate) are
+measured first, and every op's achieved rate is given against them.
 
 Prints a table and the targets, and writes results.json, results.md and PNG plots to ``--out``
 (default ``benchmarks/results/<stamp>-<device>/``), stamped with device, versions and commit.
@@ -43,6 +45,7 @@ from benchmarks import (
     model_study,
     paste_masks_study,
     plots,
+    precision_study,
     roi_align_study,
 )
 from fastdiffinst.progress import ProgressBar
@@ -60,6 +63,7 @@ STUDIES = {name: Study(module.run, module.steps) for name, module in (
     ("paste_masks", paste_masks_study))}
 STUDIES["model"] = Study(model_study.run_inference, model_study.inference_steps)
 STUDIES["model_training"] = Study(model_study.run_training, model_study.training_steps)
+STUDIES["model_precision"] = Study(precision_study.run, precision_study.steps)
 PROFILES = ("quick", "full", "smoke")
 COLUMNS = [("op", "op"), ("case", "case"), ("direction", "direction"), ("baseline", "baseline"),
            ("ours_ms", "ours ms (median)"), ("ours_range_ms", "ours min-max"), ("baseline_ms", "baseline ms"),

@@ -25,11 +25,13 @@ BASELINES = {
     "paste_masks": {"official chain (chunks of "},
     "model": {"reference ops (official)"},
     "model_training": {"reference ops (official)", "reference ops + recomputation"},
+    "model_precision": {"official fp32", "official bf16 autocast"},
 }
 DIRECTIONS = {"model": {"inference", "inference: images + backbone + FPN + mask branch",
                         "inference: DDIM sampling (decoder + box ops)",
                         "inference: post-processing (top-k, NMS, masks, paste)"},
-              "model_training": {"training step (forward + backward)", "peak memory"}}
+              "model_training": {"training step (forward + backward)", "peak memory"},
+              "model_precision": {"official bf16 autocast", "ours fp32", "ours bf16"}}
 
 
 def _positive(value) -> bool:
@@ -72,6 +74,12 @@ def test_smoke_run_writes_stamped_json_with_every_study_and_baseline(smoke_run):
     inference = [r for r in rows if r["study"] == "model" and r["direction"] == "inference"]
     # (proposals, DDIM steps the model ran): the steps come from the models' configs.
     assert sorted((r["n"], r["steps"]) for r in inference) == [(10, 1), (10, 2), (20, 1)]
+    # Batch 1 and 2; ours in bf16 against both official variants; images/s on both sides.
+    precision = [r for r in rows if r["study"] == "model_precision"]
+    assert sorted({r["batch"] for r in precision}) == [1, 2]
+    assert {r["baseline"] for r in precision if r["direction"] == "ours bf16"} == {"official fp32",
+                                                                                 "official bf16 autocast"}
+    assert all(_positive(r["images_per_s"]) and _positive(r["baseline_images_per_s"]) for r in precision)
     # Every op row states its achieved rate against a ceiling measured in the same run.
     assert all("% of " in r["ours_rate"] for r in rows
                if not r["study"].startswith("model") and r["direction"] != "peak memory")

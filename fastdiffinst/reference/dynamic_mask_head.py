@@ -94,7 +94,8 @@ def dynamic_mask_head(mask_feats: Tensor, params: Tensor, image_index: Tensor, *
                 x = F.relu(x)
         pieces.append((members, x.reshape(n, height, width)))
     if pieces:
-        out = out.index_put((torch.cat([m for m, _ in pieces]),), torch.cat([x for _, x in pieces]))
+        # Under autocast the convolutions ran in its dtype (as the official code's would): widened here.
+        out = out.index_put((torch.cat([m for m, _ in pieces]),), torch.cat([x for _, x in pieces]).to(acc))
     else:
         # No instances (or no pixels): zeros that stay in the graph, so gradients come back as zeros.
         out = out.zero_() + 0.0 * (mask_feats.sum() + params.sum()).to(acc)

@@ -1,0 +1,165 @@
+"""Precision study: the model as a user runs it, in fp32 and bf16, against the official formulations in
+fp32 and under bf16 autocast (the official code with its AMP switch on), same seeded random weights,
+same images and random boxes (docs/precision.md).
+
+Variants of each case: ``official fp32`` (the baseline of every row), ``official bf16 autocast``,
+``ours fp32``, ``ours bf16`` (half-precision copies of the dense modules), and in the full profile
+``ours fp32 compiled`` and ``ours bf16 compiled`` (the DDIM step as one graph; compile time reported
+apart). The variants of a case are timed **interleaved**: each repeat runs every variant once, the
+order rotated from one repeat to the next, so that a slow spell of the machine lands on every side
+(:func:`benchmarks.harness.time_interleaved`); medians with min-max, ratios of medians.
+
+Cases: ``r50_coco``, 512², 500 proposals, 1 step, batch 1 and batch 8 (images/s); the full profile
+adds 4 steps. Half-precision variants run only on devices that compute them natively
+(:func:`fastdiffinst.modeling.precision.emulation_reason`): elsewhere they would time ATen's fallback
+kernels, tens of times slower, and the study says so instead. The smoke profile runs every variant
+on the ``tiny`` preset at 64², batch 1 and 2, eager (emulated or not: a check of the code path).
+
+Targets (floors, CPU): ours bf16 ≥ 3× official fp32 and ≥ 1.5× official bf16 autocast at batch 1;
+compiled bf16 ≥ 4×; batch 8 images/s ≥ 3× official fp32; 4 steps ≥ 3.5×. GPU: ours bf16 ≥ 3×.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from benchmarks.harness import comparison_row, time_interleaved
+
+STUDY, OP = "model_precision", "DiffusionInst"
+BASELINE = "official fp32"
+
+
+@dataclass(frozen=True)
+class Variant:
+    ops_impl: str
+    precision: str
+    autocast: bool = False
+    compile: bool = False
+
+
+VARIANTS = {
+    "official fp32": Variant("reference", "fp32"),
+    "official bf16 autocast": Variant("reference", "fp32", autocast=True),
+    "ours fp32": Variant("fused", "fp32"),
+    "ours bf16": Variant("fused", "bf16"),
+    "ours fp32 compiled": Variant("fused", "fp32", compile=True),
+    "ours bf16 compiled": Variant("fused", "bf16", compile=True),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    size: int
+    batch: int
+    proposals: int
+    steps: int
+    variants: tuple[str, ...]
+
+    def label(self, preset: str) -> str:
+        return f"{preset} {self.batch}x{self.size}x{self.size} N={self.proposals} {self.steps} step" + \
+            ("s" if self.steps > 1 else "")
+
+
+_EAGER = ("official fp32", "official bf16 autocast", "ours fp32", "ours bf16")
+
+
+@dataclass(frozen=True)
+class Profile:
+    preset: str
+    cases: tuple[Case, ...]
+    repeats: int
+    warmup: int
+
+
+PROFILES = {
+    # Compilation is left out of the smoke profile (minutes on 2 cores; tests/test_model.py checks it).
+    "smoke": Profile("tiny", (Case(64, 1, 10, 1, _EAGER), Case(64, 2, 10, 1, _EAGER)), 1, 0),
+    "quick": Profile("r50_coco", (Case(512, 1, 500, 1, _EAGER), Case(512, 8, 500, 1, _EAGER)), 3, 1),
+    "full": Profile("r50_coco", (Case(512, 1, 500, 1, tuple(VARIANTS)), Case(512, 8, 500, 1, _EAGER),
+                                 Case(512, 1, 500, 4, _EAGER)), 5, 1),
+}
+# (variant, versus, batch, steps) -> floor of the speed-up, per device type.
+TARGETS = {
+    "cpu": {("ours bf16", BASELINE, 1, 1): 3.0, ("ours bf16", "official bf16 autocast", 1, 1): 1.5,
+            ("ours bf16 compiled", BASELINE, 1, 1): 4.0, ("ours bf16", BASELINE, 8, 1): 3.0,
+            ("ours bf16", BASELINE, 1, 4): 3.5},
+    "cuda": {("ours bf16", BASELINE, 1, 1): 3.0},
+}
+
+
+def steps(profile: str) -> int:
+    return sum(len(case.variants) for case in PROFILES[profile].cases)
+
+
+def _runnable(variant: Variant, device: str, profile: str) -> str | None:
+    """Why ``variant`` is not timed on ``device`` (None when it is)."""
+    from fastdiffinst.modeling.precision import emulation_reason
+
+    half = variant.autocast or variant.precision != "fp32"
+    return None if profile == "smoke" or not half else emulation_reason("bf16", device)
+
+
+def _model(preset: str, case: Case, variant: Variant, device: str):
+    from fastdiffinst.config import get_config, replace_path
+    from fastdiffinst.modeling import DiffusionInst
+
+    cfg = replace_path(get_config(preset), "num_proposals", case.proposals)
+    cfg = replace_path(cfg, "sampler.sample_steps", case.steps)
+    torch.manual_seed(0)  # the same random weights for every variant
+    model = DiffusionInst(cfg, ops_impl=variant.ops_impl, compile=variant.compile, precision=variant.precision)
+    return model.to(device).eval()
+
+
+def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
+    p = PROFILES[profile]
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    rows = []
+    for case in p.cases:
+        generator = torch.Generator().manual_seed(0)
+        images = [torch.randint(0, 256, (3, case.size, case.size), generator=generator, dtype=torch.uint8).to(device)
+                  for _ in range(case.batch)]
+        calls, notes = {}, {}
+        for name in case.variants:
+            variant = VARIANTS[name]
+            reason = _runnable(variant, device, profile)
+            progress.update(1)
+            if reason is not None:
+                print(f"{STUDY}: {case.label(p.preset)}, {name} not timed: {reason}")
+                continue
+            model = _model(p.preset, case, variant, device)
+
+            def call(model=model, variant=variant, images=images):
+                autocast = torch.autocast(device_type, dtype=torch.bfloat16) if variant.autocast else \
+                    contextlib.nullcontext()
+                with autocast:
+                    return model(images, generator=torch.Generator().manual_seed(1))
+
+            if variant.compile:  # the first call compiles: excluded from the timings, reported apart
+                start = time.perf_counter()
+                call()
+                notes[name] = f"first call (compile) {time.perf_counter() - start:.0f} s"
+            calls[name] = call
+        timings = time_interleaved(calls, device, p.repeats, p.warmup)
+        for name, timing in timings.items():
+            if name == BASELINE:
+                continue
+            versus = [BASELINE] + (["official bf16 autocast"] if name.startswith("ours bf16")
+                                   and "official bf16 autocast" in timings else [])
+            for other in versus:
+                row = comparison_row(STUDY, OP, case.label(p.preset), name, other, timing, timings[other],
+                                     batch=case.batch, steps=case.steps, n=case.proposals, size=[case.size] * 2,
+                                     images_per_s=case.batch / timing.median_s,
+                                     baseline_images_per_s=case.batch / timings[other].median_s,
+                                     max_abs_diff="; ".join(filter(None, [
+                                         f"{case.batch / timing.median_s:.2f} vs "
+                                         f"{case.batch / timings[other].median_s:.2f} images/s", notes.get(name)])))
+                target = TARGETS[device_type].get((name, other, case.batch, case.steps))
+                if target is not None and profile != "smoke":
+                    row.update(target=f">= {target}x", target_met=row["speedup_x"] >= target)
+                rows.append(row)
+        del calls  # the models, before the next case's
+    return rows
