@@ -85,7 +85,7 @@ class BasicStem(nn.Module):
         self.conv1 = ConvNorm(3, out_channels, 7, stride=2, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.max_pool2d(F.relu(self.conv1(x)), kernel_size=3, stride=2, padding=1)
+        return F.max_pool2d(F.relu_(self.conv1(x)), kernel_size=3, stride=2, padding=1)
 
 
 class BottleneckBlock(nn.Module):
@@ -101,10 +101,14 @@ class BottleneckBlock(nn.Module):
         self.conv3 = ConvNorm(bottleneck_channels, out_channels, 1, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.conv1(x))
-        out = F.relu(self.conv2(out))
+        # In place, as detectron2: every tensor changed here is a fresh output whose producer's
+        # backward does not read it (a convolution or a norm), and ReLU's backward reads its output;
+        # fewer large allocations are fewer page faults on CPU.
+        out = F.relu_(self.conv1(x))
+        out = F.relu_(self.conv2(out))
         out = self.conv3(out)
-        return F.relu(out + (self.shortcut(x) if self.shortcut is not None else x))
+        out += self.shortcut(x) if self.shortcut is not None else x
+        return F.relu_(out)
 
 
 class BasicBlock(nn.Module):
@@ -118,8 +122,9 @@ class BasicBlock(nn.Module):
         self.conv2 = ConvNorm(out_channels, out_channels, 3, norm=norm)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv2(F.relu(self.conv1(x)))
-        return F.relu(out + (self.shortcut(x) if self.shortcut is not None else x))
+        out = self.conv2(F.relu_(self.conv1(x)))  # in place: see BottleneckBlock
+        out += self.shortcut(x) if self.shortcut is not None else x
+        return F.relu_(out)
 
 
 class ResNet(nn.Module):
