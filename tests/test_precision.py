@@ -164,3 +164,17 @@ def test_ddim_step_is_one_graph_without_host_synchronisation(precision):
     assert not recorder.names & _HOST_SYNC, recorder.names & _HOST_SYNC
     assert "ddim_step_boxes" in recorder.names and "multilevel_roi_align" in recorder.names
     assert [tuple(o.shape) for o in outputs[3:]] == [(2, 32), (2, 32, 4), (2, 32, 4)]  # static shapes
+
+
+def test_predictor_sets_the_precision():
+    from fastdiffinst.predictor import Predictor
+
+    model = small_model()
+    image = images([(40, 56)])[0]
+    fp32 = Predictor(model)(image)
+    predictor = Predictor(model, precision="bf16")
+    assert model.precision == "bf16"
+    half = predictor(image)
+    assert half["boxes"].dtype == torch.float32 and half["masks"].shape == fp32["masks"].shape
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Predictor(model, precision="int8")
