@@ -52,17 +52,17 @@ def _batch(size: int, batch: int, num_classes: int):
 
 
 def measure(ops_impl: str, recompute: bool, preset: str, size: int, batch: int, proposals: int, device: str,
-            repeats: int = 0, warmup: int = 0) -> dict:
+            repeats: int = 0, warmup: int = 0, precision: str = "fp32") -> dict:
     """Training steps in this process: the first one's peak bytes above the inputs (model and
     batch built), its time and total loss; with ``repeats``, the step time by the docs/design.md §7
     protocol (``warmup`` steps first; gradients set to None before each step, as a training loop's
-    ``zero_grad``)."""
+    ``zero_grad``). ``precision`` "bf16"/"fp16": mixed precision (the model's autocast)."""
     from fastdiffinst.config import get_config, replace_path
     from fastdiffinst.modeling import DiffusionInst
 
     torch.manual_seed(0)
     cfg = replace_path(get_config(preset), "num_proposals", proposals)
-    model = DiffusionInst(cfg, ops_impl=ops_impl, recompute=recompute).to(device).train()
+    model = DiffusionInst(cfg, ops_impl=ops_impl, recompute=recompute, precision=precision).to(device).train()
     images, targets = _batch(size, batch, cfg.num_classes)
     cuda = device.startswith("cuda")
 
@@ -85,7 +85,8 @@ def measure(ops_impl: str, recompute: bool, preset: str, size: int, batch: int, 
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() - base if cuda else peak_rss_bytes() - base
     timing = time_fn(step, device, repeats, warmup).as_dict() if repeats else None
-    return {"ops_impl": ops_impl, "recompute": recompute, "peak_bytes": peak, "seconds": seconds,
+    return {"ops_impl": ops_impl, "recompute": recompute, "precision": precision, "peak_bytes": peak,
+            "seconds": seconds,
             "loss": float(total.detach()), "step": timing}
 
 

@@ -30,7 +30,8 @@ BASELINES = {
 DIRECTIONS = {"model": {"inference", "inference: images + backbone + FPN + mask branch",
                         "inference: DDIM sampling (decoder + box ops)",
                         "inference: post-processing (top-k, NMS, masks, paste)"},
-              "model_training": {"training step (forward + backward)", "peak memory"},
+              "model_training": {"training step (forward + backward)", "peak memory",
+                                 "training step (forward + backward), bf16"},
               "model_precision": {"official bf16 autocast", "ours fp32", "ours bf16"}}
 
 

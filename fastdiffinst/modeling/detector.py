@@ -209,11 +209,15 @@ class DiffusionInst(nn.Module):
             return module
         return torch.compile(module, fullgraph=name == "head")
 
+    def _inferring(self) -> bool:
+        """Whether this forward is inference: eval mode, no gradients. (In training mode the mask
+        branch's BatchNorm uses and updates the batch's statistics.)"""
+        return not (self.training or torch.is_grad_enabled())
+
     def _half_inference(self) -> bool:
-        """Whether this forward runs on the half-precision copies: inference (eval mode, no
-        gradients) in bf16 or fp16. In training mode the mask branch's BatchNorm updates its running
-        statistics, which must be the model's own."""
-        return self.precision != "fp32" and not (self.training or torch.is_grad_enabled())
+        """Whether this forward runs on the half-precision copies: inference in bf16 or fp16 (a
+        training-mode forward must update the model's own BatchNorm statistics)."""
+        return self.precision != "fp32" and self._inferring()
 
     def _runner(self, name: str) -> nn.Module | Callable:
         """The backbone (with FPN), the mask branch or the decoder as this forward runs it: the model's
@@ -294,7 +298,7 @@ class DiffusionInst(nn.Module):
         if self._half_inference():
             images = images.to(self.compute_dtype)
         chunk = images.shape[0]
-        if images.device.type == "cpu" and not (self.training or torch.is_grad_enabled()):
+        if images.device.type == "cpu" and self._inferring():
             chunk = 1
         return Features.cat([self.pyramid_features(self._runner("backbone")(images[i:i + chunk]))
                              for i in range(0, images.shape[0], chunk)])
