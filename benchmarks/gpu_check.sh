@@ -11,11 +11,13 @@
 #   3. bench_ops/      python -m benchmarks.run --device cuda --studies mask_head,roi_align,box_diffusion,
 #                      paste_masks
 #   4. bench_model/    python -m benchmarks.run --device cuda --studies model,model_training
-#      ($GPU_CHECK_BENCH_ARGS is added to both, e.g. "--profile full")
-#   5. summary.md      versions, test counts, both tables and the targets, printed last
-# Fits in 5 minutes on an H100/H200 (the visible GPU's architecture only): every stage has a
-# timeout ($GPU_CHECK_{BUILD,TEST,OPS,MODEL}_TIMEOUT: 100 + 60 + 70 + 70 s); run.py writes its
-# results after every study, and the summary is written however the script ends.
+#   5. bench_precision/ python -m benchmarks.run --device cuda --studies model_precision (fp32 and
+#                      bf16, eager, and the DDIM step as a CUDA graph; compilation included)
+#      ($GPU_CHECK_BENCH_ARGS is added to each, e.g. "--profile full")
+#   6. summary.md      versions, test counts, the tables and the targets, printed last
+# Fits in 7 minutes on an H100/H200 (the visible GPU's architecture only): every stage has a
+# timeout ($GPU_CHECK_{BUILD,TEST,OPS,MODEL,PRECISION}_TIMEOUT: 100 + 60 + 70 + 70 + 120 s); run.py
+# writes its results after every study, and the summary is written however the script ends.
 set -uo pipefail
 OUT="${1:?usage: gpu_check.sh OUT_DIR}"
 mkdir -p "$OUT"
@@ -44,9 +46,9 @@ print(json.dumps(info))
 PYEOF
 
 # The summary is written however the script ends (build failure, a stage's timeout, success).
-build_rc="not run"; tests_rc="not run"; ops_rc="not run"; model_rc="not run"
+build_rc="not run"; tests_rc="not run"; ops_rc="not run"; model_rc="not run"; precision_rc="not run"
 summary() {
-  status "stage 5: summary"
+  status "stage 6: summary"
   {
     echo "# gpu_check summary"
     echo
@@ -54,8 +56,8 @@ summary() {
     echo
     echo "build: exit $build_rc"
     echo "CUDA tests: exit $tests_rc ($(grep -Eo '[0-9]+ (passed|failed|skipped|deselected|error)[^ ]*' "$OUT/cuda_tests.log" 2>/dev/null | tr '\n' ' '))"
-    echo "op benchmarks: exit $ops_rc; model benchmark: exit $model_rc"
-    for stage in bench_ops bench_model; do
+    echo "op benchmarks: exit $ops_rc; model benchmark: exit $model_rc; precision benchmark: exit $precision_rc"
+    for stage in bench_ops bench_model bench_precision; do
       # A study cut short by its stage's timeout leaves the studies before it ("complete": false).
       if [ -f "$OUT/$stage/results.md" ]; then echo; tail -n +3 "$OUT/$stage/results.md"; fi
     done
@@ -88,7 +90,7 @@ else
   echo "pytest is not installed here; CUDA tests skipped" | tee "$OUT/cuda_tests.log"; tests_rc=99
 fi
 
-# GPU_CHECK_BENCH_ARGS is added to both benchmark stages, e.g. "--profile full".
+# GPU_CHECK_BENCH_ARGS is added to every benchmark stage, e.g. "--profile full".
 status "stage 3: op benchmarks"
 ops_rc=0
 timeout "${GPU_CHECK_OPS_TIMEOUT:-70}" "$PY" -m benchmarks.run --device cuda \
@@ -102,4 +104,10 @@ timeout "${GPU_CHECK_MODEL_TIMEOUT:-70}" "$PY" -m benchmarks.run --device cuda -
   ${GPU_CHECK_BENCH_ARGS:-} --out "$OUT/bench_model" >"$OUT/bench_model.log" 2>&1 || model_rc=$?
 tail -3 "$OUT/bench_model.log"
 
-[ "$tests_rc" = 0 ] && [ "$ops_rc" = 0 ] && [ "$model_rc" = 0 ]
+status "stage 5: precision benchmark"
+precision_rc=0
+timeout "${GPU_CHECK_PRECISION_TIMEOUT:-120}" "$PY" -m benchmarks.run --device cuda --studies model_precision \
+  ${GPU_CHECK_BENCH_ARGS:-} --out "$OUT/bench_precision" >"$OUT/bench_precision.log" 2>&1 || precision_rc=$?
+tail -3 "$OUT/bench_precision.log"
+
+[ "$tests_rc" = 0 ] && [ "$ops_rc" = 0 ] && [ "$model_rc" = 0 ] && [ "$precision_rc" = 0 ]

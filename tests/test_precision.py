@@ -44,6 +44,10 @@ def test_precision_is_named_and_checked():
     assert model.precision == "fp32"
     with pytest.raises(TypeError, match="precision='bf16'"):
         model.to(torch.bfloat16).preprocess(images([(32, 32)]))
+    # compile=True, or the DDIM step's torch.compile mode (CUDA graphs: "reduce-overhead").
+    assert DiffusionInst(model.cfg, compile="reduce-overhead").compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile must be True, False or a torch.compile mode"):
+        DiffusionInst(model.cfg, compile="fast")
 
 
 @pytest.mark.parametrize("precision", HALF)

@@ -47,6 +47,9 @@ from fastdiffinst.modeling.sampler import (
 )
 from fastdiffinst.modeling.targets import TrainingTargets, prepare_targets
 
+# torch.compile modes accepted for the DDIM step (compile="reduce-overhead": CUDA graphs on a GPU).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 # Proposals per recomputed DynamicConv chunk in the fused backward.
 DYNAMIC_CONV_CHUNK = 256
 
@@ -125,7 +128,9 @@ class DiffusionInst(nn.Module):
         ops_impl: ``"fused"`` (our kernels) or ``"reference"`` (the official formulations).
         compile: ``torch.compile`` the backbone and the mask branch, and on the fused ops each DDIM
             step whole (decoder, renewal and box update, one ``fullgraph`` graph with static shapes
-            and no host synchronisation; on the official formulations the decoder alone).
+            and no host synchronisation; on the official formulations the decoder alone). A string
+            is the step's ``torch.compile`` mode, one of :data:`COMPILE_MODES`:
+            ``"reduce-overhead"`` captures each step as a CUDA graph on a GPU.
         recompute: train with recomputation instead of stored activations (see
             :meth:`set_recompute`; default on for ``"fused"``, off for ``"reference"``).
         precision: ``"fp32"`` (the official numerics), ``"bf16"`` or ``"fp16"`` (see
@@ -133,13 +138,16 @@ class DiffusionInst(nn.Module):
             state dict stay fp32 in every precision.
     """
 
-    def __init__(self, cfg: ModelConfig, ops_impl: str = "fused", compile: bool = False,
+    def __init__(self, cfg: ModelConfig, ops_impl: str = "fused", compile: bool | str = False,
                  recompute: bool | None = None, precision: str = "fp32") -> None:
         super().__init__()
         self.cfg = cfg.validate()
         self.set_precision(precision)
         self._half_copies = HalfPrecisionCopies()
-        self.compiled = bool(compile)
+        if compile is not True and compile is not False and compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be True, False or a torch.compile mode {COMPILE_MODES}, got {compile!r}")
+        self.compiled = compile is not False
+        self.compile_mode = compile if isinstance(compile, str) else None
         self._compiled_step: Callable[..., tuple[Tensor, ...]] | None = None
         head_cfg = cfg.head
         self.impl = ops_implementation(ops_impl)
@@ -346,7 +354,7 @@ class DiffusionInst(nn.Module):
         if not (self.compiled and self.impl is FUSED):
             return sampling_step
         if self._compiled_step is None:
-            compiled = torch.compile(sampling_step, fullgraph=True)
+            compiled = torch.compile(sampling_step, fullgraph=True, mode=self.compile_mode)
 
             def run(head, *args, **kwargs):
                 return compiled(getattr(head, "_orig_mod", head), *args, **kwargs)
