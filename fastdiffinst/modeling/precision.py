@@ -13,8 +13,8 @@ What stays in fp32 or fp64 whatever the precision, each for a reason of magnitud
 
 * the timestep embedding's angles ``t·f`` (t up to 999: bf16 keeps 8 significant bits, so an angle
   near 999 would be off by up to 2 radians) — modules with ``full_precision = True`` are not cast;
-* box regression: the deltas are applied to fp32 boxes in fp32 (a bf16 coordinate near 512 px is a
-  multiple of 2 px);
+* box regression: the deltas are applied to fp32 boxes in fp32 (a bf16 coordinate between 256 and
+  512 px is a multiple of 2 px);
 * the class logits leave the decoder in fp32 (scores, renewal threshold, top-k and NMS decide on them);
 * the DDIM and corruption box math (fp64 in the ops, as the official code).
 """
