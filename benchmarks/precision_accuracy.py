@@ -1,5 +1,5 @@
-"""The accuracy cost of half precision, measured: a trained model evaluated in fp32, bf16 and bf16
-compiled on the same images with the same random boxes, and the per-stage drift of bf16 against
+"""The accuracy cost of half precision, measured: a trained model evaluated in fp32, bf16, bf16
+compiled and fp16 on the same images with the same random boxes, and the per-stage drift of bf16 against
 fp32 on ``r50_coco`` with random weights.
 
     python benchmarks/precision_accuracy.py --out benchmarks/results/STAMP-precision-accuracy
@@ -37,7 +37,7 @@ from fastdiffinst.modeling import DiffusionInst
 from fastdiffinst.modeling.precision import emulation_reason, precision_dtype
 
 GATE_POINTS = 0.5
-VARIANTS = ("fp32", "bf16", "bf16+compile")
+VARIANTS = ("fp32", "bf16", "bf16+compile", "fp16")
 
 
 def evaluate_variants(model_name: str, data: str, limit: int | None, variants: list[str], seed: int) -> dict:
