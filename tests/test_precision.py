@@ -100,6 +100,7 @@ def test_half_copies_are_made_once_and_follow_the_weights():
     head = model._half_copies._copies["head"][1]
     assert head is not copies["head"] and model._half_copies._copies["backbone"][1] is copies["backbone"]
     assert torch.equal(head.head_series[0].linear1.weight, model.head.head_series[0].linear1.weight.bfloat16())
+    assert all(p.grad is None and not p.requires_grad for p in head.parameters())  # the sources' grads stay behind
     # So do load_state_dict (in place) and a swapped pooler (another ops implementation).
     model.load_state_dict(small_model().state_dict())
     model(inputs)

@@ -61,20 +61,19 @@ def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
 
 def half_precision_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """An inference copy of ``module`` with its floating-point parameters and buffers in ``dtype``,
-    except in submodules that declare ``full_precision = True``; no gradients."""
-    clone = copy.deepcopy(module)
-    kept = {id(t) for m in clone.modules() if getattr(m, "full_precision", False)
-            for t in itertools.chain(m.parameters(recurse=True), m.buffers(recurse=True))}
+    except in submodules that declare ``full_precision = True``; no gradients. Each tensor is cast
+    straight into the copy (``deepcopy``'s memo), so the fp32 tensors and their gradients are not
+    copied first."""
+    kept = {id(t) for m in module.modules() if getattr(m, "full_precision", False)
+            for t in itertools.chain(m.parameters(), m.buffers())}
+    memo: dict[int, object] = {}
     with torch.no_grad():
-        for m in clone.modules():
-            for name, tensor in itertools.chain(m.named_parameters(recurse=False), m.named_buffers(recurse=False)):
-                if tensor is None or not tensor.is_floating_point() or id(tensor) in kept:
-                    continue
-                if isinstance(tensor, nn.Parameter):
-                    setattr(m, name, nn.Parameter(tensor.to(dtype), requires_grad=False))
-                else:
-                    setattr(m, name, tensor.to(dtype))
-    return clone.requires_grad_(False)
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            if tensor.is_floating_point():
+                cast = tensor.detach().to(tensor.dtype if id(tensor) in kept else dtype, copy=True)
+                memo[id(tensor)] = nn.Parameter(cast, requires_grad=False) if isinstance(tensor, nn.Parameter) \
+                    else cast
+    return copy.deepcopy(module, memo).requires_grad_(False)
 
 
 class HalfPrecisionCopies:
