@@ -308,7 +308,8 @@ class DiffusionInst(nn.Module):
         chunk = images.shape[0]
         if images.device.type == "cpu" and self._inferring():
             chunk = 1
-        return Features.cat([self.pyramid_features(self._runner("backbone")(images[i:i + chunk]))
+        backbone = self._runner("backbone")
+        return Features.cat([self.pyramid_features(backbone(images[i:i + chunk]))
                              for i in range(0, images.shape[0], chunk)])
 
     def pyramid_features(self, pyramid: list[Tensor]) -> Features:

@@ -102,9 +102,6 @@ class HalfPrecisionCopies:
             self._copies[name] = entry
         return entry[1]
 
-    def clear(self) -> None:
-        self._copies.clear()
-
 
 __all__ = ["PRECISIONS", "HalfPrecisionCopies", "at_least_fp32", "emulation_reason", "half_precision_copy",
            "precision_dtype"]

@@ -148,6 +148,14 @@ class OfficialDraws(DrawSource):
         return noise, renew
 
 
+def ddim_update(ddim_step: DDIMStep, x_t: Tensor, images_whwh: Tensor, pred_boxes: Tensor, keep: Tensor,
+                noise: Tensor, renew_noise: Tensor, *, t: int, t_next: int, schedule: DiffusionSchedule,
+                cfg: SamplerConfig) -> tuple[Tensor, Tensor]:
+    """``ddim_step`` with the sampler's configuration: ``(x_next, next_boxes)``."""
+    return ddim_step(x_t, images_whwh, pred_boxes=pred_boxes, keep=keep, t=t, t_next=t_next, schedule=schedule,
+                     noise=noise, renew_noise=renew_noise, eta=cfg.eta, scale=cfg.snr_scale)
+
+
 def sampling_step(head: Callable[..., tuple[Tensor, Tensor, Tensor]], levels: list[Tensor], images_whwh: Tensor,
                   x_t: Tensor, boxes: Tensor, noise: Tensor | None, renew_noise: Tensor | None, *, t: int, t_next: int,
                   schedule: DiffusionSchedule, cfg: SamplerConfig,
@@ -166,9 +174,8 @@ def sampling_step(head: Callable[..., tuple[Tensor, Tensor, Tensor]], levels: li
         keep = torch.ones(stage_boxes.shape[1:3], dtype=torch.bool, device=boxes.device)
     if noise is None or renew_noise is None:
         return class_logits, stage_boxes, kernels, keep, x_t, boxes
-    x_next, next_boxes = ddim_step(x_t, images_whwh, pred_boxes=stage_boxes[-1], keep=keep, t=t, t_next=t_next,
-                                   schedule=schedule, noise=noise, renew_noise=renew_noise, eta=cfg.eta,
-                                   scale=cfg.snr_scale)
+    x_next, next_boxes = ddim_update(ddim_step, x_t, images_whwh, stage_boxes[-1], keep, noise, renew_noise, t=t,
+                                     t_next=t_next, schedule=schedule, cfg=cfg)
     return class_logits, stage_boxes, kernels, keep, x_next, next_boxes
 
 
@@ -197,8 +204,7 @@ def ddim_sample(step: SamplingStepFn, images_whwh: Tensor, num_proposals: int, s
             break
         if noise is None:
             noise, renew = draws.step(index, keep, x_t.dtype)
-            x_next, next_boxes = ddim_step(x_t, images_whwh, pred_boxes=out.boxes[-1], keep=keep, t=t,
-                                           t_next=t_next, schedule=schedule, noise=noise, renew_noise=renew,
-                                           eta=cfg.eta, scale=cfg.snr_scale)
+            x_next, next_boxes = ddim_update(ddim_step, x_t, images_whwh, out.boxes[-1], keep, noise, renew, t=t,
+                                             t_next=t_next, schedule=schedule, cfg=cfg)
         x_t, boxes = x_next, next_boxes
     return steps
