@@ -220,10 +220,12 @@ class Trainer:
         if self.rank == 0:
             count = len(self.val_set) if self.options.eval_limit is None else min(self.options.eval_limit,
                                                                                    len(self.val_set))
-            self._line(f"evaluating iteration {self.iteration} on {count} validation images")
-            self.module.eval()
+            # Evaluating from before the line that announces it: a stop signal right after the line
+            # must abandon this evaluation, not wait for its end.
             self._evaluating = True
             try:
+                self._line(f"evaluating iteration {self.iteration} on {count} validation images")
+                self.module.eval()
                 results = predict_dataset(self.module, self.val_set, limit=count,
                                           generator=torch.Generator().manual_seed(0), progress=self.options.progress)
                 metrics = coco_metrics(self.val_set.annotation_file, results,
