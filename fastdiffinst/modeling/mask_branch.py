@@ -8,6 +8,7 @@ size with :func:`aligned_bilinear` and summed; a tower of Conv3×3 → BN → Re
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from fastdiffinst.common.upsampling import aligned_bilinear
@@ -38,12 +39,21 @@ class MaskBranch(nn.Module):
     def forward(self, features: list[Tensor]) -> Tensor:
         if len(features) < self.num_levels:
             raise ValueError(f"MaskBranch needs P2-P4 ({self.num_levels} levels), got {len(features)}")
+        # Checked in eager mode only: under torch.compile the comparisons become guards relating the
+        # levels' sizes, and with the widths dynamic inductor then fails to compile the BatchNorms'
+        # backward ("Cannot convert expression to float", torch 2.14). Compiled, the model's own
+        # padding (to the backbone's size divisibility) guarantees them.
+        if not torch.compiler.is_compiling():
+            self.check_level_sizes(features)
         x = self.mask_refine[0](features[0])
-        for refine, feature in zip(self.mask_refine[1:], features[1:self.num_levels]):
-            y = refine(feature)
-            factor_h, factor_w = x.shape[2] // y.shape[2], x.shape[3] // y.shape[3]
-            if factor_h != factor_w or x.shape[2] != factor_h * y.shape[2] or x.shape[3] != factor_w * y.shape[3]:
-                raise ValueError(f"MaskBranch: level of size {tuple(y.shape[2:])} does not divide P2's "
-                                 f"{tuple(x.shape[2:])}; pad images to a multiple of 32")
-            x = x + aligned_bilinear(y, factor_h)
+        for level, (refine, feature) in enumerate(zip(self.mask_refine[1:], features[1:self.num_levels]), start=1):
+            x = x + aligned_bilinear(refine(feature), 2**level)
         return self.mask_head(x)
+
+    def check_level_sizes(self, features: list[Tensor]) -> None:
+        """Level ``i`` (P2 = 0) must be P2 downsampled exactly ``2^i`` times."""
+        height, width = features[0].shape[2:]
+        for level, feature in enumerate(features[1:self.num_levels], start=1):
+            if (height, width) != (feature.shape[2] * 2**level, feature.shape[3] * 2**level):
+                raise ValueError(f"MaskBranch: level of size {tuple(feature.shape[2:])} does not divide P2's "
+                                 f"{(height, width)} by {2**level}; pad images to a multiple of 32")
