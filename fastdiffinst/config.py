@@ -349,7 +349,11 @@ class InputConfig:
     """Resizing and normalisation (docs/official-model.md §1.1, §5, §6); images are padded to a multiple of the
     backbone's size divisibility (32). Training: flip + a shortest edge from ``min_size_train``
     (longest ≤ ``max_size_train``), or, with probability 0.5 when ``crop`` is on, flip + a shortest
-    edge from ``crop_resize`` + a random crop of ``crop_size`` (low, high) px + the same resize."""
+    edge from ``crop_resize`` + a random crop of ``crop_size`` (low, high) px + the same resize.
+    ``square_pad`` > 0 pads every training batch to ``square_pad × square_pad`` (rounded up to the
+    size divisibility) instead of to its largest image: one input shape for every batch, what
+    compiled training needs (``train --compile`` sets it to ``max_size_train`` when it is 0). The
+    padding takes part in the mask branch's BatchNorm statistics, as the usual padding does."""
 
     min_size_train: tuple[int, ...] = tuple(range(480, 801, 32))
     max_size_train: int = 1333
@@ -358,6 +362,7 @@ class InputConfig:
     crop_size: tuple[int, int] = (384, 600)
     min_size_test: int = 800
     max_size_test: int = 1333
+    square_pad: int = 0
     pixel_mean: tuple[float, float, float] = PIXEL_MEAN
     pixel_std: tuple[float, float, float] = PIXEL_STD
 
@@ -368,6 +373,10 @@ class InputConfig:
         checks.positive_int_sequence("min_size_train")
         checks.positive_int_sequence("crop_resize")
         checks.positive_ints("max_size_train", "min_size_test", "max_size_test")
+        checks.integer("square_pad", 0)
+        if 0 < self.square_pad < self.max_size_train:
+            checks.fail("square_pad", f"0 or at least max_size_train ({self.max_size_train}), so that every "
+                                      f"training image fits")
         checks.boolean("crop")
         checks.positive_int_sequence("crop_size", 2)
         if self.crop_size[0] > self.crop_size[1]:

@@ -137,6 +137,24 @@ def test_resume_checks_the_configuration(data_root):
         Trainer(cfg, _options(data_root / "empty", resume=True)).train()
 
 
+def test_compiled_training_pads_batches_to_one_square_and_may_resume_an_eager_run(data_root, capsys):
+    cfg = small_config(max_iter=1)
+    Trainer(cfg, _options(data_root / "run")).train()
+    # A run saved before input.square_pad existed resumes: missing fields take their defaults.
+    path = data_root / "run" / "last.pth"
+    state = torch.load(path, weights_only=True)
+    del state["config"]["input"]["square_pad"]
+    torch.save(state, path)
+    compiled = Trainer(cfg, _options(data_root / "run", resume=True, compile=True))
+    assert compiled.cfg.input.square_pad == cfg.input.max_size_train == 160 and cfg.input.square_pad == 0
+    compiled.resume()  # what train() does first; compiling would take minutes
+    assert "input.square_pad: checkpoint 0, this run 160" in capsys.readouterr().out
+    batch = compiled.module.preprocess([torch.zeros(3, 96, 64)], compiled.cfg.input.square_pad)
+    assert batch.tensor.shape[2:] == (160, 160) and batch.image_sizes == [(96, 64)]
+    explicit = override(cfg, ["input.square_pad=200"])
+    assert Trainer(explicit, _options(data_root / "other", compile=True)).cfg.input.square_pad == 200
+
+
 def _coco_with_an_empty_image(root: Path) -> Path:
     """A COCO-layout folder whose two training images are one annotated and one empty."""
     from PIL import Image
@@ -179,24 +197,30 @@ def test_two_process_gloo_ddp_with_an_empty_batch_on_one_rank(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_training_step_equals_eager():
+def test_compiled_training_compiles_once_for_varying_sizes_and_equals_eager():
     from fastdiffinst.modeling import DiffusionInst
     from test_losses import synthetic_batch
     from utils import assert_same_training_step
 
-    # Dynamo's state from earlier compilations of the same code at other image sizes would make this
-    # compilation mark the sizes dynamic (automatic dynamic shapes): other kernels, whose gradients
-    # below the BatchNorms differ more (1.7e-2 relative L2 measured after the compiled-model test).
     torch._dynamo.reset()
-    cfg = small_config()
+    cfg = override(small_config(), ["input.square_pad=160"])  # what `train --compile` sets
     torch.manual_seed(0)
     eager = DiffusionInst(cfg).train()
     compiled = DiffusionInst(cfg, compile=True).train()
     compiled.load_state_dict(eager.state_dict())
-    images, targets = synthetic_batch([(96, 128), (64, 96)], [3, 1], 8, seed=2)
-    # The losses agree within 1e-4; the gradients below the mask branch's BatchNorms do not agree as
-    # closely under inductor (up to 2e-3 relative L2 measured, against 3e-6 for eager vs float64).
-    assert_same_training_step(eager, compiled, images, targets, 1, (1e-4, 1e-4), 5e-3)
+    counters = torch._dynamo.utils.counters
+    graphs = []
+    for seed, sizes in enumerate([[(96, 128), (64, 96)], [(160, 112), (80, 80)], [(128, 160), (72, 40)]]):
+        images, targets = synthetic_batch(sizes, [3, 1], 8, seed=seed)
+        # The losses agree within 1e-4; the gradients below the mask branch's BatchNorms do not agree
+        # as closely under inductor (up to 2e-3 relative L2 measured, against 3e-6 for eager vs
+        # float64).
+        assert_same_training_step(eager, compiled, images, targets, seed, (1e-4, 1e-4), 5e-3)
+        eager.zero_grad(set_to_none=True)
+        compiled.zero_grad(set_to_none=True)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # Backbone, mask branch and decoder: compiled at the first batch, never again.
+    assert graphs[0] >= 3 and graphs[1] == graphs[2] == graphs[0], graphs
 
 
 def test_train_cli_end_to_end_then_eval(data_root, capsys):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from fastdiffinst.checkpoint import CheckpointError, ensure_writable, remove_stale_temporaries, save_model
-from fastdiffinst.config import ModelConfig, config_to_dict
+from fastdiffinst.config import ModelConfig, config_to_dict, replace_path
 from fastdiffinst.data.loader import (
     RepeatFactorTrainingSampler,
     TrainingSampler,
@@ -102,6 +102,10 @@ class Trainer:
         from fastdiffinst.data.sources import dataset_from_spec
         from fastdiffinst.modeling import DiffusionInst
 
+        if options.compile and cfg.input.square_pad == 0:
+            # One input shape for every batch: each compiled module is then one graph, compiled
+            # once, instead of a recompilation per new image size (InputConfig.square_pad).
+            cfg = replace_path(cfg, "input.square_pad", cfg.input.max_size_train)
         self.cfg, self.options = cfg, options
         self.rank, self.world = distributed.rank(), distributed.world_size()
         solver = cfg.solver
@@ -281,6 +285,10 @@ class Trainer:
             self._progress = progress if self.options.progress else None
             self._line(f"training {self.options.data} ({len(self.train_set)} images) from iteration {self.iteration} "
                        f"to {max_iter}, batch {self.cfg.solver.ims_per_batch}, on {self.device}; run folder {self.out}")
+            if self.options.compile:
+                side = self.cfg.input.square_pad
+                self._line(f"compiled: every batch is padded to {side}×{side} (input.square_pad), one shape to "
+                           f"compile for; the first iteration compiles (minutes on a CPU)")
             if self.rank == 0:
                 (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
             progress.set(self.iteration, "")

@@ -5,8 +5,9 @@ iteration, best segm AP, the global RNG states and the run's options — so that
 in the state of an uninterrupted one.
 
 A run may be resumed with another schedule (:data:`SCHEDULE_FIELDS`: more or fewer iterations,
-other LR steps, warm-up, learning rate, weight decay, clipping norm): the changes are returned for
-the trainer to report. Any other difference of configuration (model, batch, seed, ...) is refused.
+other LR steps, warm-up, learning rate, weight decay, clipping norm) or another batch padding
+(``input.square_pad``, which ``--compile`` sets): the changes are returned for the trainer to report.
+Any other difference of configuration (model, batch, seed, ...) is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from fastdiffinst.checkpoint import MODEL_FORMAT, CheckpointError, read_checkpoint, save_model
-from fastdiffinst.config import ModelConfig, config_to_dict
+from fastdiffinst.config import ModelConfig, config_from_dict, config_to_dict
 from fastdiffinst.engine.config_diff import config_differences
 from fastdiffinst.engine.rng_state import capture_rng_state, restore_rng_state
 
@@ -28,6 +29,9 @@ from fastdiffinst.engine.rng_state import capture_rng_state, restore_rng_state
 SCHEDULE_FIELDS = tuple(f"solver.{name}" for name in
                         ("max_iter", "steps", "base_lr", "warmup_iters", "warmup_factor", "weight_decay",
                          "clip_grad_norm"))
+# ... and what a resumed run may change besides: the padding of its batches (a compiled resume pads
+# them to one square).
+RESUMABLE_FIELDS = (*SCHEDULE_FIELDS, "input.square_pad")
 # What a training checkpoint holds besides the model file's entries, with the expected types.
 _TRAINING_ENTRIES = {"optimizer": Mapping, "scheduler": Mapping, "scaler": Mapping, "iteration": int,
                      "best_segm_ap": float, "rng": Mapping, "options": Mapping}
@@ -69,11 +73,15 @@ class TrainingCheckpoints:
             raise CheckpointError(f"--resume: no checkpoint at {path}")
         state = read_checkpoint(path)
         _check_training_state(state, path)
-        differences = config_differences(state["config"], config_to_dict(cfg))
-        refused = [line for line in differences if not line.startswith(tuple(f + ":" for f in SCHEDULE_FIELDS))]
+        try:  # the saved configuration with the defaults of fields added since it was written
+            saved = config_to_dict(config_from_dict(state["config"]))
+        except (ValueError, TypeError) as error:
+            raise CheckpointError(f"--resume: {path}: the stored configuration is not valid: {error}") from None
+        differences = config_differences(saved, config_to_dict(cfg))
+        refused = [line for line in differences if not line.startswith(tuple(f + ":" for f in RESUMABLE_FIELDS))]
         if refused:
-            raise CheckpointError(f"--resume: {path} is a run of another configuration (only the schedule, "
-                                  f"{', '.join(SCHEDULE_FIELDS)}, may change):\n  " + "\n  ".join(refused))
+            raise CheckpointError(f"--resume: {path} is a run of another configuration (only "
+                                  f"{', '.join(RESUMABLE_FIELDS)} may change):\n  " + "\n  ".join(refused))
         saved_options = state.get("options") or {}
         # Runs saved before --precision recorded their autocast dtype as "amp" (None: fp32).
         saved_precision = saved_options.get("precision", saved_options.get("amp") or "fp32")

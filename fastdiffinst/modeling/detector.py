@@ -251,10 +251,11 @@ class DiffusionInst(nn.Module):
     # ------------------------------------------------------------------------------------------
     # Pieces of the forward pass
 
-    def preprocess(self, images: Sequence[Tensor] | Tensor) -> ImageBatch:
+    def preprocess(self, images: Sequence[Tensor] | Tensor, square: int = 0) -> ImageBatch:
         """RGB images ``[3, H, W]`` (0–255, any real dtype; NaN, inf and values beyond ±``MAX_PIXEL``
         are refused), or a ``[B, 3, H, W]`` tensor, ->
-        normalised and padded :class:`ImageBatch`."""
+        normalised :class:`ImageBatch`, padded to the largest image or to ``square × square`` if
+        larger, rounded up to the backbone's size divisibility."""
         if isinstance(images, Tensor):
             if images.dim() != 4:
                 raise ValueError(f"images must be a list of [3, H, W] tensors or one [B, 3, H, W] tensor, "
@@ -277,8 +278,8 @@ class DiffusionInst(nn.Module):
                             f"ask for DiffusionInst(..., precision='bf16') or model.set_precision('bf16')")
         divisor = self.backbone.size_divisibility
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
-        pad_h = -(-max(h for h, _ in sizes) // divisor) * divisor
-        pad_w = -(-max(w for _, w in sizes) // divisor) * divisor
+        pad_h = -(-max(square, *(h for h, _ in sizes)) // divisor) * divisor
+        pad_w = -(-max(square, *(w for _, w in sizes)) // divisor) * divisor
         batch = torch.zeros((len(images), 3, pad_h, pad_w), dtype=dtype, device=self.device)
         for i, (image, (h, w)) in enumerate(zip(images, sizes)):
             batch[i, :, :h, :w] = (image.to(self.device, dtype) - self.pixel_mean) / self.pixel_std
@@ -466,7 +467,7 @@ class DiffusionInst(nn.Module):
                          generator: torch.Generator | None = None, draws: DrawFn | None = None) -> TrainingOutputs:
         """The training forward with its intermediates (see :meth:`losses`); in bf16 or fp16 under
         ``torch.autocast`` (mixed precision on the fp32 weights)."""
-        batch = self.preprocess(images)
+        batch = self.preprocess(images, self.cfg.input.square_pad)
         prepared = prepare_targets(targets, batch.image_sizes, tuple(batch.tensor.shape[2:]), self.cfg.num_classes,
                                    self.device, batch.tensor.dtype)
         boxes, t = noisy_proposals(prepared, batch.images_whwh, self.cfg.num_proposals,
