@@ -23,13 +23,16 @@ import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from fastdiffinst.common.diffusion import cosine_schedule
+
+if TYPE_CHECKING:
+    from fastdiffinst.config import ModelConfig
 
 SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
                     "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
@@ -288,12 +291,12 @@ def save_model(model: nn.Module, path: str | os.PathLike, class_names: list[str]
     atomic_save(payload, path)
 
 
-def load_model(path: str | os.PathLike, config: str | os.PathLike | None = None, ops_impl: str = "fused",
-               device: str | torch.device = "cpu") -> tuple[nn.Module, list[str]]:
+def load_model(path: str | os.PathLike, config: str | os.PathLike | ModelConfig | None = None,
+               ops_impl: str = "fused", device: str | torch.device = "cpu") -> tuple[nn.Module, list[str]]:
     """``(model in eval mode, class names)`` from our model file, a shipped model's name (e.g.
     ``"tiny-synthetic"``, see :mod:`fastdiffinst.zoo`), or an official DiffusionInst checkpoint with
-    ``config`` naming its configuration: a preset (e.g. ``"r50_coco"``) or a YAML/JSON file
-    (:func:`fastdiffinst.config_files.load_config`)."""
+    ``config`` naming its configuration: a preset (e.g. ``"r50_coco"``), a YAML/JSON file
+    (:func:`fastdiffinst.config_files.load_config`) or a loaded :class:`~fastdiffinst.config.ModelConfig`."""
     from fastdiffinst.config import config_from_dict
     from fastdiffinst.config_files import load_config
     from fastdiffinst.modeling import DiffusionInst

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiffinst.config import get_config, integer_requirement, number_requirement, override
+from fastdiffinst.config import ModelConfig, get_config, integer_requirement, number_requirement, override
 from fastdiffinst.data.sources import MAX_SYNTHETIC_IMAGES, is_split_independent, is_synthetic
 from fastdiffinst.modeling.precision import PRECISIONS, emulation_reason
 
@@ -105,16 +105,15 @@ _TRAIN_CONFIG_FLAGS = (("--iterations", "solver.max_iter"), ("--batch-size", "so
                        ("--lr", "solver.base_lr"), ("--seed", "solver.seed"))
 
 
-def _config_source(text: str) -> str:
-    """An argparse ``type``: a preset name or a YAML/JSON configuration file that loads
-    (:func:`fastdiffinst.config_files.load_config`); the text itself is kept."""
+def _config_source(text: str) -> ModelConfig:
+    """An argparse ``type``: a preset name or a YAML/JSON configuration file, loaded
+    (:func:`fastdiffinst.config_files.load_config`)."""
     from fastdiffinst.config_files import load_config
 
     try:
-        load_config(text)
+        return load_config(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    return text
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -29,9 +29,12 @@ SUFFIXES = (".yaml", ".yml", ".json")
 BASE_KEY = "_base_"
 
 
-def load_config(source: str | os.PathLike) -> ModelConfig:
+def load_config(source: str | os.PathLike | ModelConfig) -> ModelConfig:
     """The configuration named by ``source``: a preset name or a YAML/JSON file (module docstring);
-    ``ValueError`` naming the file and the problem otherwise."""
+    ``ValueError`` naming the file and the problem otherwise. A :class:`ModelConfig` is itself (the
+    command line loads ``--config`` once, when it parses it)."""
+    if isinstance(source, ModelConfig):
+        return source
     if str(source) in PRESETS:
         return get_config(str(source))
     path = Path(source)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastdiffinst.config import ModelConfig
 from fastdiffinst.data.transforms import resize_for_test
 from fastdiffinst.modeling.sampler import DrawSource, GeneratorDraws
 
@@ -148,7 +149,8 @@ class Predictor:
             ``device`` and given ``steps`` in place), the path of a fastdiffinst model file, a shipped
             model's name (``"tiny-synthetic"``, :mod:`fastdiffinst.zoo`), or an official checkpoint
             (with ``config``).
-        config: the preset of an official checkpoint (e.g. ``"r50_coco"``).
+        config: the configuration of an official checkpoint: a preset (e.g. ``"r50_coco"``), a
+            YAML/JSON file or a :class:`~fastdiffinst.config.ModelConfig`.
         device: where the model runs (default: the model's device; for a path, CUDA when available).
         ops_impl: ``"fused"`` or ``"reference"`` (for a path).
         steps: DDIM sampling steps (default: the model's configuration).
@@ -158,9 +160,10 @@ class Predictor:
             a module keeps its own, a loaded one is fp32). See :mod:`fastdiffinst.modeling.precision`.
     """
 
-    def __init__(self, model_or_path: nn.Module | str | os.PathLike, *, config: str | None = None,
-                 device: str | torch.device | None = None, ops_impl: str = "fused", steps: int | None = None,
-                 seed: int = 0, class_names: Sequence[str] | None = None, precision: str | None = None) -> None:
+    def __init__(self, model_or_path: nn.Module | str | os.PathLike, *,
+                 config: str | os.PathLike | ModelConfig | None = None, device: str | torch.device | None = None,
+                 ops_impl: str = "fused", steps: int | None = None, seed: int = 0,
+                 class_names: Sequence[str] | None = None, precision: str | None = None) -> None:
         from fastdiffinst.config import replace_path
 
         if isinstance(model_or_path, nn.Module):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastdiffinst import __version__
+from fastdiffinst import __version__, config_files
 from fastdiffinst.checkpoint import load_model
 from fastdiffinst.cli import main
 from fastdiffinst.config import get_config, override
@@ -49,13 +49,17 @@ def test_console_command_and_version():
     assert run.returncode == 0 and "--overwrite" in run.stdout and "(default: 20)" in run.stdout
 
 
-def test_config_files_round_trip_and_the_config_command(tmp_path, capsys):
+def test_config_files_round_trip_and_the_config_command(tmp_path, capsys, monkeypatch):
     assert main(["config", "tiny", "head.num_stages=4", "solver.steps=(5,9)"]) == 0
     (tmp_path / "run.yaml").write_text(capsys.readouterr().out)
     expected = override(get_config("tiny"), ["head.num_stages=4", "solver.steps=(5,9)"])
     assert load_config(tmp_path / "run.yaml") == expected
+    reads = []
+    original_resolve = config_files._resolve
+    monkeypatch.setattr(config_files, "_resolve", lambda *a: reads.append(a[0]) or original_resolve(*a))
     assert main(["config", str(tmp_path / "run.yaml"), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["head"]["num_stages"] == 4
+    assert reads == [tmp_path / "run.yaml"]  # read once, when the command line is parsed
     (tmp_path / "small.yaml").write_text("_base_: run.yaml\nhead:\n  dim_dynamic: 8\n")
     assert load_config(tmp_path / "small.yaml") == override(expected, ["head.dim_dynamic=8"])
     (tmp_path / "c.json").write_text(config_text(expected, "json"))

@@ -118,19 +118,27 @@ def label_rects(image_size: tuple[int, int], instances: dict[str, Tensor], class
     """The ``(text, (left, top, right, bottom))`` of every label :func:`draw_instances` draws on
     an image of ``image_size`` ``(height, width)``, best score first: each placed by
     :func:`place_label` around the labels before it."""
+    return [(text, rect) for text, rect, _, _ in _label_layout(image_size, instances, class_names, score_threshold)]
+
+
+def _label_layout(image_size: tuple[int, int], instances: dict[str, Tensor], class_names: Sequence[str],
+                  score_threshold: float):
+    """:func:`label_rects` with, for each label, where its text is drawn and the font: ``(text,
+    rect, text origin, font)``, each text measured once."""
     from PIL import Image, ImageDraw
 
     font = label_font(*image_size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     pad = max(1, font_size(*image_size) // 8)
-    rects: list[tuple[str, tuple[int, ...]]] = []
+    labels: list[tuple[str, tuple[int, ...], tuple[int, int], object]] = []
     for i in _shown_sorted(instances, score_threshold):
         text = _label_text(instances, i, class_names)
         bx0, by0, bx1, by1 = measure.textbbox((0, 0), text, font=font)
         size = (bx1 - bx0 + 2 * pad, by1 - by0 + 2 * pad)
-        rects.append((text, place_label(instances["boxes"][i].tolist(), size, image_size,
-                                        [rect for _, rect in rects])))
-    return rects
+        left, top, right, bottom = place_label(instances["boxes"][i].tolist(), size, image_size,
+                                               [rect for _, rect, _, _ in labels])
+        labels.append((text, (left, top, right, bottom), (left + pad - bx0, top + pad - by0), font))
+    return labels
 
 
 def draw_instances(image: Tensor, instances: dict[str, Tensor], class_names: Sequence[str],
@@ -155,14 +163,11 @@ def draw_instances(image: Tensor, instances: dict[str, Tensor], class_names: Seq
     for rank, i in enumerate(keep):
         x1, y1, x2, y2 = instances["boxes"][i].tolist()
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=_colour(rank), width=line)
-    font = label_font(height, width)
-    pad = max(1, font_size(height, width) // 8)
-    labels = list(enumerate(label_rects((height, width), instances, class_names, score_threshold)))
-    for rank, (text, (left, top, right, bottom)) in reversed(labels):  # the best score's label on top
+    labels = list(enumerate(_label_layout((height, width), instances, class_names, score_threshold)))
+    for rank, (text, (left, top, right, bottom), origin, font) in reversed(labels):  # the best label on top
         colour = _colour(rank)
         draw.rectangle([left, top, right - 1, bottom - 1], fill=colour)
-        bx0, by0, _, _ = draw.textbbox((0, 0), text, font=font)
-        draw.text((left + pad - bx0, top + pad - by0), text, fill=_text_colour(colour), font=font)
+        draw.text(origin, text, fill=_text_colour(colour), font=font)
     return picture
 
 
