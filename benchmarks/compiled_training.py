@@ -92,8 +92,9 @@ def main() -> None:
     timings = summarise(runs)
     compiled_first = [r["seconds"][0] for r in runs if r["variant"] == "compiled square"]
     case = f"{args.preset} on {args.data}, batch of the preset, {' '.join(args.overrides) or 'no overrides'}"
+    square_pad = {r["variant"]: r["square_pad"] for r in runs}
     rows = [harness.comparison_row("compiled_training", "training iteration", case, variant, "eager",
-                                   timings[variant], timings["eager"], square_pad=runs[0]["square_pad"])
+                                   timings[variant], timings["eager"], square_pad=square_pad[variant])
             for variant in VARIANTS[1:]]
     rows.append({"study": "compiled_training", "op": "first iteration (compilation)", "case": case,
                  "direction": "compiled square", "ours_ms": " / ".join(f"{s * 1e3:.0f}" for s in compiled_first),

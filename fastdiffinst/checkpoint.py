@@ -291,13 +291,24 @@ def save_model(model: nn.Module, path: str | os.PathLike, class_names: list[str]
     atomic_save(payload, path)
 
 
+def stored_config(data: Mapping[str, Any], path: str | os.PathLike) -> ModelConfig:
+    """The configuration a model file or training checkpoint ``data`` (read from ``path``) holds,
+    fields added since it was written at their defaults; ``CheckpointError`` if it is missing or
+    not valid."""
+    from fastdiffinst.config import config_from_dict
+
+    try:
+        return config_from_dict(data["config"])
+    except (KeyError, ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: the stored configuration is not valid: {error}") from None
+
+
 def load_model(path: str | os.PathLike, config: str | os.PathLike | ModelConfig | None = None,
                ops_impl: str = "fused", device: str | torch.device = "cpu") -> tuple[nn.Module, list[str]]:
     """``(model in eval mode, class names)`` from our model file, a shipped model's name (e.g.
     ``"tiny-synthetic"``, see :mod:`fastdiffinst.zoo`), or an official DiffusionInst checkpoint with
     ``config`` naming its configuration: a preset (e.g. ``"r50_coco"``), a YAML/JSON file
     (:func:`fastdiffinst.config_files.load_config`) or a loaded :class:`~fastdiffinst.config.ModelConfig`."""
-    from fastdiffinst.config import config_from_dict
     from fastdiffinst.config_files import load_config
     from fastdiffinst.modeling import DiffusionInst
     from fastdiffinst.zoo import names as shipped_names
@@ -311,11 +322,7 @@ def load_model(path: str | os.PathLike, config: str | os.PathLike | ModelConfig 
     if isinstance(data, Mapping) and data.get("format") == MODEL_FORMAT:
         if not isinstance(data.get("model"), Mapping):
             raise CheckpointError(f"{path}: a fastdiffinst model file without its 'model' state dict")
-        try:
-            cfg = config_from_dict(data["config"])
-        except (KeyError, ValueError, TypeError) as error:
-            raise CheckpointError(f"{path}: the stored configuration is not valid: {error}") from None
-        model = DiffusionInst(cfg, ops_impl=ops_impl)
+        model = DiffusionInst(stored_config(data, path), ops_impl=ops_impl)
         load_into(model, data["model"], f"{path}")
         names = data.get("class_names")
         if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):

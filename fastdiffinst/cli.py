@@ -276,7 +276,8 @@ def run_train(args: argparse.Namespace) -> int:
         args.precision = args.amp
     _check_precision(args)
     run_config = args.out / "config.json"
-    source = args.config or (run_config if args.resume and run_config.is_file() else "tiny")
+    source = args.config if args.config is not None else (run_config if args.resume and run_config.is_file()
+                                                          else "tiny")
     cfg = override(load_config(source), fields)
     if args.val_data is None and is_split_independent(args.data):
         print(f"warning: --data {args.data} is one data set for every split: the validation metrics are measured on "

@@ -353,7 +353,8 @@ class InputConfig:
     ``square_pad`` > 0 pads every training batch to ``square_pad × square_pad`` (rounded up to the
     size divisibility) instead of to its largest image: one input shape for every batch, what
     compiled training needs (``train --compile`` sets it to ``max_size_train`` when it is 0). The
-    padding takes part in the mask branch's BatchNorm statistics, as the usual padding does."""
+    padding takes part in the mask branch's BatchNorm statistics and in the mask loss (the dice runs
+    over the whole padded map), as the usual padding does."""
 
     min_size_train: tuple[int, ...] = tuple(range(480, 801, 32))
     max_size_train: int = 1333

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from fastdiffinst.config import ModelConfig
+from fastdiffinst.config import ModelConfig, replace_path
 from fastdiffinst.data.transforms import resize_for_test
 from fastdiffinst.modeling.sampler import DrawSource, GeneratorDraws
 
@@ -164,8 +164,6 @@ class Predictor:
                  config: str | os.PathLike | ModelConfig | None = None, device: str | torch.device | None = None,
                  ops_impl: str = "fused", steps: int | None = None, seed: int = 0,
                  class_names: Sequence[str] | None = None, precision: str | None = None) -> None:
-        from fastdiffinst.config import replace_path
-
         if isinstance(model_or_path, nn.Module):
             model = model_or_path if device is None else model_or_path.to(device)
             names = list(class_names) if class_names is not None else \

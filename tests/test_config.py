@@ -77,6 +77,7 @@ BAD_VALUES = [
     ("input.min_size_train", (), "must be a non-empty tuple of positive ints"),
     ("input.min_size_train", (480, 0), "must be a non-empty tuple of positive ints"),
     ("input.max_size_train", 0, "must be a positive int"),
+    ("input.square_pad", -32, "must be an int >= 0"),
     ("input.crop", "yes", "must be a bool"),
     ("input.crop_resize", (400, -1), "must be a non-empty tuple of positive ints"),
     ("input.crop_size", (384,), "must be a tuple of 2 positive ints"),
@@ -104,6 +105,12 @@ def test_bad_values_name_their_key_path(path, value, requirement):
     message = f"config: {path} {requirement}, got {value!r}"
     with pytest.raises(ValueError, match=re.escape(message)):
         replace_path(get_config("tiny"), path, value)
+
+
+def test_square_pad_holds_every_training_image():
+    with pytest.raises(ValueError, match=re.escape("input.square_pad must be 0 or at least max_size_train (320)")):
+        replace_path(get_config("tiny"), "input.square_pad", 300)
+    assert replace_path(get_config("tiny"), "input.square_pad", 320).input.square_pad == 320
 
 
 STANDALONE = {"solver": SolverConfig, "loss": LossConfig, "input": InputConfig}

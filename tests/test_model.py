@@ -104,6 +104,38 @@ def test_aligned_bilinear_places_pixel_i_at_f_i_plus_half_f():
     assert aligned_bilinear(x, 1) is x
     with pytest.raises(ValueError, match="factor"):
         aligned_bilinear(x, 2.5)
+    with pytest.raises(TypeError, match="floating-point"):
+        aligned_bilinear(torch.zeros(1, 1, 2, 2, dtype=torch.uint8), 2)
+
+
+def _official_aligned_bilinear(x, factor):
+    """CondInst's formulation: replicate-pad right/bottom, bilinear resize with align_corners to
+    (f·h + 1, f·w + 1), replicate-pad left/top by f // 2, crop."""
+    h, w = x.shape[2:]
+    x = F.pad(x, (0, 1, 0, 1), mode="replicate")
+    x = F.interpolate(x, size=(factor * h + 1, factor * w + 1), mode="bilinear", align_corners=True)
+    x = F.pad(x, (factor // 2, 0, factor // 2, 0), mode="replicate")
+    return x[:, :, :factor * h, :factor * w]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("factor", [2, 3, 4, 5, 8])
+def test_aligned_bilinear_equals_the_official_resize_chain(dtype, factor):
+    generator = torch.Generator().manual_seed(factor)
+    for shape in [(2, 3, 5, 7), (1, 2, 1, 6), (1, 2, 4, 1), (1, 1, 1, 1)]:
+        x = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+        ours, official = aligned_bilinear(x, factor), _official_aligned_bilinear(x, factor)
+        assert ours.dtype == dtype and ours.shape == official.shape
+        if factor & (factor - 1) == 0:
+            # The resize samples at exactly i + r/f: the same weights, different rounding of the
+            # two products' sum in fp32 (a few ulp); bf16 is computed in fp32 and rounded once.
+            tolerance = {torch.float64: 1e-12, torch.float32: 4e-7, torch.bfloat16: 0.0}[dtype]
+        else:
+            # The resize computes its source coordinate scale·o with scale = h / (f·h) in single
+            # precision: an error of ~o·2^-24 in the weights (7e-6 relative measured at o = 240).
+            tolerance = {torch.float64: 1e-5, torch.float32: 1e-5, torch.bfloat16: 2**-7}[dtype]
+        bound = tolerance * float(x.abs().max())
+        assert float((ours.double() - official.double()).abs().max()) <= bound, (shape, factor, dtype)
 
 
 def test_mask_branch_shape_and_rejects_indivisible_levels():

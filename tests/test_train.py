@@ -135,6 +135,12 @@ def test_resume_checks_the_configuration(data_root):
             Trainer(override(cfg, [change]), _options(data_root / "run", resume=True)).train()
     with pytest.raises(CheckpointError, match="no checkpoint"):
         Trainer(cfg, _options(data_root / "empty", resume=True)).train()
+    path = data_root / "run" / "last.pth"
+    state = torch.load(path, weights_only=True)
+    state["config"]["head"]["num_stages"] = 0
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="the stored configuration is not valid: .*head.num_stages"):
+        Trainer(cfg, _options(data_root / "run", resume=True)).train()
 
 
 def test_compiled_training_pads_batches_to_one_square_and_may_resume_an_eager_run(data_root, capsys):
@@ -149,8 +155,15 @@ def test_compiled_training_pads_batches_to_one_square_and_may_resume_an_eager_ru
     assert compiled.cfg.input.square_pad == cfg.input.max_size_train == 160 and cfg.input.square_pad == 0
     compiled.resume()  # what train() does first; compiling would take minutes
     assert "input.square_pad: checkpoint 0, this run 160" in capsys.readouterr().out
-    batch = compiled.module.preprocess([torch.zeros(3, 96, 64)], compiled.cfg.input.square_pad)
-    assert batch.tensor.shape[2:] == (160, 160) and batch.image_sizes == [(96, 64)]
+    # The training forward pads to the square (an eager model of the same configuration).
+    from fastdiffinst.modeling import DiffusionInst
+    from test_losses import synthetic_batch
+
+    images, targets = synthetic_batch([(96, 64), (80, 112)], [2, 1], cfg.num_classes)
+    for square, padded in ((160, (160, 160)), (0, (96, 128))):
+        model = DiffusionInst(override(cfg, [f"input.square_pad={square}"])).train()
+        outputs = model.training_outputs(images, targets, generator=torch.Generator().manual_seed(0))
+        assert outputs.batch.tensor.shape[2:] == padded and outputs.batch.image_sizes == [(96, 64), (80, 112)]
     explicit = override(cfg, ["input.square_pad=200"])
     assert Trainer(explicit, _options(data_root / "other", compile=True)).cfg.input.square_pad == 200
 
@@ -209,6 +222,7 @@ def test_compiled_training_compiles_once_for_varying_sizes_and_equals_eager():
     compiled = DiffusionInst(cfg, compile=True).train()
     compiled.load_state_dict(eager.state_dict())
     counters = torch._dynamo.utils.counters
+    counters.clear()  # dynamo's reset leaves the counts of earlier compilations
     graphs = []
     for seed, sizes in enumerate([[(96, 128), (64, 96)], [(160, 112), (80, 80)], [(128, 160), (72, 40)]]):
         images, targets = synthetic_batch(sizes, [3, 1], 8, seed=seed)

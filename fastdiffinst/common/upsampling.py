@@ -15,15 +15,18 @@ def aligned_bilinear(x: Tensor, factor: int) -> Tensor:
     map). The official code replicate-pads right/bottom by 1, resizes bilinearly with
     ``align_corners=True`` to ``(f·h + 1, f·w + 1)``, replicate-pads left/top by ``f // 2`` and crops
     to ``(f·h, f·w)``. That resize samples the input at exactly ``i + r/f`` (r = 0 … f−1), so it is
-    computed here as what it is, per axis (width, then height, as the bilinear kernel nests them):
-    ``(1 − r/f)·x[i] + (r/f)·x[i+1]`` interleaved over r. The weights do not depend on the size, so
+    computed here as what it is, per axis (width, then height): ``(1 − r/f)·x[i] + (r/f)·x[i+1]``
+    interleaved over r. The weights do not depend on the size, so
     the op compiles for any image size without symbolic resize scales (inductor fails on the
     backward of a bilinear resize whose width alone is dynamic), and for the power-of-two factors
-    the model uses they are the resize's own, exact weights. Half-precision inputs are interpolated
-    in fp32 and rounded once, as the resize kernel does.
+    the model uses they are the resize's own, exact weights (the results agree with the resize's to
+    rounding: a few ulp in fp32). Half-precision inputs are interpolated in fp32 and rounded once,
+    as the resize kernel does.
     """
     if x.dim() != 4:
         raise ValueError(f"aligned_bilinear: x must be [B, C, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"aligned_bilinear: x must be floating-point, got {x.dtype}")
     if factor < 1 or int(factor) != factor:
         raise ValueError(f"aligned_bilinear: factor must be a positive integer, got {factor!r}")
     if factor == 1:

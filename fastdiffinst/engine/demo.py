@@ -122,7 +122,7 @@ def label_rects(image_size: tuple[int, int], instances: dict[str, Tensor], class
 
 
 def _label_layout(image_size: tuple[int, int], instances: dict[str, Tensor], class_names: Sequence[str],
-                  score_threshold: float):
+                  score_threshold: float) -> list[tuple[str, tuple[int, ...], tuple[int, int], object]]:
     """:func:`label_rects` with, for each label, where its text is drawn and the font: ``(text,
     rect, text origin, font)``, each text measured once."""
     from PIL import Image, ImageDraw

@@ -285,10 +285,11 @@ class Trainer:
             self._progress = progress if self.options.progress else None
             self._line(f"training {self.options.data} ({len(self.train_set)} images) from iteration {self.iteration} "
                        f"to {max_iter}, batch {self.cfg.solver.ims_per_batch}, on {self.device}; run folder {self.out}")
-            if self.options.compile:
-                side = self.cfg.input.square_pad
-                self._line(f"compiled: every batch is padded to {side}×{side} (input.square_pad), one shape to "
-                           f"compile for; the first iteration compiles (minutes on a CPU)")
+            side = self.cfg.input.square_pad
+            if side:
+                self._line(f"every batch is padded to {side}×{side} (input.square_pad; 0 pads each to its largest "
+                           f"image)" + ("; compiled for that one shape at the first iteration (minutes on a CPU)"
+                                        if self.options.compile else ""))
             if self.rank == 0:
                 (self.out / "config.json").write_text(json.dumps(config_to_dict(self.cfg), indent=2))
             progress.set(self.iteration, "")

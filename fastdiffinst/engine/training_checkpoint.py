@@ -19,8 +19,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from fastdiffinst.checkpoint import MODEL_FORMAT, CheckpointError, read_checkpoint, save_model
-from fastdiffinst.config import ModelConfig, config_from_dict, config_to_dict
+from fastdiffinst.checkpoint import MODEL_FORMAT, CheckpointError, read_checkpoint, save_model, stored_config
+from fastdiffinst.config import ModelConfig, config_to_dict
 from fastdiffinst.engine.config_diff import config_differences
 from fastdiffinst.engine.rng_state import capture_rng_state, restore_rng_state
 
@@ -73,10 +73,10 @@ class TrainingCheckpoints:
             raise CheckpointError(f"--resume: no checkpoint at {path}")
         state = read_checkpoint(path)
         _check_training_state(state, path)
-        try:  # the saved configuration with the defaults of fields added since it was written
-            saved = config_to_dict(config_from_dict(state["config"]))
-        except (ValueError, TypeError) as error:
-            raise CheckpointError(f"--resume: {path}: the stored configuration is not valid: {error}") from None
+        try:  # compared with the defaults of the fields added since the checkpoint was written
+            saved = config_to_dict(stored_config(state, path))
+        except CheckpointError as error:
+            raise CheckpointError(f"--resume: {error}") from None
         differences = config_differences(saved, config_to_dict(cfg))
         refused = [line for line in differences if not line.startswith(tuple(f + ":" for f in RESUMABLE_FIELDS))]
         if refused:

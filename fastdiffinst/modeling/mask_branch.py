@@ -51,7 +51,7 @@ class MaskBranch(nn.Module):
         return self.mask_head(x)
 
     def check_level_sizes(self, features: list[Tensor]) -> None:
-        """Level ``i`` (P2 = 0) must be P2 downsampled exactly ``2^i`` times."""
+        """Level ``i`` (P2 = 0) must be P2 downsampled by exactly ``2^i``."""
         height, width = features[0].shape[2:]
         for level, feature in enumerate(features[1:self.num_levels], start=1):
             if (height, width) != (feature.shape[2] * 2**level, feature.shape[3] * 2**level):
