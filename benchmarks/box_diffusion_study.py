@@ -10,11 +10,16 @@ reference and its ``torch.compile`` form, on the same draws.
 The smoke profile (tests) runs the same code with N = 20 and batches {2} / {1}. Throughput: the
 bytes the fused op reads and writes over its time, against the copy bandwidth of the same run
 (these ops are small: their time is per-call overhead, which the percentage makes plain).
+
+Each fused call's time is also split into host and kernel time (:func:`per_call_split`; the
+``host_us``, ``kernel_us`` and ``launches`` fields and the notes of the fused rows).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,9 +41,10 @@ class Sizes:
     ddim_batches: tuple[int, ...]
     repeats: int
     warmup: int = 2
+    split_calls: int = 200  # calls per round of the host/kernel split (per_call_split)
 
 
-PROFILES = {"smoke": Sizes(20, (2,), (1,), 1, 0), "quick": Sizes(500, (2, 16), (1, 8), 10),
+PROFILES = {"smoke": Sizes(20, (2,), (1,), 1, 0, 5), "quick": Sizes(500, (2, 16), (1, 8), 10),
             "full": Sizes(500, (2, 16), (1, 8), 20)}
 
 
@@ -78,12 +84,17 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
         def batched(fn, args=args, kwargs=kwargs):
             return lambda: fn(*args, **kwargs)
 
+        def native(args=args, draws=draws, schedule=schedule):
+            return torch.ops.fastdiffinst.q_sample_boxes.default(
+                *args[:2], *draws, schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod, SCALE,
+                args[2])
+
         err = (fused() - official()).abs().max().item()
         # Reads the GT batch and the draws, writes [B, N, 4] fp32.
         traffic = sum(t.numel() * t.element_size() for t in (padded, *draws)) + batch * num * 16
         rows += _compare("q_sample_boxes", f"B={batch} N={num} GT 0-60", fused, official,
                          batched(bd.q_sample_boxes), bd.q_sample_boxes, batched, device, sizes, err, traffic,
-                         ceilings, progress)
+                         ceilings, progress, per_call_split(fused, native, device, sizes.split_calls))
 
     for batch in sizes.ddim_batches:
         whwh = torch.tensor([[1216.0, 800.0, 1216.0, 800.0]] * batch, device=device)
@@ -105,17 +116,68 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
         def batched(fn, args=args, kwargs=kwargs):
             return lambda: fn(*args, **kwargs)
 
+        def native(x_t=x_t, whwh=whwh, pred=pred, keep=keep, noise=noise, renew=renew, schedule=schedule):
+            return torch.ops.fastdiffinst.ddim_step_boxes.default(x_t, pred, whwh, keep, 999, 749,
+                                                                  schedule.alphas_cumprod, 1.0, SCALE, noise, renew)
+
         err = (fused()[0] - official()[0]).abs().max().item()
         # Reads x_t, the predictions, keep and the draws, writes the next x_t (and its boxes).
         traffic = sum(t.numel() * t.element_size() for t in (x_t, pred, keep, noise, renew)) + 2 * batch * num * 16
         rows += _compare("ddim_step_boxes", f"B={batch} N={num} 999->749", fused, official,
                          batched(bd.ddim_step_boxes), bd.ddim_step_boxes, batched, device, sizes, err, traffic,
-                         ceilings, progress)
+                         ceilings, progress, per_call_split(fused, native, device, sizes.split_calls))
     return rows
 
 
+def per_call_split(fused: Callable[[], object], native: Callable[[], object], device: str, calls: int) -> dict:
+    """One fused call's time split in two, medians of 5 rounds of ``calls`` calls each:
+
+    * CUDA: ``host_us``, the wall time per call of calls issued back to back without waiting for the
+      GPU (the host's cost: Python, the dispatcher, allocations, launches; the GPU keeps up unless
+      its kernels take longer); ``kernel_us`` and ``launches``, the device time and the number of the
+      GPU activities (kernels, copies, fills) per call, from ``torch.profiler``.
+    * CPU: ``host_us``, the Python layer (the fused call minus its native op, ``native``);
+      ``kernel_us``, the native op (the C++ kernel with its dispatch); ``launches`` is None.
+    """
+    def per_call_us(fn, sync):
+        rounds = []
+        for _ in range(5):
+            fn()
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            if sync:
+                _synchronize(device)
+            rounds.append((time.perf_counter() - start) / calls * 1e6)
+        return statistics.median(rounds)
+
+    if not device.startswith("cuda"):
+        op_us = per_call_us(native, True)
+        return {"host_us": max(per_call_us(fused, True) - op_us, 0.0), "kernel_us": op_us, "launches": None}
+    host_us = per_call_us(fused, False)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profile:
+        for _ in range(calls):
+            fused()
+        _synchronize(device)
+    on_gpu = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return {"host_us": host_us, "kernel_us": sum(e.device_time for e in on_gpu) / calls,
+            "launches": len(on_gpu) / calls}
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _split_note(split: dict) -> str:
+    launches = "" if split["launches"] is None else f", {split['launches']:g} GPU activities"
+    return f"per call: host {split['host_us']:.1f} µs, kernel {split['kernel_us']:.1f} µs{launches}"
+
+
 def _compare(op, case, fused, official, reference, reference_fn, batched, device, sizes, err, traffic, ceilings,
-             progress):
+             progress, split):
     t_fused = time_fn(fused, device, sizes.repeats, sizes.warmup)
     progress.update(1)
     t_official = time_fn(official, device, sizes.repeats, sizes.warmup)
@@ -132,8 +194,9 @@ def _compare(op, case, fused, official, reference, reference_fn, batched, device
     achieved = traffic / t_fused.median_s / 1e9
     rate = rate_note(achieved, "GB/s", ceilings["copy_GBps"], "copy")
     return [comparison_row("box_diffusion", op, case, "forward", baseline, t_fused, t_base, ours_rate=rate,
-                           achieved_GBps=achieved, max_abs_diff=note)
-            for baseline, t_base, note in (("official per-image", t_official, f"max abs diff {err:.1e}"),
+                           achieved_GBps=achieved, max_abs_diff=note, **split)
+            for baseline, t_base, note in (("official per-image", t_official,
+                                            f"max abs diff {err:.1e}; {_split_note(split)}"),
                                            ("batched reference", t_reference, ""),
                                            ("torch.compile(reference)", t_compiled, f"compile {compile_s:.1f} s"))]
 

@@ -108,6 +108,10 @@ def test_selected_studies_only(tmp_path):
     assert bench_run.main(["--profile", "smoke", "--studies", "box_diffusion", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "results.json").read_text())
     assert {r["study"] for r in data["results"]} == {"box_diffusion"}
+    # Every fused call's time is split into the Python layer and the native op on CPU.
+    for row in data["results"]:
+        assert row["host_us"] >= 0 and row["kernel_us"] > 0 and row["launches"] is None
+        assert row["baseline"] != "official per-image" or "per call: host" in row["max_abs_diff"]
 
 
 @pytest.mark.parametrize("args, message", [

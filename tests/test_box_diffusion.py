@@ -243,8 +243,8 @@ def make_step(batch, n, generator, keep_fraction=0.5):
     return x_t, pred, whwh, keep, noise, renew
 
 
-def ddim_step(x_t, pred, whwh, keep, t, t_next, noise, renew, eta=1.0, fn=fops.ddim_step_boxes):
-    return fn(x_t, whwh, pred_boxes=pred, keep=keep, t=t, t_next=t_next, schedule=SCHEDULE, noise=noise,
+def ddim_step(x_t, pred, whwh, keep, t, t_next, noise, renew, eta=1.0, fn=fops.ddim_step_boxes, schedule=SCHEDULE):
+    return fn(x_t, whwh, pred_boxes=pred, keep=keep, t=t, t_next=t_next, schedule=schedule, noise=noise,
               renew_noise=renew, eta=eta, scale=SCALE)
 
 
@@ -310,6 +310,61 @@ def test_ddim_batch_equals_per_image():
         single = ddim_step(*one[:4], 999, 749, *one[4:])
         for a, e in zip(single, batch):
             torch.testing.assert_close(a, e[b:b + 1], rtol=0, atol=0)
+
+
+STORAGE_TYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", STORAGE_TYPES)
+def test_inputs_are_read_in_their_storage_type(dtype):
+    """The kernels read float64, float32, float16 and bfloat16 inputs (contiguous or not) as the
+    float64 values they hold, without converted copies: the results equal those of the float64 inputs."""
+    g = torch.Generator().manual_seed(302)
+    x_t, pred, whwh, keep, noise, renew = make_step(2, 9, g)
+    stored = [a.to(dtype) for a in (x_t, pred, whwh, noise, renew)]
+    # Every other proposal of a twice-as-long tensor: not contiguous.
+    strided = [torch.stack([a, torch.full_like(a, float("nan"))], dim=-2).flatten(-3, -2)[..., ::2, :]
+               if a.dim() == 3 else a for a in stored]
+    assert not strided[0].is_contiguous()
+    x_t, pred, whwh, noise, renew = (a.double() for a in stored)
+    expected = ddim_step(x_t, pred, whwh, keep, 999, 749, noise, renew)
+    for inputs in (stored, strided):
+        x_t, pred, whwh, noise, renew = inputs
+        for a, e in zip(ddim_step(x_t, pred, whwh, keep, 999, 749, noise, renew), expected):
+            torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+    _, _, padded, whwh = make_gt(COUNTS, 23, g)
+    padded = torch.nan_to_num(padded)
+    draws = fops.draw_q_sample_inputs(COUNTS, 19, g)
+    stored_draws = draws._replace(noise=draws.noise.to(dtype), placeholder_noise=draws.placeholder_noise.to(dtype))
+    wide_draws = draws._replace(noise=stored_draws.noise.double(),
+                                placeholder_noise=stored_draws.placeholder_noise.double())
+    expected = q_sample(padded.to(dtype).double(), COUNTS, wide_draws, whwh.to(dtype).double())
+    ours = q_sample(padded.to(dtype), COUNTS, stored_draws, whwh.to(dtype))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def test_valid_calls_skip_the_python_checks(monkeypatch):
+    """On the native kernels the Python argument checks run only to name an argument the kernel
+    refused: a valid call pays none of their host time, a bad one still gets their message."""
+    from fastdiffinst.ops import box_diffusion as ops_module
+
+    calls = []
+    for name in ("_check_ddim_step_args", "_check_q_sample_args"):
+        check = getattr(ops_module, name)
+        monkeypatch.setattr(ops_module, name, lambda *a, check=check, name=name: calls.append(name) or check(*a))
+    fops.ddim_step_boxes(**_d_args())
+    fops.q_sample_boxes(**_q_args())
+    assert calls == []
+    with pytest.raises(ValueError, match="pred_boxes has batch size 3"):
+        fops.ddim_step_boxes(**_d_args(pred_boxes=torch.zeros(3, 5, 4)))
+    with pytest.raises(ValueError, match="draws.noise has batch size 3"):
+        fops.q_sample_boxes(**_q_args(noise=torch.zeros(3, 4, 4)))
+    assert calls == ["_check_ddim_step_args", "_check_q_sample_args"]
+    # The reference backend has no checks of its own: they run first.
+    with fops.use_backend("ddim_step_boxes", "reference"):
+        fops.ddim_step_boxes(**_d_args())
+    assert calls[-1] == "_check_ddim_step_args"
 
 
 def test_ddim_matches_golden_fixture(fixture):
@@ -549,6 +604,14 @@ def test_cuda_matches_cpu(device):
             torch.testing.assert_close(a.cpu(), e, rtol=1e-9, atol=1e-10)
     torch.library.opcheck(native.ddim_step_boxes, (x_t, pred, whwh, keep, 999, 749, schedule.alphas_cumprod, 1.0,
                                                    SCALE, noise, renew))
+    # Inputs in every storage type, read without conversion launches, as the CPU kernel reads them.
+    for dtype in STORAGE_TYPES:
+        stored = [a.to(dtype) if a.is_floating_point() else a for a in args]
+        cpu_out = ddim_step(*stored[:4], 999, 749, *stored[4:])
+        cuda_out = ddim_step(*(a.to(device) for a in stored[:4]), 999, 749, *(a.to(device) for a in stored[4:]),
+                             schedule=schedule)
+        for a, e in zip(cuda_out, cpu_out):
+            torch.testing.assert_close(a.cpu(), e, rtol=1e-9, atol=1e-10)
 
 
 def _schedule_on(device):

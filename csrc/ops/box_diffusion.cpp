@@ -17,8 +17,8 @@
 namespace fastdiffinst {
 namespace {
 
-// Reads a contiguous float32 or float64 tensor as float64 without a converted copy: the inputs
-// are a few thousand numbers, so a copy per input would cost more than the kernel.
+// True if any of `values` has an all-ones exponent (NaN/Inf). The scan ORs integer tests, which
+// the compiler vectorises (a floating-point reduction it may not reorder).
 template <typename bits_t, typename value_t>
 bool any_exponent_all_ones(const value_t* values, int64_t n, bits_t exponent_mask) {
   static_assert(sizeof(bits_t) == sizeof(value_t));
@@ -31,45 +31,21 @@ bool any_exponent_all_ones(const value_t* values, int64_t n, bits_t exponent_mas
   return bad != 0;
 }
 
-class Float64Reader {
- public:
-  explicit Float64Reader(const at::Tensor& t) : tensor_(readable(t)) {
-    if (tensor_.scalar_type() == at::kDouble) {
-      f64_ = tensor_.data_ptr<double>();
-    } else {
-      f32_ = tensor_.data_ptr<float>();
-    }
-  }
-  double operator[](int64_t i) const { return f64_ != nullptr ? f64_[i] : static_cast<double>(f32_[i]); }
-  int64_t numel() const { return tensor_.numel(); }
-  // Index of the first NaN/Inf element, or -1. The scan tests the exponent bits with integer ORs,
-  // which the compiler vectorises (a floating-point reduction it may not reorder).
-  int64_t first_non_finite() const {
-    const int64_t n = tensor_.numel();
-    const bool bad = f64_ != nullptr ? any_exponent_all_ones<uint64_t>(f64_, n, 0x7ff0000000000000ULL)
-                                     : any_exponent_all_ones<uint32_t>(f32_, n, 0x7f800000U);
-    if (!bad) return -1;
-    for (int64_t i = 0; i < n; ++i)
-      if (!std::isfinite((*this)[i])) return i;
+// Index of the first NaN/Inf element of `input`, or -1.
+int64_t first_non_finite(const Float64Input& input) {
+  const auto& view = input.view();
+  const int64_t n = input.tensor().numel();
+  using Storage = diffusion::Float64View::Storage;
+  if (view.storage() == Storage::kDouble &&
+      !any_exponent_all_ones<uint64_t>(static_cast<const double*>(view.data()), n, 0x7ff0000000000000ULL))
     return -1;
-  }
-  void row4(int64_t row, double* out) const {
-    if (f64_ != nullptr) {
-      for (int j = 0; j < 4; ++j) out[j] = f64_[4 * row + j];
-    } else {
-      for (int j = 0; j < 4; ++j) out[j] = static_cast<double>(f32_[4 * row + j]);
-    }
-  }
-
- private:
-  static at::Tensor readable(const at::Tensor& t) {
-    auto c = t.contiguous();
-    return c.scalar_type() == at::kFloat || c.scalar_type() == at::kDouble ? c : c.to(at::kDouble);
-  }
-  at::Tensor tensor_;
-  const float* f32_ = nullptr;
-  const double* f64_ = nullptr;
-};
+  if (view.storage() == Storage::kFloat &&
+      !any_exponent_all_ones<uint32_t>(static_cast<const float*>(view.data()), n, 0x7f800000U))
+    return -1;
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(view[i])) return i;
+  return -1;
+}
 
 // x * 0 is NaN exactly when x is not finite, so one test covers a whole row.
 inline bool all_finite(const double* v, int n) {
@@ -80,8 +56,8 @@ inline bool all_finite(const double* v, int n) {
 
 // Raises naming `name[b, i]` (rows of 4 numbers, `per_image` rows per image; -1 for [B, 4] inputs,
 // named `name[b]`) if `input` holds a NaN/Inf.
-void check_finite(const Float64Reader& input, int64_t per_image, const char* op, const char* name) {
-  const int64_t index = input.first_non_finite();
+void check_finite(const Float64Input& input, int64_t per_image, const char* op, const char* name) {
+  const int64_t index = first_non_finite(input);
   if (index < 0) return;
   const int64_t row = index / 4;
   if (per_image > 0) {
@@ -91,11 +67,11 @@ void check_finite(const Float64Reader& input, int64_t per_image, const char* op,
 }
 
 // images_whwh [B, 4]: finite, positive image sizes.
-void check_positive_sizes(const Float64Reader& whwh, const char* op) {
+void check_positive_sizes(const Float64Input& whwh, const char* op) {
   check_finite(whwh, -1, op, "images_whwh");
-  for (int64_t b = 0; 4 * b < whwh.numel(); ++b) {
+  for (int64_t b = 0; 4 * b < whwh.tensor().numel(); ++b) {
     double image_whwh[4];
-    whwh.row4(b, image_whwh);
+    whwh.view().row4(b, image_whwh);
     TORCH_CHECK(image_whwh[0] > 0 && image_whwh[1] > 0 && image_whwh[2] > 0 && image_whwh[3] > 0, op, ": images_whwh[",
                 b, "] must hold positive sizes, got (", image_whwh[0], ", ", image_whwh[1], ", ", image_whwh[2], ", ",
                 image_whwh[3], ")");
@@ -108,12 +84,12 @@ constexpr int64_t kGrain = 4096;
 // Training corruption of images [begin, end) (see q_sample_boxes_cpu, which has checked every value:
 // exceptions must not cross the multi-versioned function).
 struct QSampleImages {
-  const Float64Reader& gt_boxes;  // [B, G, 4] normalised cxcywh
-  const Float64Reader& noise;     // [B, N, 4]
-  const Float64Reader& placeholder_noise;
-  const Float64Reader& images_whwh;  // [B, 4]
-  const Float64Reader& sqrt_alphas_cumprod;
-  const Float64Reader& sqrt_one_minus_alphas_cumprod;
+  const diffusion::Float64View gt_boxes;  // [B, G, 4] normalised cxcywh
+  const diffusion::Float64View noise;     // [B, N, 4]
+  const diffusion::Float64View placeholder_noise;
+  const diffusion::Float64View images_whwh;  // [B, 4]
+  const diffusion::Float64View sqrt_alphas_cumprod;
+  const diffusion::Float64View sqrt_one_minus_alphas_cumprod;
   const int64_t* gt_counts;     // [B]
   const int64_t* t;             // [B]
   const int64_t* select_index;  // [B, N]
@@ -148,8 +124,9 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
   constexpr const char* op = "q_sample_boxes";
   const auto s = check_q_sample_inputs(gt_boxes, gt_counts, t, noise, placeholder_noise, select_index,
                                        sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, scale, images_whwh);
-  const Float64Reader gt(gt_boxes), eps(noise), draws(placeholder_noise), whwh(images_whwh);
-  const Float64Reader sa(sqrt_alphas_cumprod), s1a(sqrt_one_minus_alphas_cumprod);
+  const Float64Input gt(gt_boxes), eps(noise), draws(placeholder_noise), whwh(images_whwh);
+  const Float64Input sa_input(sqrt_alphas_cumprod), s1a_input(sqrt_one_minus_alphas_cumprod);
+  const auto &sa = sa_input.view(), &s1a = s1a_input.view();
   const auto counts = gt_counts.contiguous(), steps = t.contiguous(), select = select_index.contiguous();
   const int64_t *count_p = counts.data_ptr<int64_t>(), *t_p = steps.data_ptr<int64_t>();
   const int64_t* sel_p = select.data_ptr<int64_t>();
@@ -170,7 +147,7 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
     }
     for (int64_t g = 0; g < count_p[b]; ++g) {
       double box[4];
-      gt.row4(b * s.max_gt + g, box);
+      gt.view().row4(b * s.max_gt + g, box);
       TORCH_CHECK(all_finite(box, 4), op, ": gt_boxes[", b, ", ", g, "] must be finite");
     }
     const int64_t step = t_p[b];  // the schedule entries this call reads
@@ -184,10 +161,10 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
   check_finite(draws, s.proposals, op, "draws.placeholder_noise");
 
   auto out = at::empty({s.batch, s.proposals, 4}, gt_boxes.options().dtype(at::kDouble));
-  const QSampleImages images{.gt_boxes = gt,
-                             .noise = eps,
-                             .placeholder_noise = draws,
-                             .images_whwh = whwh,
+  const QSampleImages images{.gt_boxes = gt.view(),
+                             .noise = eps.view(),
+                             .placeholder_noise = draws.view(),
+                             .images_whwh = whwh.view(),
                              .sqrt_alphas_cumprod = sa,
                              .sqrt_one_minus_alphas_cumprod = s1a,
                              .gt_counts = count_p,
@@ -205,12 +182,12 @@ at::Tensor q_sample_boxes_cpu(const at::Tensor& gt_boxes, const at::Tensor& gt_c
 // One DDIM step for images [begin, end) (see ddim_step_boxes_cpu, which has checked every value:
 // exceptions must not cross the multi-versioned function).
 struct DDIMImages {
-  const Float64Reader& x_t;          // [B, N, 4] diffusion space
-  const Float64Reader& pred_boxes;   // [B, N, 4] absolute xyxy
-  const Float64Reader& images_whwh;  // [B, 4]
-  const Float64Reader& noise;        // [B, N, 4] the eta noise of kept slot p: noise[b, p]
-  const Float64Reader& renew_noise;  // [B, N, 4] the renewed slots
-  const bool* keep;                  // [B, N]
+  const diffusion::Float64View x_t;          // [B, N, 4] diffusion space
+  const diffusion::Float64View pred_boxes;   // [B, N, 4] absolute xyxy
+  const diffusion::Float64View images_whwh;  // [B, 4]
+  const diffusion::Float64View noise;        // [B, N, 4] the eta noise of kept slot p: noise[b, p]
+  const diffusion::Float64View renew_noise;  // [B, N, 4] the renewed slots
+  const bool* keep;                          // [B, N]
   diffusion::DDIMCoefficients coefficients;
   int64_t t_next;
   double scale;
@@ -265,9 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cpu(
   constexpr const char* op = "ddim_step_boxes";
   check_ddim_inputs(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta, scale, noise, renew_noise);
   const int64_t batch = x_t.size(0), proposals = x_t.size(1);
-  const Float64Reader xt(x_t), pred(pred_boxes), whwh(images_whwh), z(noise), fresh(renew_noise), ac(alphas_cumprod);
+  const Float64Input xt(x_t), pred(pred_boxes), whwh(images_whwh), z(noise), fresh(renew_noise), ac(alphas_cumprod);
   const auto keep_c = keep.contiguous();
-  const double alpha = ac[t], alpha_next = t_next >= 0 ? ac[t_next] : 1.0;
+  const double alpha = ac.view()[t], alpha_next = t_next >= 0 ? ac.view()[t_next] : 1.0;
   TORCH_CHECK(alpha > 0 && alpha < 1, op, ": alphas_cumprod[t = ", t, "] must be in (0, 1), got ", alpha);
   TORCH_CHECK(alpha_next > 0 && alpha_next <= 1, op, ": alphas_cumprod[t_next = ", t_next, "] must be in (0, 1], got ",
               alpha_next);
@@ -286,11 +263,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ddim_step_boxes_cpu(
   auto x_next = at::empty({batch, proposals, 4}, options);
   auto next_boxes = at::empty({batch, proposals, 4}, options);
   auto num_kept = at::empty({batch}, options.dtype(at::kLong));
-  const DDIMImages images{.x_t = xt,
-                          .pred_boxes = pred,
-                          .images_whwh = whwh,
-                          .noise = z,
-                          .renew_noise = fresh,
+  const DDIMImages images{.x_t = xt.view(),
+                          .pred_boxes = pred.view(),
+                          .images_whwh = whwh.view(),
+                          .noise = z.view(),
+                          .renew_noise = fresh.view(),
                           .keep = keep_c.data_ptr<bool>(),
                           .coefficients = k,
                           .t_next = t_next,

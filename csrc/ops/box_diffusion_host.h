@@ -8,6 +8,8 @@
 
 #include <cmath>
 
+#include "ops/common/box_diffusion_math.h"
+
 namespace fastdiffinst {
 
 inline void check_shape(const at::Tensor& t, at::IntArrayRef expected, const char* op, const char* name) {
@@ -22,8 +24,39 @@ inline void check_device(const at::Tensor& t, const at::Tensor& ref, const char*
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but the boxes on ", ref.device());
 }
 
-// float64 contiguous copy (or the tensor itself): the kernels compute in float64.
-inline at::Tensor f64(const at::Tensor& t) { return t.to(at::kDouble).contiguous(); }
+// A floating-point input read by the kernels as float64 (they compute in float64): the tensor itself
+// when contiguous, in float64, float32, float16 or bfloat16 storage; otherwise a contiguous copy
+// (a float64 one for the other floating types).
+class Float64Input {
+ public:
+  explicit Float64Input(const at::Tensor& t)
+      : tensor_(readable(t)), view_(tensor_.const_data_ptr(), storage(tensor_)) {}
+  const diffusion::Float64View& view() const { return view_; }
+  const at::Tensor& tensor() const { return tensor_; }
+
+ private:
+  using Storage = diffusion::Float64View::Storage;
+  static bool viewable(at::ScalarType type) {
+    return type == at::kDouble || type == at::kFloat || type == at::kHalf || type == at::kBFloat16;
+  }
+  static at::Tensor readable(const at::Tensor& t) {
+    return viewable(t.scalar_type()) ? t.contiguous() : t.to(at::kDouble).contiguous();
+  }
+  static Storage storage(const at::Tensor& t) {
+    switch (t.scalar_type()) {
+      case at::kFloat:
+        return Storage::kFloat;
+      case at::kHalf:
+        return Storage::kHalf;
+      case at::kBFloat16:
+        return Storage::kBFloat16;
+      default:
+        return Storage::kDouble;
+    }
+  }
+  at::Tensor tensor_;
+  diffusion::Float64View view_;
+};
 
 struct QSampleSizes {
   int64_t batch, max_gt, proposals, timesteps;

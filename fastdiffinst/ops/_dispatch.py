@@ -110,6 +110,17 @@ def backend_info() -> dict[str, dict[str, str]]:
     return info
 
 
+def native_first(op: str, device_type: str) -> bool:
+    """Whether ``op`` calls its native kernel at once and runs its Python argument checks only when
+    the kernel raises, to name the argument in the error (an op whose per-call host time matters):
+    the native kernels check shapes, dtypes and devices themselves, so valid calls skip the Python
+    checks' host time. Not for the reference backend, not while torch.compile traces (the fake
+    kernels check nothing; the checks then cost nothing at run time) and not on a GPU when the
+    synchronising value checks are on (they run before the kernel)."""
+    return (resolve(op, device_type) == "cpp" and not torch.compiler.is_compiling()
+            and (device_type == "cpu" or not _input_checks))
+
+
 def set_input_checks(enabled: bool) -> None:
     """Turns on the value checks that synchronise the host on CUDA (batch index range, finite boxes).
 

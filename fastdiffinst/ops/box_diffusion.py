@@ -85,17 +85,27 @@ def q_sample_boxes(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Tensor, *, 
         ``[B, N, 4]`` float64 noisy boxes, absolute xyxy:
         ``decode(clamp(sqrt(ᾱ_t)·(x0·2 − 1)·scale + sqrt(1 − ᾱ_t)·ε))``.
     """
-    sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, scale = _check_q_sample_args(
-        gt_boxes, gt_counts, images_whwh, draws, schedule, scale)
-    if gt_boxes.device.type != "cpu" and _dispatch.input_checks_enabled():
-        _check_q_sample_values(gt_boxes, gt_counts, images_whwh, draws, sqrt_alphas_cumprod,
-                               sqrt_one_minus_alphas_cumprod)
-    if _dispatch.resolve(_Q_SAMPLE, gt_boxes.device.type) == "reference":
-        return reference.box_diffusion.q_sample_boxes(gt_boxes, gt_counts, images_whwh, draws=draws,
-                                                      schedule=schedule, scale=scale)
-    return torch.ops.fastdiffinst.q_sample_boxes(gt_boxes, gt_counts, draws.t, draws.noise, draws.placeholder_noise,
-                                                 draws.select_index, sqrt_alphas_cumprod,
-                                                 sqrt_one_minus_alphas_cumprod, scale, images_whwh)
+    native_first = (isinstance(gt_boxes, Tensor) and isinstance(draws, QSampleDraws)
+                    and isinstance(schedule, DiffusionSchedule)
+                    and _dispatch.native_first(_Q_SAMPLE, gt_boxes.device.type))
+    if not native_first:
+        sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, scale = _check_q_sample_args(
+            gt_boxes, gt_counts, images_whwh, draws, schedule, scale)
+        if gt_boxes.device.type != "cpu" and _dispatch.input_checks_enabled():
+            _check_q_sample_values(gt_boxes, gt_counts, images_whwh, draws, sqrt_alphas_cumprod,
+                                   sqrt_one_minus_alphas_cumprod)
+        if _dispatch.resolve(_Q_SAMPLE, gt_boxes.device.type) == "reference":
+            return reference.box_diffusion.q_sample_boxes(gt_boxes, gt_counts, images_whwh, draws=draws,
+                                                          schedule=schedule, scale=scale)
+    try:
+        return torch.ops.fastdiffinst.q_sample_boxes.default(
+            gt_boxes, gt_counts, draws.t, draws.noise, draws.placeholder_noise, draws.select_index,
+            schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
+            _checks.positive_float(_Q_SAMPLE, "scale", scale), images_whwh)
+    except (RuntimeError, TypeError):
+        if native_first:  # the kernel refused an argument: name it
+            _check_q_sample_args(gt_boxes, gt_counts, images_whwh, draws, schedule, scale)
+        raise
 
 
 def _check_q_sample_values(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Tensor, draws: QSampleDraws,
@@ -148,20 +158,27 @@ def _check_ddim_step_args(x_t: Tensor, images_whwh: Tensor, pred_boxes: Tensor, 
     _checks.require_boxes(op, "noise", noise, batch, proposals)
     _checks.require_boxes(op, "renew_noise", renew_noise, batch, proposals)
     (alphas_cumprod,) = _checks.require_schedule(op, schedule, "alphas_cumprod")
-    t = _checks.integer(op, "t", t)
-    t_next = _checks.integer(op, "t_next", t_next)
+    eta, scale = _check_ddim_scalars(t, t_next, eta, scale)
     timesteps = alphas_cumprod.shape[0]
     if not 0 <= t < timesteps:
         raise ValueError(f"{op}: t must be in [0, {timesteps}), got {t}")
     if not -1 <= t_next < t:
         raise ValueError(f"{op}: t_next must be in [-1, t = {t}) (-1 = the final step), got {t_next}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < float("inf"):
-        raise ValueError(f"{op}: eta must be a finite number >= 0, got {eta!r}")
-    scale = _checks.positive_float(op, "scale", scale)
     _checks.require_same_devices(op, {
         "x_t": x_t, "images_whwh": images_whwh, "pred_boxes": pred_boxes, "keep": keep, "noise": noise,
         "renew_noise": renew_noise, "schedule.alphas_cumprod": alphas_cumprod})
-    return alphas_cumprod, float(eta), scale
+    return alphas_cumprod, eta, scale
+
+
+def _check_ddim_scalars(t: int, t_next: int, eta: float, scale: float) -> tuple[float, float]:
+    """The types of the step numbers (the native op would take a bool for an int) and the values of
+    ``eta`` and ``scale``, returned as floats."""
+    op = _DDIM_STEP
+    _checks.integer(op, "t", t)
+    _checks.integer(op, "t_next", t_next)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < float("inf"):
+        raise ValueError(f"{op}: eta must be a finite number >= 0, got {eta!r}")
+    return float(eta), _checks.positive_float(op, "scale", scale)
 
 
 def ddim_step_boxes(x_t: Tensor, images_whwh: Tensor, *, pred_boxes: Tensor, keep: Tensor, t: int, t_next: int,
@@ -189,16 +206,27 @@ def ddim_step_boxes(x_t: Tensor, images_whwh: Tensor, *, pred_boxes: Tensor, kee
         ``x0 [B, N, 4]`` x̂0 of every proposal in its original slot; ``next_boxes [B, N, 4]``
         the head input of the next step (absolute xyxy); ``num_kept [B]`` int64. Float64 boxes.
     """
-    alphas_cumprod, eta, scale = _check_ddim_step_args(x_t, images_whwh, pred_boxes, keep, t, t_next, schedule, noise,
-                                                       renew_noise, eta, scale)
-    if x_t.device.type != "cpu" and _dispatch.input_checks_enabled():
-        _check_ddim_step_values(x_t, images_whwh, pred_boxes, t, t_next, alphas_cumprod, eta, noise, renew_noise)
-    if _dispatch.resolve(_DDIM_STEP, x_t.device.type) == "reference":
-        return reference.box_diffusion.ddim_step_boxes(x_t, images_whwh, pred_boxes=pred_boxes, keep=keep, t=t,
-                                                       t_next=t_next, schedule=schedule, noise=noise,
-                                                       renew_noise=renew_noise, eta=eta, scale=scale)
-    return torch.ops.fastdiffinst.ddim_step_boxes(x_t, pred_boxes, images_whwh, keep, t, t_next, alphas_cumprod, eta,
-                                                  scale, noise, renew_noise)
+    native_first = (isinstance(x_t, Tensor) and isinstance(schedule, DiffusionSchedule)
+                    and _dispatch.native_first(_DDIM_STEP, x_t.device.type))
+    if native_first:
+        eta, scale = _check_ddim_scalars(t, t_next, eta, scale)
+    else:
+        alphas_cumprod, eta, scale = _check_ddim_step_args(x_t, images_whwh, pred_boxes, keep, t, t_next, schedule,
+                                                           noise, renew_noise, eta, scale)
+        if x_t.device.type != "cpu" and _dispatch.input_checks_enabled():
+            _check_ddim_step_values(x_t, images_whwh, pred_boxes, t, t_next, alphas_cumprod, eta, noise, renew_noise)
+        if _dispatch.resolve(_DDIM_STEP, x_t.device.type) == "reference":
+            return reference.box_diffusion.ddim_step_boxes(x_t, images_whwh, pred_boxes=pred_boxes, keep=keep, t=t,
+                                                           t_next=t_next, schedule=schedule, noise=noise,
+                                                           renew_noise=renew_noise, eta=eta, scale=scale)
+    try:
+        return torch.ops.fastdiffinst.ddim_step_boxes.default(x_t, pred_boxes, images_whwh, keep, t, t_next,
+                                                              schedule.alphas_cumprod, eta, scale, noise, renew_noise)
+    except (RuntimeError, TypeError):
+        if native_first:  # the kernel refused an argument: name it
+            _check_ddim_step_args(x_t, images_whwh, pred_boxes, keep, t, t_next, schedule, noise, renew_noise, eta,
+                                  scale)
+        raise
 
 
 def _check_ddim_step_values(x_t: Tensor, images_whwh: Tensor, pred_boxes: Tensor, t: int, t_next: int,

@@ -7,12 +7,45 @@
 #pragma once
 
 #include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
 
 namespace fastdiffinst {
 namespace diffusion {
+
+// A contiguous floating-point tensor of any storage type, read as float64 element by element. The
+// inputs are a few thousand numbers: a converted float64 copy per input (one kernel launch each on
+// CUDA, an allocation each on CPU) would cost more than the kernels themselves.
+class Float64View {
+ public:
+  enum class Storage : uint8_t { kDouble, kFloat, kHalf, kBFloat16 };
+  Float64View(const void* data, Storage storage) : data_(data), storage_(storage) {}
+  C10_HOST_DEVICE double operator[](int64_t i) const {
+    switch (storage_) {
+      case Storage::kDouble:
+        return static_cast<const double*>(data_)[i];
+      case Storage::kFloat:
+        return static_cast<double>(static_cast<const float*>(data_)[i]);
+      case Storage::kHalf:
+        return static_cast<double>(static_cast<float>(static_cast<const c10::Half*>(data_)[i]));
+      default:
+        return static_cast<double>(static_cast<float>(static_cast<const c10::BFloat16*>(data_)[i]));
+    }
+  }
+  // Row `row` of a [..., 4] tensor.
+  C10_HOST_DEVICE void row4(int64_t row, double* out) const {
+    for (int j = 0; j < 4; ++j) out[j] = (*this)[4 * row + j];
+  }
+  Storage storage() const { return storage_; }
+  const void* data() const { return data_; }
+
+ private:
+  const void* data_;
+  Storage storage_;
+};
 
 // Placeholder boxes: N(0.5, (1/6)^2) per coordinate, sizes at least this. The plain-PyTorch
 // references use fastdiffinst/common/diffusion.py PLACEHOLDER_MIN_SIZE; fastdiffinst._C exports this
@@ -64,9 +97,9 @@ C10_HOST_DEVICE inline void placeholder_box(const double* draw, double* out) {
 
 // The starting box x0 (normalised cxcywh) of a training proposal whose select_index is `select` in
 // an image with `gt_count` GT boxes: a placeholder from the slot's draw (select < 0), the fake GT box
-// (an image without GT), else GT box `select`. The kernels read their inputs differently (any float
-// dtype on CPU, float64 copies on CUDA), so the rows come from callbacks, and only the row the branch
-// needs is read: `read_draw(double out[4])`, `read_gt(int64_t select, double out[4])`.
+// (an image without GT), else GT box `select`. The kernels guard indices differently (the CPU kernel has
+// checked them, the CUDA kernel clamps them), so the rows come from callbacks, and only the row the
+// branch needs is read: `read_draw(double out[4])`, `read_gt(int64_t select, double out[4])`.
 template <typename ReadDraw, typename ReadGt>
 C10_HOST_DEVICE inline void start_box(int64_t select, int64_t gt_count, const ReadDraw& read_draw,
                                       const ReadGt& read_gt, double* x0) {
