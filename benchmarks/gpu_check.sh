@@ -6,6 +6,9 @@
 # Stages (each writes its files into OUT_DIR as it finishes, so a run cut short still reports):
 #   0. versions.json   python/torch/triton/CUDA/GPU, printed first
 #   1. build.log       the extension built in place with the CUDA kernels (FORCE_CUDA=1)
+#   1b. exception_probe.{json,log}  where C++ exceptions break if they crash the process
+#                      (python -m benchmarks.exception_probe --device cuda; seen on an H200 image)
+#   1c. kernel_registers.{json,md}  registers and spills of the Triton kernels (ptxas -v, sm_90a)
 #   2. cuda_tests.*    the tests ($GPU_CHECK_TESTS, default "tests -m cuda": CUDA parity, opcheck,
 #                      compile and the model on CUDA; "tests" runs the whole suite)
 #   3. bench_ops/      python -m benchmarks.run --device cuda --studies mask_head,roi_align,box_diffusion,
@@ -15,8 +18,9 @@
 #                      bf16, eager, and the DDIM step as a CUDA graph; compilation included)
 #      ($GPU_CHECK_BENCH_ARGS is added to each, e.g. "--profile full")
 #   6. summary.md      versions, test counts, the tables and the targets, printed last
-# Fits in 7 minutes on an H100/H200 (the visible GPU's architecture only): every stage has a
-# timeout ($GPU_CHECK_{BUILD,TEST,OPS,MODEL,PRECISION}_TIMEOUT: 100 + 60 + 70 + 70 + 120 s); run.py
+# Fits in 9.5 minutes on an H100/H200 (the visible GPU's architecture only): every stage has a
+# timeout ($GPU_CHECK_{BUILD,PROBE,REGISTERS,TEST,OPS,MODEL,PRECISION}_TIMEOUT: 100 + 90 + 45 + 60 + 70 + 70 +
+# 120 s); run.py
 # writes its results after every study, and the summary is written however the script ends.
 set -uo pipefail
 OUT="${1:?usage: gpu_check.sh OUT_DIR}"
@@ -46,7 +50,7 @@ print(json.dumps(info))
 PYEOF
 
 # The summary is written however the script ends (build failure, a stage's timeout, success).
-build_rc="not run"; tests_rc="not run"; ops_rc="not run"; model_rc="not run"; precision_rc="not run"
+build_rc="not run"; probe_rc="not run"; registers_rc="not run"; tests_rc="not run"; ops_rc="not run"; model_rc="not run"; precision_rc="not run"
 summary() {
   status "stage 6: summary"
   {
@@ -55,6 +59,10 @@ summary() {
     echo "versions: $(tr -d '\n' <"$OUT/versions.json" 2>/dev/null)"
     echo
     echo "build: exit $build_rc"
+    echo "exception probe: exit $probe_rc"
+    grep -E '^- ' "$OUT/exception_probe.log" 2>/dev/null
+    echo "kernel registers: exit $registers_rc"
+    [ -f "$OUT/kernel_registers.md" ] && tail -n +3 "$OUT/kernel_registers.md"
     echo "CUDA tests: exit $tests_rc ($(grep -Eo '[0-9]+ (passed|failed|skipped|deselected|error)[^ ]*' "$OUT/cuda_tests.log" 2>/dev/null | tr '\n' ' '))"
     echo "op benchmarks: exit $ops_rc; model benchmark: exit $model_rc; precision benchmark: exit $precision_rc"
     for stage in bench_ops bench_model bench_precision; do
@@ -75,6 +83,17 @@ if [ "$build_rc" != 0 ]; then
 fi
 "$PY" -c "import fastdiffinst._extension as e; assert e.built_with_cuda(), 'extension built without CUDA'; print('extension built with CUDA')" \
   || { build_rc="built without CUDA"; exit 1; }
+
+status "stage 1b: exception probe"
+probe_rc=0
+timeout "${GPU_CHECK_PROBE_TIMEOUT:-90}" "$PY" -m benchmarks.exception_probe --device cuda --out "$OUT" \
+  >"$OUT/exception_probe.log" 2>&1 || probe_rc=$?
+tail -12 "$OUT/exception_probe.log"
+
+status "stage 1c: kernel registers"
+registers_rc=0
+timeout "${GPU_CHECK_REGISTERS_TIMEOUT:-45}" "$PY" -m benchmarks.kernel_registers --out "$OUT" \
+  >"$OUT/kernel_registers.log" 2>&1 || registers_rc=$?
 
 status "stage 2: tests (${GPU_CHECK_TESTS:-tests -m cuda})"
 tests_rc=0

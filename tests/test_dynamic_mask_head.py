@@ -8,9 +8,6 @@ input (docs/design.md §2.1, §6)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -643,53 +640,20 @@ def test_backend_selection():
         assert fops.backend_info()["dynamic_mask_head"]["cpu"].startswith("triton: selected")
 
 
-_AOT_SCRIPT = """
-import importlib.util, sys
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-spec = importlib.util.spec_from_file_location("mask_head_kernels", sys.argv[1])
-kernels = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(kernels)
-coords = sys.argv[2] == "1"
-geometry = dict(STRIDE=8, C=8, COORDS=coords, IN=10 if coords else 8, CH=8, L=3, CP_IN=16 if coords else 8, CP=8,
-                ACC=tl.float32)
-tensors = dict(feats_ptr="*fp32", params_ptr="*fp32", image_ptr="*i64", xy_ptr="*fp32", soi_ptr="*fp32",
-               gt_ptr="*u8", gt_index_ptr="*i64")
-sizes = dict(B="i32", G="i32", W="i32", HW="i32", P="i32")
-launches = [
-    (kernels.mask_head_forward_kernel, dict(tensors, out_ptr="*fp32", **sizes, CHUNKS="i32"),
-     dict(EPILOGUE=kernels.DICE, BLOCK=128, TILES=16)),
-    (kernels.mask_head_forward_kernel, dict(tensors, out_ptr="*fp16", **sizes, CHUNKS="i32"),
-     dict(EPILOGUE=kernels.PROBS, BLOCK=256, TILES=8)),
-    (kernels.mask_head_backward_kernel,
-     dict(tensors, up_ptr="*fp32", gparams_ptr="*fp32", gfeats_ptr="*fp32", **sizes, CHUNKS="i32"),
-     dict(UP=kernels.DICE, ATOMIC_GX=True, PREC=kernels.DOT_PRECISION, BLOCK=128, TILES=16)),
-    (kernels.mask_head_feature_grad_kernel,
-     dict(tensors, up_ptr="*fp32", order_ptr="*i64", offsets_ptr="*i64", gfeats_ptr="*fp32", **sizes),
-     dict(UP=kernels.PROBS, BLOCK=128)),
-]
-for fn, signature, constants in launches:
-    constants = dict(geometry, **constants)
-    signature = dict(signature, **{name: "constexpr" for name in constants})
-    compiled = triton.compile(ASTSource(fn, signature, constants), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4})
-    assert compiled.asm["ptx"], fn.__name__
-    print("compiled", fn.__name__)
-"""
-
-
-@pytest.mark.parametrize("coords", [False, True])
-def test_triton_kernels_compile_for_hopper(coords):
+def test_triton_kernels_compile_for_hopper():
     """The interpreter accepts what the GPU compiler rejects (tl.dot with K < 16, non-constexpr
-    globals, ...), so the kernels are also compiled ahead of time for sm_90 (no GPU needed), in a
-    fresh process with the interpreter off."""
-    path = Path(__file__).resolve().parents[1] / "kernels" / "dynamic_mask_head.py"
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    result = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, str(path), "1" if coords else "0"], env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("compiled") == 4, result.stdout
+    globals, ...), so every launch configuration of the kernels is also compiled ahead of time for
+    sm_90a (no GPU needed), with and without coordinates, in a fresh process with the interpreter
+    off (benchmarks/kernel_registers.py, which reports each kernel's registers from ptxas)."""
+    from benchmarks import kernel_registers
+
+    rows = kernel_registers.report()
+    expected = [label for coords in (True, False) for label, *_ in kernel_registers.launches(coords)]
+    assert [row["kernel"] for row in rows] == expected
+    assert {"forward probs BLOCK=128 TILES=16", "dice sums", "backward (dice upstream, atomic feature grad)",
+            "deterministic feature grad (probs upstream)"} <= set(expected)
+    for row in rows:
+        assert 0 < row["registers"] <= 255 and row["spill_store_bytes"] >= 0, row
 
 
 # --------------------------------------------------------------------------------------------

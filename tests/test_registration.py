@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastdiffinst.ops as fops
+from conftest import devices
 from fastdiffinst import _extension
 from fastdiffinst.ops import _dispatch
 
@@ -258,3 +259,15 @@ def test_missing_kernel_falls_back_with_one_warning_or_fails_when_required(monke
     torch.testing.assert_close(out, again)
     torch.testing.assert_close(out, torch.ops.fastdiffinst.roi_align(x, rois, 1.0, 2, 2, 2, True))
     assert fops.backend_info()["roi_align"]["cpu"].startswith("reference:")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_a_refused_argument_reaches_python_as_an_exception(device):
+    """A native op's C++ argument check (``TORCH_CHECK``) becomes a Python ``RuntimeError``, in a
+    fresh process so that a crash fails this test rather than the run (on one H200 image every C++
+    exception segfaulted: benchmarks/exception_probe.py, which gpu_check.sh runs, says where)."""
+    from benchmarks.exception_probe import native_op_error
+
+    result = native_op_error(device)
+    assert result["status"] == 0, result
+    assert "python exception: RuntimeError ddim_step_boxes: pred_boxes must have shape [1, 5, 4]" in result["stdout"]

@@ -1,0 +1,135 @@
+"""Registers, spills and shared memory of the dynamic mask head's Triton kernels, compiled ahead of
+time for Hopper (sm_90a) at the configurations the launchers use; no GPU needed.
+
+    python -m benchmarks.kernel_registers [--out DIR]
+
+Each kernel is compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and its PTX
+assembled by Triton's own ``ptxas -v`` (the assembler a GPU run uses), whose report gives the
+registers per thread and the spill bytes. A kernel above 128 registers runs at most 4 warps per
+SM sub-partition's register file share (low occupancy); spills go to local memory. The compilation
+runs in a fresh process with the interpreter off (``TRITON_INTERPRET=0``): the tests compile the
+kernels this way too (tests/test_dynamic_mask_head.py).
+
+The head: 8 feature channels, 8 hidden channels, 3 layers, with and without the 2 relative
+coordinates (DiffusionInst's head), fp32 (fp16 features for the probabilities' store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_TENSORS = dict(feats_ptr="*fp32", params_ptr="*fp32", image_ptr="*i64", xy_ptr="*fp32", soi_ptr="*fp32",
+                gt_ptr="*u8", gt_index_ptr="*i64")
+_SIZES = dict(B="i32", G="i32", W="i32", HW="i32", P="i32")
+
+
+def launches(coords: bool) -> list[tuple[str, object, dict, dict, int]]:
+    """``(label, kernel, signature, constants, num_warps)`` of every launch configuration of
+    fastdiffinst/kernels/dynamic_mask_head.py's launchers, for the DiffusionInst head."""
+    import triton.language as tl
+
+    from fastdiffinst.kernels import dynamic_mask_head as k
+
+    geometry = dict(STRIDE=8, C=8, COORDS=coords, IN=10 if coords else 8, CH=8, L=3, CP_IN=16 if coords else 8,
+                    CP=8, ACC=tl.float32)
+    forward = dict(_TENSORS, out_ptr="*fp16", **_SIZES, CHUNKS="i32")
+    backward = dict(_TENSORS, up_ptr="*fp32", gparams_ptr="*fp32", gfeats_ptr="*fp32", **_SIZES, CHUNKS="i32")
+    feature_grad = dict(_TENSORS, up_ptr="*fp32", order_ptr="*i64", offsets_ptr="*i64", gfeats_ptr="*fp32", **_SIZES)
+    out = [(f"forward probs BLOCK={c.kwargs['BLOCK']} TILES={c.kwargs['TILES']}", k.mask_head_forward_kernel, forward,
+            dict(geometry, EPILOGUE=k.PROBS, **c.kwargs), c.num_warps) for c in k._FORWARD_CONFIGS]
+    out.append(("dice sums", k.mask_head_forward_kernel, dict(forward, out_ptr="*fp32"),
+                dict(geometry, EPILOGUE=k.DICE, BLOCK=k._BLOCK, TILES=k._CHUNK_TILES), k._NUM_WARPS))
+    for up, name in ((k.PROBS, "probs"), (k.DICE, "dice")):
+        out.append((f"backward ({name} upstream, atomic feature grad)", k.mask_head_backward_kernel, backward,
+                    dict(geometry, UP=up, ATOMIC_GX=True, PREC=k.DOT_PRECISION, BLOCK=k._BLOCK, TILES=k._CHUNK_TILES),
+                    k._NUM_WARPS))
+        out.append((f"deterministic feature grad ({name} upstream)", k.mask_head_feature_grad_kernel, feature_grad,
+                    dict(geometry, UP=up, BLOCK=k._BLOCK), k._NUM_WARPS))
+    return out
+
+
+def _ptxas_report(ptx: str, ptxas: str) -> dict:
+    """Registers and spill bytes of ``ptx`` from ``ptxas -v``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
+        result = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(source), "-o", str(Path(tmp) / "kernel.cubin")],
+                                capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{result.stderr[-2000:]}")
+    registers = re.search(r"Used (\d+) registers", result.stderr)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", result.stderr)
+    if registers is None or spills is None:
+        raise RuntimeError(f"unexpected ptxas report:\n{result.stderr[-2000:]}")
+    return {"registers": int(registers.group(1)), "spill_store_bytes": int(spills.group(1)),
+            "spill_load_bytes": int(spills.group(2))}
+
+
+def compile_all() -> list[dict]:
+    """One row per kernel configuration and head (with and without coordinates). Must run with the
+    interpreter off."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("compile_all needs TRITON_INTERPRET=0 (use report(), which starts a fresh process)")
+    ptxas = get_ptxas(90).path
+    rows = []
+    for coords in (True, False):
+        for label, kernel, signature, constants, warps in launches(coords):
+            signature = dict(signature, **{name: "constexpr" for name in constants})
+            compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": warps})
+            rows.append({"kernel": label, "coords": coords, "num_warps": warps,
+                         "shared_bytes": int(compiled.metadata.shared), **_ptxas_report(compiled.asm["ptx"], ptxas)})
+    return rows
+
+
+def report() -> list[dict]:
+    """:func:`compile_all` in a fresh process with the interpreter off."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    code = "import json; from benchmarks.kernel_registers import compile_all; print(json.dumps(compile_all()))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
+                            timeout=900)
+    if result.returncode != 0:
+        raise RuntimeError(f"compiling the kernels failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| kernel | coords | warps | registers | spill stores / loads (bytes) | shared memory (bytes) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {'yes' if r['coords'] else 'no'} | {r['num_warps']} | {r['registers']} | "
+                     f"{r['spill_store_bytes']} / {r['spill_load_bytes']} | {r['shared_bytes']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="folder for kernel_registers.json and kernel_registers.md")
+    args = parser.parse_args(argv)
+    rows = report()
+    table = markdown(rows)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernel_registers.json").write_text(json.dumps(rows, indent=2) + "\n")
+        title = "# Triton kernels compiled for sm_90a (ptxas -v)"
+        (args.out / "kernel_registers.md").write_text(f"{title}\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
