@@ -10,8 +10,9 @@ SM sub-partition's register file share (low occupancy); spills go to local memor
 runs in a fresh process with the interpreter off (``TRITON_INTERPRET=0``): the tests compile the
 kernels this way too (tests/test_dynamic_mask_head.py).
 
-The head: 8 feature channels, 8 hidden channels, 3 layers, with and without the 2 relative
-coordinates (DiffusionInst's head), fp32 (fp16 features for the probabilities' store).
+The head: 8 feature channels, 8 hidden channels, 3 layers, without the relative coordinates
+(DiffusionInst's head, 153 parameters) and with them (CondInst's, 169), fp32 (an fp16 output for
+the probabilities' store).
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ _SIZES = dict(B="i32", G="i32", W="i32", HW="i32", P="i32")
 
 def launches(coords: bool) -> list[tuple[str, object, dict, dict, int]]:
     """``(label, kernel, signature, constants, num_warps)`` of every launch configuration of
-    fastdiffinst/kernels/dynamic_mask_head.py's launchers, for the DiffusionInst head."""
-    import triton.language as tl
+    fastdiffinst/kernels/dynamic_mask_head.py's launchers, for the 8-channel, 3-layer head with or
+    without the coordinates."""
+    import torch
 
     from fastdiffinst.kernels import dynamic_mask_head as k
 
-    geometry = dict(STRIDE=8, C=8, COORDS=coords, IN=10 if coords else 8, CH=8, L=3, CP_IN=16 if coords else 8,
-                    CP=8, ACC=tl.float32)
+    geometry = k.geometry(8, 8 if coords else None, 8, 3, torch.float32)
     forward = dict(_TENSORS, out_ptr="*fp16", **_SIZES, CHUNKS="i32")
     backward = dict(_TENSORS, up_ptr="*fp32", gparams_ptr="*fp32", gfeats_ptr="*fp32", **_SIZES, CHUNKS="i32")
     feature_grad = dict(_TENSORS, up_ptr="*fp32", order_ptr="*i64", offsets_ptr="*i64", gfeats_ptr="*fp32", **_SIZES)

@@ -7,9 +7,12 @@ so every channel of a pixel lives in one thread: a layer is a broadcast-multiply
 input-channel axis that stays inside the thread (the channel counts are below ``tl.dot``'s K >= 16,
 docs/design.md §8), written as a chain of FMAs. The parameter gradients, sums over pixels
 (K = BLOCK), are ``tl.dot`` products (``DOT_PRECISION``). Sizes are compile-time constants: ``IN``
-inputs of layer 0 (features, plus 2 relative coordinates first when ``COORDS``), ``CH`` hidden
-channels, ``L`` layers, padded to powers of two ``CP_IN``/``CP``; ``ACC`` is the accumulation type
-(fp32, or fp64 for fp64 inputs).
+inputs of layer 0 (``C`` features, plus 2 relative coordinates first when ``COORDS``), ``CH`` hidden
+channels, ``L`` layers; the features are padded to a power of two ``CP_F`` and the hidden channels to
+``CP``. The coordinates are a block of their own (``[2, BLOCK]``, with their own weight columns),
+not padding the features' block: a CondInst head's 10 inputs would otherwise be 16, a third of
+layer 0's multiply-adds and weight registers spent on zeros. They get no gradient (constants of the
+instance). ``ACC`` is the accumulation type (fp32, or fp64 for fp64 inputs).
 
 Parameter layout (AdelaiDet): all weights, then all biases, each weight row-major ``[out, in]``;
 the same as ``csrc/ops/common/dynamic_mask_head_math.h``.
@@ -55,48 +58,66 @@ def _bias_offset(layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.
 
 
 @triton.jit
-def _layer_block(layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr,
-                 CP: tl.constexpr):
+def _layer_block(layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, NC: tl.constexpr,
+                 CP_F: tl.constexpr, CP: tl.constexpr):
     """Where ``layer`` lives in an instance's parameter vector, as zero-padded blocks: offsets and masks
-    of its weights ``[CPO, CPI]`` and bias ``[CPO]``. CPI is CP_IN for layer 0 and CP after it; CPO
-    is CP, or 2 for the last layer (its single output is row 0)."""
+    of its weights ``[CPO, CPI]`` and bias ``[CPO]``. Layer 0's block holds its feature columns
+    (after the NC coordinate columns; CPI = CP_F), the others all columns (CPI = CP); CPO is CP, or
+    2 for the last layer (its single output is row 0)."""
     FAN_IN: tl.constexpr = IN if layer == 0 else CH
     FAN_OUT: tl.constexpr = 1 if layer == L - 1 else CH
-    CPI: tl.constexpr = CP_IN if layer == 0 else CP
+    FIRST: tl.constexpr = NC if layer == 0 else 0
+    CPI: tl.constexpr = CP_F if layer == 0 else CP
     CPO: tl.constexpr = 2 if layer == L - 1 else CP
     o = tl.arange(0, CPO)
     i = tl.arange(0, CPI)
-    w_offsets = _weight_offset(layer, IN, CH, L) + o[:, None] * FAN_IN + i[None, :]
-    w_mask = (o[:, None] < FAN_OUT) & (i[None, :] < FAN_IN)
+    w_offsets = _weight_offset(layer, IN, CH, L) + o[:, None] * FAN_IN + FIRST + i[None, :]
+    w_mask = (o[:, None] < FAN_OUT) & (FIRST + i[None, :] < FAN_IN)
     return w_offsets, w_mask, _bias_offset(layer, IN, CH, L) + o, o < FAN_OUT
 
 
 @triton.jit
-def _load_layer(p_ptr, layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr,
-                CP: tl.constexpr, ACC: tl.constexpr):
+def _coordinate_block(IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP: tl.constexpr):
+    """Offsets and mask of layer 0's two coordinate columns, ``[CPO, 2]``."""
+    FAN_OUT: tl.constexpr = 1 if L == 1 else CH
+    CPO: tl.constexpr = 2 if L == 1 else CP
+    o = tl.arange(0, CPO)
+    j = tl.arange(0, 2)
+    return o[:, None] * IN + j[None, :], (o[:, None] < FAN_OUT) & (j[None, :] < 2)
+
+
+@triton.jit
+def _load_layer(p_ptr, layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, NC: tl.constexpr,
+                CP_F: tl.constexpr, CP: tl.constexpr, ACC: tl.constexpr):
     """``layer``'s weights and bias (the blocks of :func:`_layer_block`), zero-padded."""
-    w_offsets, w_mask, b_offsets, b_mask = _layer_block(layer, IN, CH, L, CP_IN, CP)
+    w_offsets, w_mask, b_offsets, b_mask = _layer_block(layer, IN, CH, L, NC, CP_F, CP)
     w = tl.load(p_ptr + w_offsets, mask=w_mask, other=0.0)
     b = tl.load(p_ptr + b_offsets, mask=b_mask, other=0.0)
     return w.to(ACC), b.to(ACC)
 
 
 @triton.jit
-def _load_layers(p_ptr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, CP_IN: tl.constexpr, CP: tl.constexpr,
-                 ACC: tl.constexpr):
-    """The L-tuple of every layer's ``(w, b)`` (:func:`_load_layer`), loaded once per program so that
-    they stay in registers across its tiles."""
+def _load_layers(p_ptr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr, NC: tl.constexpr, CP_F: tl.constexpr,
+                 CP: tl.constexpr, ACC: tl.constexpr):
+    """Every layer's ``(w, b)`` (:func:`_load_layer`), loaded once per program so that they stay in
+    registers across its tiles: an L-tuple, then layer 0's coordinate columns ``[CPO, 2]`` when
+    NC = 2 (a dummy zero otherwise)."""
     layers = ()
     for layer in tl.static_range(L):
-        layers = layers + (_load_layer(p_ptr, layer, IN, CH, L, CP_IN, CP, ACC),)
-    return layers
+        layers = layers + (_load_layer(p_ptr, layer, IN, CH, L, NC, CP_F, CP, ACC),)
+    if NC == 2:
+        offsets, mask = _coordinate_block(IN, CH, L, CP)
+        w_coords = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(ACC)
+    else:
+        w_coords = 0.0
+    return layers, w_coords
 
 
 @triton.jit
 def _store_layer_grad(g_ptr, gw, gb, layer: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr, L: tl.constexpr,
-                      CP_IN: tl.constexpr, CP: tl.constexpr):
+                      NC: tl.constexpr, CP_F: tl.constexpr, CP: tl.constexpr):
     """Stores ``layer``'s weight and bias gradients (the blocks of :func:`_layer_block`)."""
-    w_offsets, w_mask, b_offsets, b_mask = _layer_block(layer, IN, CH, L, CP_IN, CP)
+    w_offsets, w_mask, b_offsets, b_mask = _layer_block(layer, IN, CH, L, NC, CP_F, CP)
     tl.store(g_ptr + w_offsets, gw, mask=w_mask)
     tl.store(g_ptr + b_offsets, gb, mask=b_mask)
 
@@ -122,9 +143,15 @@ def _chain_sum(prod, AXIS: tl.constexpr, acc):
 
 
 @triton.jit
-def _dense(a, w, b):
-    """``w [CPO, CPI] · a [CPI, BLOCK] + b`` -> ``[CPO, BLOCK]`` (the sum stays in-thread)."""
-    return _chain_sum(w[:, :, None] * a[None, :, :], 1, tl.broadcast_to(b[:, None], [w.shape[0], a.shape[1]]))
+def _dense(a, w, acc):
+    """``acc + w [CPO, CPI] · a [CPI, BLOCK]`` -> ``[CPO, BLOCK]`` (the sum stays in-thread)."""
+    return _chain_sum(w[:, :, None] * a[None, :, :], 1, acc)
+
+
+@triton.jit
+def _bias(b, a):
+    """The bias ``b [CPO]`` broadcast over the pixels of ``a [CPI, BLOCK]``: ``[CPO, BLOCK]``."""
+    return tl.broadcast_to(b[:, None], [b.shape[0], a.shape[1]])
 
 
 @triton.jit
@@ -141,17 +168,22 @@ def _outer(delta, a, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _mlp(x, layers):
-    """The head on one tile: ``x [CP_IN, BLOCK]`` through ``layers`` (the L-tuple of ``(w, b)``, ReLU
-    between layers). Returns the last layer's output ``[2, BLOCK]`` (row 0 is the logit) and the
-    L-tuple of every layer's input (``x``, then the ReLU outputs), which the backward needs."""
+def _mlp(x, coords, layers, w_coords, NC: tl.constexpr):
+    """The head on one tile: the features ``x [CP_F, BLOCK]`` and, when NC = 2, the coordinates
+    ``coords [2, BLOCK]`` through ``layers`` (the L-tuple of ``(w, b)``, layer 0's coordinate columns
+    ``w_coords``; ReLU between layers; the coordinates are summed first, as they come first in the
+    parameters). Returns the last layer's output ``[2, BLOCK]`` (row 0 is the logit) and the L-tuple
+    of every layer's input (``x``, then the ReLU outputs), which the backward needs."""
     w, b = layers[0]
-    h = _dense(x, w, b)
+    h = _bias(b, x)
+    if NC == 2:
+        h = _dense(coords, w_coords, h)
+    h = _dense(x, w, h)
     inputs = (x,)
     for layer in tl.static_range(1, len(layers)):
         a = tl.maximum(h, 0.0)
         w, b = layers[layer]
-        h = _dense(a, w, b)
+        h = _dense(a, w, _bias(b, a))
         inputs = inputs + (a,)
     return h, inputs
 
@@ -164,13 +196,12 @@ def _replace(values, index: tl.constexpr, value):
 
 @triton.jit
 def _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi, STRIDE: tl.constexpr,
-                 C: tl.constexpr, COORDS: tl.constexpr, CP_IN: tl.constexpr, ACC: tl.constexpr):
-    """Layer 0's input ``[CP_IN, BLOCK]`` for pixels ``pix`` of ``image``: the relative coordinates
-    (when COORDS), then the C feature channels; zero outside the image or for an invalid image."""
-    row = tl.arange(0, CP_IN)
-    NC: tl.constexpr = 2 if COORDS else 0
-    fc = row - NC
-    fmask = (fc[:, None] >= 0) & (fc[:, None] < C) & pmask[None, :] & valid
+                 C: tl.constexpr, COORDS: tl.constexpr, CP_F: tl.constexpr, ACC: tl.constexpr):
+    """Layer 0's inputs for pixels ``pix`` of ``image``: the C feature channels ``[CP_F, BLOCK]`` and,
+    when COORDS, the relative coordinates ``[2, BLOCK]`` (a dummy zero otherwise); zero outside the
+    image or for an invalid image."""
+    fc = tl.arange(0, CP_F)
+    fmask = (fc[:, None] < C) & pmask[None, :] & valid
     base = feats_ptr + image.to(tl.int64) * C * HW
     x = tl.load(base + fc[:, None].to(tl.int64) * HW + pix[None, :], mask=fmask, other=0.0).to(ACC)
     if COORDS:
@@ -180,8 +211,10 @@ def _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi
         keep = pmask & valid
         rx = tl.where(keep, (inst_x - cx) / soi, 0.0)
         ry = tl.where(keep, (inst_y - cy) / soi, 0.0)
-        x = tl.where(row[:, None] == 0, rx[None, :], tl.where(row[:, None] == 1, ry[None, :], x))
-    return x
+        coords = tl.where(tl.arange(0, 2)[:, None] == 0, rx[None, :], ry[None, :])
+    else:
+        coords = 0.0
+    return x, coords
 
 
 @triton.jit
@@ -225,16 +258,17 @@ def mask_head_forward_kernel(
     feats_ptr, params_ptr, image_ptr, xy_ptr, soi_ptr, gt_ptr, gt_index_ptr, out_ptr,
     B, G, W, HW, P, CHUNKS,
     STRIDE: tl.constexpr, C: tl.constexpr, COORDS: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr,
-    L: tl.constexpr, CP_IN: tl.constexpr, CP: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
+    L: tl.constexpr, CP_F: tl.constexpr, CP: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr, TILES: tl.constexpr,
 ):
     """Grid (N, CHUNKS). EPILOGUE LOGITS/PROBS: out ``[N, H, W]``; DICE: out ``[N, CHUNKS, 3]``
     partial sums (Σ p·g, Σ p², Σ g²) of the chunk."""
     n = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
+    NC: tl.constexpr = 2 if COORDS else 0
     image, valid, inst_x, inst_y, soi = _instance(n, image_ptr, xy_ptr, soi_ptr, B, COORDS, ACC)
     p_ptr = params_ptr + n * P
-    layers = _load_layers(p_ptr, IN, CH, L, CP_IN, CP, ACC)
+    layers, w_coords = _load_layers(p_ptr, IN, CH, L, NC, CP_F, CP, ACC)
     if EPILOGUE == _DICE:
         k = tl.load(gt_index_ptr + n)
         has_gt = (k >= 0) & (k < G)  # out of range (unchecked on CUDA): no target, never read
@@ -245,9 +279,9 @@ def mask_head_forward_kernel(
     for t in range(TILES):
         pix = (chunk * TILES + t) * BLOCK + tl.arange(0, BLOCK)
         pmask = pix < HW
-        x = _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi, STRIDE, C, COORDS, CP_IN,
-                         ACC)
-        h, _ = _mlp(x, layers)
+        x, coords = _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi, STRIDE, C, COORDS,
+                                 CP_F, ACC)
+        h, _ = _mlp(x, coords, layers, w_coords, NC)
         logit = tl.where(valid, _first_row(h), 0.0)
         if EPILOGUE == _LOGITS:
             tl.store(out_ptr + n * HW + pix, logit.to(out_ptr.dtype.element_ty), mask=pmask)
@@ -267,14 +301,15 @@ def mask_head_forward_kernel(
 
 
 @triton.jit
-def _tile_backward(x, layers, upstream, UP: tl.constexpr, pix, pmask, valid, ACC: tl.constexpr,
-                   WANT_PARAMS: tl.constexpr, PREC: tl.constexpr, grads):
+def _tile_backward(x, coords, layers, w_coords, NC: tl.constexpr, upstream, UP: tl.constexpr, pix, pmask, valid,
+                   ACC: tl.constexpr, WANT_PARAMS: tl.constexpr, PREC: tl.constexpr, grads, grad_coords):
     """Recomputes one tile's MLP, back-propagates the upstream gradient (the terms of
-    :func:`_upstream`) and returns the gradient of the layer-0 input ``[CP_IN, BLOCK]`` and, with
-    WANT_PARAMS, ``grads`` updated: the parameter-gradient accumulators, an L-tuple of
-    ``(gw [CPO, CPI], gb [CPO, BLOCK] per-pixel partials)``; without, ``grads`` passes through."""
+    :func:`_upstream`) and returns the gradient of the features ``[CP_F, BLOCK]`` (the coordinates
+    get none) and, with WANT_PARAMS, ``grads`` and ``grad_coords`` updated: the parameter-gradient
+    accumulators, an L-tuple of ``(gw [CPO, CPI], gb [CPO, BLOCK] per-pixel partials)`` and layer 0's
+    coordinate columns ``[CPO, 2]`` (when NC = 2); without, both pass through."""
     dl_src, ga, gb, has_gt, gt_base = upstream
-    h, inputs = _mlp(x, layers)
+    h, inputs = _mlp(x, coords, layers, w_coords, NC)
     logit = _first_row(h)
     # Upstream gradient of the logits.
     if UP == _LOGITS:
@@ -293,20 +328,27 @@ def _tile_backward(x, layers, upstream, UP: tl.constexpr, pix, pmask, valid, ACC
         if WANT_PARAMS:
             grad_w, grad_b = grads[layer]
             grads = _replace(grads, layer, (_outer(delta, inputs[layer], grad_w, PREC), grad_b + delta))
+            if layer == 0 and NC == 2:
+                grad_coords = _outer(delta, coords, grad_coords, PREC)
         if layer > 0:
             delta = tl.where(inputs[layer] > 0, _back(layers[layer][0], delta), 0.0)
-    return _back(layers[0][0], delta), grads
+    return _back(layers[0][0], delta), grads, grad_coords
 
 
 @triton.jit
-def _zero_grads(layers, BLOCK: tl.constexpr):
+def _zero_grads(layers, w_coords, NC: tl.constexpr, BLOCK: tl.constexpr):
     """Zeroed parameter-gradient accumulators of :func:`_tile_backward` for ``layers``: an L-tuple
-    of ``(gw [CPO, CPI], gb [CPO, BLOCK])``."""
+    of ``(gw [CPO, CPI], gb [CPO, BLOCK])``, and layer 0's coordinate columns (a dummy zero when
+    NC = 0)."""
     grads = ()
     for layer in tl.static_range(len(layers)):
         w, _ = layers[layer]
         grads = grads + ((tl.zeros_like(w), tl.zeros([w.shape[0], BLOCK], w.dtype)),)
-    return grads
+    if NC == 2:
+        grad_coords = tl.zeros_like(w_coords)
+    else:
+        grad_coords = 0.0
+    return grads, grad_coords
 
 
 @triton.jit
@@ -333,7 +375,7 @@ def mask_head_backward_kernel(
     gparams_ptr, gfeats_ptr,
     B, G, W, HW, P, CHUNKS,
     STRIDE: tl.constexpr, C: tl.constexpr, COORDS: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr,
-    L: tl.constexpr, CP_IN: tl.constexpr, CP: tl.constexpr, UP: tl.constexpr, ACC: tl.constexpr,
+    L: tl.constexpr, CP_F: tl.constexpr, CP: tl.constexpr, UP: tl.constexpr, ACC: tl.constexpr,
     ATOMIC_GX: tl.constexpr, PREC: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr,
 ):
     """Grid (N, CHUNKS): parameter-gradient partials ``gparams [N, CHUNKS, P]`` of the chunk and,
@@ -346,24 +388,28 @@ def mask_head_backward_kernel(
     image, valid, inst_x, inst_y, soi = _instance(n, image_ptr, xy_ptr, soi_ptr, B, COORDS, ACC)
     p_ptr = params_ptr + n * P
     upstream = _upstream(n, up_ptr, gt_ptr, gt_index_ptr, G, HW, UP, ACC)
-    layers = _load_layers(p_ptr, IN, CH, L, CP_IN, CP, ACC)
-    grads = _zero_grads(layers, BLOCK)
     NC: tl.constexpr = 2 if COORDS else 0
-    fc = tl.arange(0, CP_IN) - NC
+    layers, w_coords = _load_layers(p_ptr, IN, CH, L, NC, CP_F, CP, ACC)
+    grads, grad_coords = _zero_grads(layers, w_coords, NC, BLOCK)
+    fc = tl.arange(0, CP_F)
     for t in range(TILES):
         pix = (chunk * TILES + t) * BLOCK + tl.arange(0, BLOCK)
         pmask = pix < HW
-        x = _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi, STRIDE, C, COORDS, CP_IN,
-                         ACC)
-        gx, grads = _tile_backward(x, layers, upstream, UP, pix, pmask, valid, ACC, True, PREC, grads)
+        x, coords = _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi, STRIDE, C, COORDS,
+                                 CP_F, ACC)
+        gx, grads, grad_coords = _tile_backward(x, coords, layers, w_coords, NC, upstream, UP, pix, pmask, valid, ACC,
+                                                True, PREC, grads, grad_coords)
         if ATOMIC_GX:
-            fmask = (fc[:, None] >= 0) & (fc[:, None] < C) & pmask[None, :] & valid
+            fmask = (fc[:, None] < C) & pmask[None, :] & valid
             dst = gfeats_ptr + image.to(tl.int64) * C * HW + fc[:, None].to(tl.int64) * HW + pix[None, :]
             tl.atomic_add(dst, gx, mask=fmask)
     g_ptr = gparams_ptr + (n * CHUNKS + chunk) * P
     for layer in tl.static_range(L):
         grad_w, grad_b = grads[layer]
-        _store_layer_grad(g_ptr, grad_w, tl.sum(grad_b, axis=1), layer, IN, CH, L, CP_IN, CP)
+        _store_layer_grad(g_ptr, grad_w, tl.sum(grad_b, axis=1), layer, IN, CH, L, NC, CP_F, CP)
+    if NC == 2:
+        offsets, mask = _coordinate_block(IN, CH, L, CP)
+        tl.store(g_ptr + offsets, grad_coords, mask=mask)
 
 
 @triton.jit
@@ -372,7 +418,7 @@ def mask_head_feature_grad_kernel(
     order_ptr, offsets_ptr, gfeats_ptr,
     B, G, W, HW, P,
     STRIDE: tl.constexpr, C: tl.constexpr, COORDS: tl.constexpr, IN: tl.constexpr, CH: tl.constexpr,
-    L: tl.constexpr, CP_IN: tl.constexpr, CP: tl.constexpr, UP: tl.constexpr, ACC: tl.constexpr,
+    L: tl.constexpr, CP_F: tl.constexpr, CP: tl.constexpr, UP: tl.constexpr, ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Grid (tiles, B): the deterministic feature gradient. Each program owns one pixel tile of one
@@ -383,20 +429,21 @@ def mask_head_feature_grad_kernel(
     pix = tile * BLOCK + tl.arange(0, BLOCK)
     pmask = pix < HW
     NC: tl.constexpr = 2 if COORDS else 0
-    fc = tl.arange(0, CP_IN) - NC
-    acc = tl.zeros([CP_IN, BLOCK], ACC)
+    fc = tl.arange(0, CP_F)
+    acc = tl.zeros([CP_F, BLOCK], ACC)
     start = tl.load(offsets_ptr + b)
     stop = tl.load(offsets_ptr + b + 1)
     for j in range(start, stop):
         n = tl.load(order_ptr + j)
         image, valid, inst_x, inst_y, soi = _instance(n, image_ptr, xy_ptr, soi_ptr, B, COORDS, ACC)
         upstream = _upstream(n, up_ptr, gt_ptr, gt_index_ptr, G, HW, UP, ACC)
-        x = _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi, STRIDE, C, COORDS, CP_IN,
-                         ACC)
-        layers = _load_layers(params_ptr + n * P, IN, CH, L, CP_IN, CP, ACC)
-        gx, _ = _tile_backward(x, layers, upstream, UP, pix, pmask, valid, ACC, False, "ieee", ())
+        x, coords = _load_inputs(feats_ptr, image, valid, pix, pmask, W, HW, inst_x, inst_y, soi, STRIDE, C, COORDS,
+                                 CP_F, ACC)
+        layers, w_coords = _load_layers(params_ptr + n * P, IN, CH, L, NC, CP_F, CP, ACC)
+        gx, _, _ = _tile_backward(x, coords, layers, w_coords, NC, upstream, UP, pix, pmask, valid, ACC, False, "ieee",
+                                  (), 0.0)
         acc += gx
-    fmask = (fc[:, None] >= 0) & (fc[:, None] < C) & pmask[None, :]
+    fmask = (fc[:, None] < C) & pmask[None, :]
     dst = gfeats_ptr + b * C * HW + fc[:, None].to(tl.int64) * HW + pix[None, :]
     tl.store(dst, acc.to(gfeats_ptr.dtype.element_ty), mask=fmask)
 
@@ -446,9 +493,19 @@ def _chunk_tiles(hw: int) -> int:
     return min(_CHUNK_TILES, _next_pow2(triton.cdiv(hw, _BLOCK)))
 
 
+def geometry(c: int, stride: int | None, channels: int, num_layers: int, dtype: torch.dtype) -> dict:
+    """The kernels' compile-time sizes: ``c`` feature channels, the mask stride of the relative
+    coordinates (None: no coordinates), the head's hidden channels and layers, the features' dtype."""
+    return dict(
+        STRIDE=stride if stride is not None else 1, C=c, COORDS=stride is not None,
+        IN=c + (2 if stride is not None else 0), CH=channels, L=num_layers, CP_F=max(2, _next_pow2(c)),
+        CP=max(2, _next_pow2(channels)), ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+    )
+
+
 def _geometry(feats: torch.Tensor, params: torch.Tensor, coords, channels: int, num_layers: int) -> dict:
-    """The kernels' compile-time sizes; checks the filter length, which the kernels trust."""
-    batch, c, h, w = feats.shape
+    """:func:`geometry` of these inputs; checks the filter length, which the kernels trust."""
+    c = feats.shape[1]
     inputs = c + (2 if coords is not None else 0)
     fan = [(inputs if layer == 0 else channels, 1 if layer == num_layers - 1 else channels)
            for layer in range(num_layers)]
@@ -456,11 +513,7 @@ def _geometry(feats: torch.Tensor, params: torch.Tensor, coords, channels: int, 
     if params.dim() != 2 or params.shape[1] != expected:
         raise ValueError(f"dynamic_mask_head: params must be [N, {expected}] for {inputs} inputs, {channels} channels "
                          f"and {num_layers} layers, got shape {tuple(params.shape)}")
-    return dict(
-        STRIDE=int(coords[2]) if coords is not None else 1, C=c, COORDS=coords is not None, IN=inputs, CH=channels,
-        L=num_layers, CP_IN=max(2, _next_pow2(inputs)), CP=max(2, _next_pow2(channels)),
-        ACC=tl.float64 if feats.dtype == torch.float64 else tl.float32,
-    )
+    return geometry(c, int(coords[2]) if coords is not None else None, channels, num_layers, feats.dtype)
 
 
 def _coords_args(feats: torch.Tensor, params: torch.Tensor, coords):
