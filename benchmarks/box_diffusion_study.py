@@ -90,8 +90,8 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
                 args[2])
 
         err = (fused() - official()).abs().max().item()
-        # Reads the GT batch and the draws, writes [B, N, 4] fp32.
-        traffic = sum(t.numel() * t.element_size() for t in (padded, *draws)) + batch * num * 16
+        # Reads the GT batch and the draws, writes [B, N, 4] fp64.
+        traffic = sum(t.numel() * t.element_size() for t in (padded, *draws)) + batch * num * 32
         rows += _compare("q_sample_boxes", f"B={batch} N={num} GT 0-60", fused, official,
                          batched(bd.q_sample_boxes), bd.q_sample_boxes, batched, device, sizes, err, traffic,
                          ceilings, progress, per_call_split(fused, native, device, sizes.split_calls))
@@ -121,8 +121,8 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
                                                                   schedule.alphas_cumprod, 1.0, SCALE, noise, renew)
 
         err = (fused()[0] - official()[0]).abs().max().item()
-        # Reads x_t, the predictions, keep and the draws, writes the next x_t (and its boxes).
-        traffic = sum(t.numel() * t.element_size() for t in (x_t, pred, keep, noise, renew)) + 2 * batch * num * 16
+        # Reads x_t, the predictions, keep and the draws; writes x_next, x0 and the next boxes (fp64).
+        traffic = sum(t.numel() * t.element_size() for t in (x_t, pred, keep, noise, renew)) + 3 * batch * num * 32
         rows += _compare("ddim_step_boxes", f"B={batch} N={num} 999->749", fused, official,
                          batched(bd.ddim_step_boxes), bd.ddim_step_boxes, batched, device, sizes, err, traffic,
                          ceilings, progress, per_call_split(fused, native, device, sizes.split_calls))
@@ -130,12 +130,12 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
 
 
 def per_call_split(fused: Callable[[], object], native: Callable[[], object], device: str, calls: int) -> dict:
-    """One fused call's time split in two, medians of 5 rounds of ``calls`` calls each:
+    """One fused call's time split in two (wall times: medians of 5 rounds of ``calls`` calls each):
 
     * CUDA: ``host_us``, the wall time per call of calls issued back to back without waiting for the
       GPU (the host's cost: Python, the dispatcher, allocations, launches; the GPU keeps up unless
       its kernels take longer); ``kernel_us`` and ``launches``, the device time and the number of the
-      GPU activities (kernels, copies, fills) per call, from ``torch.profiler``.
+      GPU activities (kernels, copies, fills) per call, from one profiled round of ``calls`` calls.
     * CPU: ``host_us``, the Python layer (the fused call minus its native op, ``native``);
       ``kernel_us``, the native op (the C++ kernel with its dispatch); ``launches`` is None.
     """

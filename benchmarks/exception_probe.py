@@ -12,15 +12,18 @@ signal that killed it, -11 a segfault), so one crash does not hide the others:
 2. ``catch_inside``, ``throw_std``, ``throw_torch_check``: a ``load_inline`` extension whose
    functions throw and catch a ``std::runtime_error`` inside the extension, let one reach Python,
    and raise a ``TORCH_CHECK`` (a ``c10::Error``, whose constructor records a C++ backtrace),
-   each also with ``TORCH_SHOW_CPP_STACKTRACES=1``.
+   each again with ``TORCH_SHOW_CPP_STACKTRACES=1`` when it crashed without.
 3. ``fastdiffinst_op_<device>``: one of our native ops refusing a bad argument (the dispatcher
    path, not pybind11).
 
 With the environment that decides the outcome: the compiler, the C++ runtime libraries the process
 maps (``libstdc++``, ``libgcc_s``), torch's C++ ABI and its compiler, and, when ``gdb`` exists,
-the backtrace of each crash. Reading: (1) crashing means the machine's C++ runtime or sandbox is
-broken for every program; ``catch_inside`` crashing but not (1) points at the unwinder the Python
-process loaded; only ``throw_torch_check`` crashing points at c10's backtrace capture.
+the backtrace of the first crash. Each probe's line is printed, and the JSON rewritten, as soon as
+it finishes, so that a caller's time limit keeps what ran.
+
+Reading: (1) crashing means the machine's C++ runtime or sandbox is broken for every program;
+``catch_inside`` crashing but not (1) points at the unwinder the Python process loaded; only
+``throw_torch_check`` crashing points at c10's backtrace capture.
 """
 
 from __future__ import annotations
@@ -90,7 +93,7 @@ else:
 """
 
 
-def _run(argv: list[str], env: dict | None = None, timeout: int = 300) -> dict:
+def _run(argv: list[str], env: dict | None = None, timeout: int = 30) -> dict:
     try:
         result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -98,12 +101,16 @@ def _run(argv: list[str], env: dict | None = None, timeout: int = 300) -> dict:
     return {"status": result.returncode, "stdout": result.stdout[-1000:], "stderr": result.stderr[-2000:]}
 
 
+def _crashed(result: dict) -> bool:
+    return isinstance(result.get("status"), int) and result["status"] < 0
+
+
 def _gdb_backtrace(argv: list[str], env: dict) -> str | None:
     """The backtrace of the crash of ``argv`` under gdb, when gdb is installed."""
     gdb = shutil.which("gdb")
     if gdb is None:
         return None
-    out = _run([gdb, "-batch", "-ex", "run", "-ex", "bt 25", "--args", *argv], env=env, timeout=600)
+    out = _run([gdb, "-batch", "-ex", "run", "-ex", "bt 25", "--args", *argv], env=env, timeout=60)
     return (out.get("stdout", "") + out.get("stderr", ""))[-4000:]
 
 
@@ -127,63 +134,77 @@ def _environment() -> dict:
     return info
 
 
-def probe(device: str = "cpu") -> dict:
+def probe(device: str = "cpu", report_to=None) -> dict:
+    """Every probe in turn; ``report_to(report, name)`` is called after each one (the caller writes
+    what is known so far: a stage timeout keeps what ran). gdb runs for the first crash only, and
+    the ``TORCH_SHOW_CPP_STACKTRACES=1`` variant of a probe only when its ``=0`` one crashed."""
     report: dict = {"environment": _environment(), "probes": {}}
+    state = {"gdb_used": False}
+
+    def record(name: str, result: dict, argv: list[str] | None = None, env: dict | None = None) -> dict:
+        if _crashed(result) and argv is not None and not state["gdb_used"]:
+            state["gdb_used"] = True
+            result["gdb"] = _gdb_backtrace(argv, env if env is not None else dict(os.environ))
+        report["probes"][name] = result
+        if report_to is not None:
+            report_to(report, name)
+        return result
+
     with tempfile.TemporaryDirectory() as tmp:
         plain = Path(tmp) / "plain.cpp"
         plain.write_text(_PLAIN)
         binary = Path(tmp) / "plain"
-        build = _run([os.environ.get("CXX", "c++"), "-O2", str(plain), "-o", str(binary)])
-        report["probes"]["plain_cpp"] = _run([str(binary)]) if build["status"] == 0 else {"build": build}
+        build = _run([os.environ.get("CXX", "c++"), "-O2", str(plain), "-o", str(binary)], timeout=60)
+        record("plain_cpp", _run([str(binary)]) if build["status"] == 0 else {"build": build}, [str(binary)])
 
         call = _CALL.format(source=_EXTENSION, build=tmp)
-        warm = _run([sys.executable, "-c", call, "catch_inside"], timeout=600)  # builds the extension
-        report["probes"]["build_and_catch_inside"] = warm
+        # The first call builds the extension.
+        record("build_and_catch_inside", _run([sys.executable, "-c", call, "catch_inside"], timeout=300))
         for name in ("catch_inside", "throw_std", "throw_torch_check"):
             for stacktraces in ("0", "1"):
                 env = dict(os.environ, TORCH_SHOW_CPP_STACKTRACES=stacktraces)
                 argv = [sys.executable, "-c", call, name]
-                result = _run(argv, env=env)
-                if isinstance(result["status"], int) and result["status"] < 0:
-                    result["gdb"] = _gdb_backtrace(argv, env)
-                report["probes"][f"{name} (TORCH_SHOW_CPP_STACKTRACES={stacktraces})"] = result
+                result = record(f"{name} (TORCH_SHOW_CPP_STACKTRACES={stacktraces})", _run(argv, env=env), argv, env)
+                if not _crashed(result):
+                    break
     for where in ("cpu", device) if device != "cpu" else ("cpu",):
-        report["probes"][f"fastdiffinst_op_{where}"] = native_op_error(where)
+        record(f"fastdiffinst_op_{where}", native_op_error(where, gdb=not state["gdb_used"]))
     return report
 
 
-def native_op_error(device: str) -> dict:
+def native_op_error(device: str, gdb: bool = False) -> dict:
     """One of our native ops (``ddim_step_boxes``) refusing a bad shape on ``device``, in a fresh
     process: ``status`` 0 and ``stdout`` "python exception: RuntimeError ..." when the C++
-    exception reached Python; with gdb's backtrace when the process crashed."""
+    exception reached Python; with gdb's backtrace (``gdb``) when the process crashed."""
     argv = [sys.executable, "-c", _OP.format(device=device)]
-    result = _run(argv)
-    if isinstance(result["status"], int) and result["status"] < 0:
+    result = _run(argv, timeout=120)
+    if gdb and _crashed(result):
         result["gdb"] = _gdb_backtrace(argv, dict(os.environ))
     return result
 
 
-def summary(report: dict) -> str:
-    lines = [f"environment: {json.dumps(report['environment'])}"]
-    for name, result in report["probes"].items():
-        status = result.get("status", result.get("build", {}).get("status"))
-        outcome = "ok" if status == 0 else ("SIGSEGV" if status == -11 else f"exit {status}")
-        lines.append(f"- {name}: {outcome} {result.get('stdout', '').strip()[:120]}")
-    return "\n".join(lines)
+def result_line(name: str, result: dict) -> str:
+    status = result.get("status", result.get("build", {}).get("status"))
+    outcome = "ok" if status == 0 else ("SIGSEGV" if status == -11 else f"exit {status}")
+    return f"- {name}: {outcome} {result.get('stdout', '').strip()[:120]}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, help="folder for exception_probe.json")
+    parser.add_argument("--out", type=Path, help="folder for exception_probe.json (rewritten after every probe)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="also probe our op on this device")
     args = parser.parse_args(argv)
-    report = probe(args.device)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "exception_probe.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(summary(report))
-    crashed = [name for name, r in report["probes"].items() if r.get("status") != 0]
-    return 1 if crashed else 0
+
+    def report_to(report: dict, name: str) -> None:
+        print(result_line(name, report["probes"][name]), flush=True)
+        if args.out is not None:
+            (args.out / "exception_probe.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    report = probe(args.device, report_to)
+    print(f"environment: {json.dumps(report['environment'])}")
+    return 1 if any(r.get("status") != 0 for r in report["probes"].values()) else 0
 
 
 if __name__ == "__main__":

@@ -5,8 +5,9 @@ time for Hopper (sm_90a) at the configurations the launchers use; no GPU needed.
 
 Each kernel is compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and its PTX
 assembled by Triton's own ``ptxas -v`` (the assembler a GPU run uses), whose report gives the
-registers per thread and the spill bytes. A kernel above 128 registers runs at most 4 warps per
-SM sub-partition's register file share (low occupancy); spills go to local memory. The compilation
+registers per thread and the spill bytes. A kernel above 128 registers fits fewer than 4 warps in
+an SM sub-partition's register file (2 at 255: low occupancy); spills go to local memory. The
+fp64 variants (gradcheck) and the reductions' smaller TILES for small maps are not listed. The compilation
 runs in a fresh process with the interpreter off (``TRITON_INTERPRET=0``): the tests compile the
 kernels this way too (tests/test_dynamic_mask_head.py).
 
@@ -45,12 +46,18 @@ def launches(coords: bool) -> list[tuple[str, object, dict, dict, int]]:
     feature_grad = dict(_TENSORS, up_ptr="*fp32", order_ptr="*i64", offsets_ptr="*i64", gfeats_ptr="*fp32", **_SIZES)
     out = [(f"forward probs BLOCK={c.kwargs['BLOCK']} TILES={c.kwargs['TILES']}", k.mask_head_forward_kernel, forward,
             dict(geometry, EPILOGUE=k.PROBS, **c.kwargs), c.num_warps) for c in k._FORWARD_CONFIGS]
+    first = k._FORWARD_CONFIGS[0]
+    out.append((f"forward logits BLOCK={first.kwargs['BLOCK']} TILES={first.kwargs['TILES']}",
+                k.mask_head_forward_kernel, dict(forward, out_ptr="*fp32"), dict(geometry, EPILOGUE=k.LOGITS,
+                                                                                  **first.kwargs), first.num_warps))
     out.append(("dice sums", k.mask_head_forward_kernel, dict(forward, out_ptr="*fp32"),
                 dict(geometry, EPILOGUE=k.DICE, BLOCK=k._BLOCK, TILES=k._CHUNK_TILES), k._NUM_WARPS))
     for up, name in ((k.PROBS, "probs"), (k.DICE, "dice")):
-        out.append((f"backward ({name} upstream, atomic feature grad)", k.mask_head_backward_kernel, backward,
-                    dict(geometry, UP=up, ATOMIC_GX=True, PREC=k.DOT_PRECISION, BLOCK=k._BLOCK, TILES=k._CHUNK_TILES),
-                    k._NUM_WARPS))
+        for atomic in (True, False):
+            what = "atomic feature grad" if atomic else "parameter grads only (deterministic mode)"
+            out.append((f"backward ({name} upstream, {what})", k.mask_head_backward_kernel, backward,
+                        dict(geometry, UP=up, ATOMIC_GX=atomic, PREC=k.DOT_PRECISION, BLOCK=k._BLOCK,
+                             TILES=k._CHUNK_TILES), k._NUM_WARPS))
         out.append((f"deterministic feature grad ({name} upstream)", k.mask_head_feature_grad_kernel, feature_grad,
                     dict(geometry, UP=up, BLOCK=k._BLOCK), k._NUM_WARPS))
     return out

@@ -356,8 +356,9 @@ def test_valid_calls_skip_the_python_checks(monkeypatch):
     fops.ddim_step_boxes(**_d_args())
     fops.q_sample_boxes(**_q_args())
     assert calls == []
-    with pytest.raises(ValueError, match="pred_boxes has batch size 3"):
+    with pytest.raises(ValueError, match="pred_boxes has batch size 3") as refused:
         fops.ddim_step_boxes(**_d_args(pred_boxes=torch.zeros(3, 5, 4)))
+    assert refused.value.__context__ is None  # not chained to the kernel's error
     with pytest.raises(ValueError, match="draws.noise has batch size 3"):
         fops.q_sample_boxes(**_q_args(noise=torch.zeros(3, 4, 4)))
     assert calls == ["_check_ddim_step_args", "_check_q_sample_args"]
@@ -584,12 +585,12 @@ def test_ddim_bad_schedule_eta_and_sizes():
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_cuda_matches_cpu(device):
     g = torch.Generator().manual_seed(600)
-    _, _, padded, whwh = make_gt(COUNTS, 23, g)
+    _, _, padded, image_whwh = make_gt(COUNTS, 23, g)
     padded = torch.nan_to_num(padded)
     draws = fops.draw_q_sample_inputs(COUNTS, 300, g)  # > one CUDA block of proposals
     schedule = _schedule_on(device)
-    cpu = q_sample(padded, COUNTS, draws, whwh)
-    cuda = fops.q_sample_boxes(padded.to(device), torch.tensor(COUNTS, device=device), whwh.to(device),
+    cpu = q_sample(padded, COUNTS, draws, image_whwh)
+    cuda = fops.q_sample_boxes(padded.to(device), torch.tensor(COUNTS, device=device), image_whwh.to(device),
                                draws=fops.QSampleDraws(*(d.to(device) for d in draws)), schedule=schedule, scale=SCALE)
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=1e-9)
     args = make_step(3, 600, g)
@@ -606,6 +607,13 @@ def test_cuda_matches_cpu(device):
                                                    SCALE, noise, renew))
     # Inputs in every storage type, read without conversion launches, as the CPU kernel reads them.
     for dtype in STORAGE_TYPES:
+        stored_draws = draws._replace(noise=draws.noise.to(dtype), placeholder_noise=draws.placeholder_noise.to(dtype))
+        cpu = q_sample(padded.to(dtype), COUNTS, stored_draws, image_whwh.to(dtype))
+        cuda = fops.q_sample_boxes(padded.to(device=device, dtype=dtype), torch.tensor(COUNTS, device=device),
+                                   image_whwh.to(device=device, dtype=dtype),
+                                   draws=fops.QSampleDraws(*(d.to(device) for d in stored_draws)), schedule=schedule,
+                                   scale=SCALE)
+        torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=1e-9)
         stored = [a.to(dtype) if a.is_floating_point() else a for a in args]
         cpu_out = ddim_step(*stored[:4], 999, 749, *stored[4:])
         cuda_out = ddim_step(*(a.to(device) for a in stored[:4]), 999, 749, *(a.to(device) for a in stored[4:]),

@@ -25,8 +25,8 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BACKENDS = ("cpp", pytest.param("triton", marks=pytest.mark.skipif(
     not _INTERPRETING, reason="Triton on CPU tensors needs the interpreter (TRITON_INTERPRET=1)")))
 # (in_channels, channels, num_layers, rel_coords): DiffusionInst, CondInst, and generic heads.
-HEADS = [(8, 8, 3, False), (8, 8, 3, True), (5, 4, 1, True), (3, 6, 2, True), (7, 5, 4, False)]
-HEAD_IDS = ["diffusioninst", "condinst", "L1-coords", "L2-coords", "L4"]
+HEADS = [(8, 8, 3, False), (8, 8, 3, True), (5, 4, 1, False), (5, 4, 1, True), (3, 6, 2, True), (7, 5, 4, False)]
+HEAD_IDS = ["diffusioninst", "condinst", "L1", "L1-coords", "L2-coords", "L4"]
 
 
 def _case(in_channels=8, channels=8, num_layers=3, coords=False, batch=2, n=7, height=13, width=17,
@@ -653,7 +653,11 @@ def test_triton_kernels_compile_for_hopper():
     assert {"forward probs BLOCK=128 TILES=16", "dice sums", "backward (dice upstream, atomic feature grad)",
             "deterministic feature grad (probs upstream)"} <= set(expected)
     for row in rows:
-        assert 0 < row["registers"] <= 255 and row["spill_store_bytes"] >= 0, row
+        assert row["registers"] > 0, row
+        # The forward kernels hold their weights and one pixel's activations in registers without
+        # spilling (the backward does spill: benchmarks/results/*-kernel-registers-sm90/NOTES.md).
+        if row["kernel"].startswith(("forward", "dice")):
+            assert row["spill_store_bytes"] == 0, row
 
 
 # --------------------------------------------------------------------------------------------

@@ -102,10 +102,14 @@ def q_sample_boxes(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Tensor, *, 
             gt_boxes, gt_counts, draws.t, draws.noise, draws.placeholder_noise, draws.select_index,
             schedule.sqrt_alphas_cumprod, schedule.sqrt_one_minus_alphas_cumprod,
             _checks.positive_float(_Q_SAMPLE, "scale", scale), images_whwh)
-    except (RuntimeError, TypeError):
-        if native_first:  # the kernel refused an argument: name it
-            _check_q_sample_args(gt_boxes, gt_counts, images_whwh, draws, schedule, scale)
-        raise
+    except (RuntimeError, TypeError) as error:
+        if not native_first:
+            raise
+        refused = error
+    # The kernel refused an argument: the checks name it (outside the handler, so that their error
+    # does not come chained to the kernel's); a value error of the kernel passes them.
+    _check_q_sample_args(gt_boxes, gt_counts, images_whwh, draws, schedule, scale)
+    raise refused
 
 
 def _check_q_sample_values(gt_boxes: Tensor, gt_counts: Tensor, images_whwh: Tensor, draws: QSampleDraws,
@@ -222,11 +226,13 @@ def ddim_step_boxes(x_t: Tensor, images_whwh: Tensor, *, pred_boxes: Tensor, kee
     try:
         return torch.ops.fastdiffinst.ddim_step_boxes.default(x_t, pred_boxes, images_whwh, keep, t, t_next,
                                                               schedule.alphas_cumprod, eta, scale, noise, renew_noise)
-    except (RuntimeError, TypeError):
-        if native_first:  # the kernel refused an argument: name it
-            _check_ddim_step_args(x_t, images_whwh, pred_boxes, keep, t, t_next, schedule, noise, renew_noise, eta,
-                                  scale)
-        raise
+    except (RuntimeError, TypeError) as error:
+        if not native_first:
+            raise
+        refused = error
+    # As in q_sample_boxes: the checks name a refused argument; a value error of the kernel passes them.
+    _check_ddim_step_args(x_t, images_whwh, pred_boxes, keep, t, t_next, schedule, noise, renew_noise, eta, scale)
+    raise refused
 
 
 def _check_ddim_step_values(x_t: Tensor, images_whwh: Tensor, pred_boxes: Tensor, t: int, t_next: int,
