@@ -132,7 +132,9 @@ class Trainer:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         params = [p for p in self.module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=solver.base_lr, weight_decay=solver.weight_decay)
+        # The fused kernel updates every parameter in one pass: 4.6 ms per step for the tiny model's
+        # 229 tensors on 2 CPU threads, against 18-42 ms for the per-tensor loop (docs/training.md).
+        self.optimizer = torch.optim.AdamW(params, lr=solver.base_lr, weight_decay=solver.weight_decay, fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: lr_factor(it, solver))
         # fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=options.precision == "fp16")
