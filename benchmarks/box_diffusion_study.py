@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.harness import comparison_row, rate_note, time_fn
+from benchmarks.harness import comparison_row, rate_note, synchronize, time_fn
 from fastdiffinst.common.boxes import box_cxcywh_to_xyxy
 from fastdiffinst.common.diffusion import DiffusionSchedule, cosine_schedule
 from fastdiffinst.ops import ddim_step_boxes, draw_ddim_noise, draw_q_sample_inputs, q_sample_boxes
@@ -143,12 +143,12 @@ def per_call_split(fused: Callable[[], object], native: Callable[[], object], de
         rounds = []
         for _ in range(5):
             fn()
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
             if sync:
-                _synchronize(device)
+                synchronize(device)
             rounds.append((time.perf_counter() - start) / calls * 1e6)
         return statistics.median(rounds)
 
@@ -160,15 +160,10 @@ def per_call_split(fused: Callable[[], object], native: Callable[[], object], de
     with torch.profiler.profile(activities=activities) as profile:
         for _ in range(calls):
             fused()
-        _synchronize(device)
+        synchronize(device)
     on_gpu = [e for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     return {"host_us": host_us, "kernel_us": sum(e.device_time for e in on_gpu) / calls,
             "launches": len(on_gpu) / calls}
-
-
-def _synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _split_note(split: dict) -> str:

@@ -53,7 +53,8 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _sync(device: str) -> None:
+def synchronize(device: str) -> None:
+    """Waits for the GPU's queued work on a CUDA device; nothing on CPU."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -62,7 +63,7 @@ def time_fn(fn: Callable[[], object], device: str, repeats: int = 5, warmup: int
     """Median/min/max wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         if device.startswith("cuda"):
@@ -188,7 +189,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, repeats:
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    _sync(device)
+    synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(repeats):
         shift = round_ % len(names)
@@ -232,15 +233,17 @@ def _memory_ratio_text(ratio: float) -> str:
     return f"{ratio:.3f} ({1 / ratio:.0f}x less)" if 0 < ratio < 0.1 else f"{ratio:.2f} of baseline"
 
 
-def in_fresh_process(function: str, *args) -> dict:
+def in_fresh_process(function: str, *args, env: dict[str, str] | None = None, timeout: int = 3600):
     """``module.function(*args)`` (``function`` = ``"benchmarks.x:f"``, literal args) in a fresh
-    Python with this process's thread count; returns the JSON dict it prints. Peak memory on CPU
-    is only meaningful per process image (docs/design.md §7)."""
+    Python with this process's thread count and ``env`` added to the environment; returns what it
+    returns, through JSON. Peak memory on CPU is only meaningful per process image (docs/design.md
+    §7); Triton's interpreter mode is fixed at import, so a compilation for the GPU needs a fresh
+    process too."""
     module, name = function.split(":")
     code = (f"import json, torch; torch.set_num_threads({torch.get_num_threads()}); from {module} import {name}; "
             f"print(json.dumps({name}(*{args!r})))")
-    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=3600,
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), **(env or {}))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout,
                          cwd=Path(__file__).resolve().parent.parent)
     if out.returncode != 0:
         raise RuntimeError(f"{function}{args} failed in its subprocess:\n{out.stderr[-3000:]}")

@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.harness import in_fresh_process
+
 _TENSORS = dict(feats_ptr="*fp32", params_ptr="*fp32", image_ptr="*i64", xy_ptr="*fp32", soi_ptr="*fp32",
                 gt_ptr="*u8", gt_index_ptr="*i64")
 _SIZES = dict(B="i32", G="i32", W="i32", HW="i32", P="i32")
@@ -104,15 +106,7 @@ def compile_all() -> list[dict]:
 
 def report() -> list[dict]:
     """:func:`compile_all` in a fresh process with the interpreter off."""
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-    code = "import json; from benchmarks.kernel_registers import compile_all; print(json.dumps(compile_all()))"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root,
-                            timeout=900)
-    if result.returncode != 0:
-        raise RuntimeError(f"compiling the kernels failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return in_fresh_process("benchmarks.kernel_registers:compile_all", env={"TRITON_INTERPRET": "0"}, timeout=900)
 
 
 def markdown(rows: list[dict]) -> str:
