@@ -309,14 +309,21 @@ class LossConfig:
         return self
 
 
+LR_SCHEDULES = ("step", "cosine", "linear")
+
+
 @dataclass
 class SolverConfig:
     """Training schedule of the official configs (docs/official-model.md §6); IMS_PER_BATCH is the
-    total batch."""
+    total batch. ``lr_schedule`` shapes the rate after the warm-up: ``"step"`` (the official
+    ``WarmupMultiStepLR``: ×0.1 at each of ``steps``), ``"cosine"`` (detectron2's ``WarmupCosineLR``:
+    half a cosine from 1 to 0 over ``max_iter``) or ``"linear"`` (from 1 to 0 over ``max_iter``);
+    ``steps`` apply to ``"step"`` only."""
 
     ims_per_batch: int = 32
     base_lr: float = 5e-5
     weight_decay: float = 1e-4
+    lr_schedule: str = "step"
     steps: tuple[int, ...] = (60000, 80000)
     max_iter: int = 90000
     warmup_iters: int = 1000
@@ -334,6 +341,7 @@ class SolverConfig:
         checks.positive_ints("ims_per_batch", "max_iter")
         checks.number("base_lr", 0, low_open=True)
         checks.number("weight_decay", 0)
+        checks.one_of("lr_schedule", LR_SCHEDULES)
         no_steps = isinstance(self.steps, (tuple, list)) and len(self.steps) == 0
         if not no_steps:  # no step: a constant rate after the warm-up
             checks.positive_int_sequence("steps", sorted_=True)

@@ -53,6 +53,7 @@ BAD_VALUES = [
     ("solver.base_lr", math.nan, "must be a finite number"),
     ("solver.base_lr", "0.1", "must be a finite number"),
     ("solver.weight_decay", -1e-4, "must be >= 0"),
+    ("solver.lr_schedule", "exponential", "must be one of ['step', 'cosine', 'linear']"),
     ("solver.steps", (80, 60), "must be a non-empty tuple of positive ints, non-decreasing"),
     ("solver.steps", (0, 60), "must be a non-empty tuple of positive ints, non-decreasing"),
     ("solver.steps", (60.0,), "must be a non-empty tuple of positive ints, non-decreasing"),

@@ -4,6 +4,7 @@ DDP run with an empty batch on one rank, torch.compile vs eager, the CLI end to 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -45,6 +46,23 @@ def test_lr_schedule_warmup_and_steps():
     assert lr_factor(5, cfg) == pytest.approx(0.01 * 0.5 + 0.5)
     assert lr_factor(10, cfg) == 1.0 and lr_factor(19, cfg) == 1.0
     assert lr_factor(20, cfg) == pytest.approx(0.1) and lr_factor(35, cfg) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("schedule, halfway", [("cosine", 0.5), ("linear", 0.5)])
+def test_lr_schedule_decays_to_zero_at_max_iter_and_ignores_steps(schedule, halfway):
+    cfg = SolverConfig(base_lr=1.0, warmup_iters=10, warmup_factor=0.01, steps=(20,), max_iter=100,
+                       lr_schedule=schedule)
+    assert lr_factor(0, cfg) == pytest.approx(0.01)
+    # the warm-up multiplies the decay, as detectron2's schedulers do
+    decay_at_5 = 0.5 * (1 + math.cos(math.pi * 0.05)) if schedule == "cosine" else 0.95
+    assert lr_factor(5, cfg) == pytest.approx((0.01 * 0.5 + 0.5) * decay_at_5)
+    assert lr_factor(50, cfg) == pytest.approx(halfway)
+    assert lr_factor(25, cfg) > lr_factor(50, cfg) > lr_factor(75, cfg) > lr_factor(99, cfg) > 0
+    assert lr_factor(100, cfg) == pytest.approx(0.0, abs=1e-12) and lr_factor(150, cfg) == lr_factor(100, cfg)
+    if schedule == "cosine":
+        assert lr_factor(25, cfg) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    else:
+        assert lr_factor(25, cfg) == pytest.approx(0.75)
 
 
 def _options(out: Path, **changes) -> TrainOptions:

@@ -86,13 +86,18 @@ def train_transform(cfg: ModelConfig, generator: torch.Generator):
 
 
 def lr_factor(iteration: int, cfg) -> float:
-    """detectron2 ``WarmupMultiStepLR``: linear warmup from ``warmup_factor`` over ``warmup_iters``,
-    then ×0.1 at each of ``steps``."""
+    """The learning rate of ``iteration`` as a fraction of ``base_lr``: a linear warmup from
+    ``warmup_factor`` over ``warmup_iters`` times the decay of ``lr_schedule`` (detectron2's
+    ``WarmupMultiStepLR`` / ``WarmupCosineLR``, or a linear decay to 0 at ``max_iter``)."""
     warmup = 1.0
     if iteration < cfg.warmup_iters:
         alpha = iteration / cfg.warmup_iters
         warmup = cfg.warmup_factor * (1 - alpha) + alpha
-    return warmup * 0.1 ** sum(iteration >= s for s in cfg.steps)
+    if cfg.lr_schedule == "step":
+        return warmup * 0.1 ** sum(iteration >= s for s in cfg.steps)
+    progress = min(iteration / cfg.max_iter, 1.0)
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.lr_schedule == "cosine" else 1 - progress
+    return warmup * decay
 
 
 class Trainer:

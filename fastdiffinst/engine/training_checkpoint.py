@@ -27,7 +27,7 @@ from fastdiffinst.engine.rng_state import capture_rng_state, restore_rng_state
 # The configuration fields a resumed run may change: they shape the optimisation from here on, not
 # the model, the data stream or the random draws.
 SCHEDULE_FIELDS = tuple(f"solver.{name}" for name in
-                        ("max_iter", "steps", "base_lr", "warmup_iters", "warmup_factor", "weight_decay",
+                        ("max_iter", "lr_schedule", "steps", "base_lr", "warmup_iters", "warmup_factor", "weight_decay",
                          "clip_grad_norm"))
 # ... and what a resumed run may change besides: the padding of its batches (a compiled resume pads
 # them to one square).
