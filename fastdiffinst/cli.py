@@ -174,6 +174,9 @@ def _build_parser() -> argparse.ArgumentParser:
     start.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pth")
     start.add_argument("--overwrite", action="store_true", help="delete the run in --out and start a new one")
     train.add_argument("--compile", action="store_true", help="torch.compile the backbone, mask branch and head")
+    train.add_argument("--recompute", action=argparse.BooleanOptionalAction,
+                       help="recompute the backbone's and the decoder's activations in the backward: about half the "
+                            "memory, a second forward; unset: off on the CPU, on on a GPU with the fused ops")
     _precision_flag(train)
     train.add_argument("--amp", choices=["bf16", "fp16"], help=argparse.SUPPRESS)  # the former --precision
     train.add_argument("--ops-impl", choices=["fused", "reference"], default="fused")
@@ -285,7 +288,8 @@ def run_train(args: argparse.Namespace) -> int:
     device = distributed.setup(args.device)
     try:
         options = TrainOptions(out=args.out, data=args.data, ops_impl=args.ops_impl, precision=args.precision,
-                               compile=args.compile, resume=args.resume, overwrite=args.overwrite, device=device,
+                               compile=args.compile, recompute=args.recompute, resume=args.resume,
+                               overwrite=args.overwrite, device=device,
                                num_workers=args.workers, log_period=args.log_period, eval_period=args.eval_period,
                                eval_limit=args.eval_limit, checkpoint_period=args.checkpoint_period,
                                progress=not args.no_progress, val_data=args.val_data)

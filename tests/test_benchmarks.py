@@ -177,16 +177,18 @@ def test_microbenchmarks_run_once():
 
 def test_compiled_training_study_times_the_same_batches_on_the_square_padding(tmp_path, monkeypatch):
     """The compiled-training benchmark's eager variants (the compiled one costs minutes: run by hand):
-    every iteration timed, the square padding applied, the steady state summarised per variant."""
+    every iteration timed, the square padding and the recomputation applied, the steady state
+    summarised per variant."""
     from benchmarks import compiled_training
     from test_train import SMALL
 
     monkeypatch.setenv("FASTDIFFINST_DATA", str(tmp_path / "data"))
     runs = [compiled_training.measure(variant, "tiny", "synthetic:4", compiled_training.SETTLE + 2, SMALL)
-            for variant in ("eager", "eager square")]
-    assert [r["square_pad"] for r in runs] == [0, 160]
+            for variant in ("eager", "eager square", "eager recompute")]
+    assert [r["square_pad"] for r in runs] == [0, 160, 0]
+    assert [r["recompute"] for r in runs] == [False, False, True]
     assert all(len(r["seconds"]) == compiled_training.SETTLE + 2 and min(r["seconds"]) > 0 for r in runs)
     runs.append({**runs[1], "variant": "compiled square"})
-    timings = compiled_training.summarise(runs)
+    timings = compiled_training.summarise(runs, list(compiled_training.VARIANTS))
     eager = sorted(runs[0]["seconds"][compiled_training.SETTLE:])
     assert timings["eager"].median_s == (eager[0] + eager[1]) / 2 and timings["eager"].repeats == 1

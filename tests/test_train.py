@@ -19,7 +19,7 @@ import torch
 from fastdiffinst.checkpoint import CheckpointError
 from fastdiffinst.cli import main
 from fastdiffinst.config import SolverConfig, get_config, override
-from fastdiffinst.engine.train import Trainer, TrainOptions, lr_factor
+from fastdiffinst.engine.train import Trainer, TrainOptions, lr_factor, training_recompute
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["head.num_stages=2", "num_proposals=16", "solver.ims_per_batch=2", "solver.warmup_iters=2",
@@ -72,6 +72,33 @@ def _options(out: Path, **changes) -> TrainOptions:
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_training_recomputes_where_asked_and_not_on_the_cpu_by_default(tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert training_recompute(None, cpu) is False
+    assert training_recompute(None, cuda) is None  # the model's own default (on for the fused ops)
+    assert training_recompute(True, cpu) is True and training_recompute(False, cuda) is False
+    default = Trainer(small_config(max_iter=1), _options(tmp_path / "default")).module
+    assert not default.head.recompute_stages and not default.backbone.bottom_up.recompute
+    asked = Trainer(small_config(max_iter=1), _options(tmp_path / "asked", recompute=True)).module
+    assert asked.head.recompute_stages and asked.backbone.bottom_up.recompute
+
+
+def test_train_cli_passes_recompute_on_off_or_unset(monkeypatch, tmp_path):
+    seen = []
+
+    class Recorder:
+        def __init__(self, cfg, options):
+            seen.append(options.recompute)
+
+        def train(self):
+            return None
+
+    monkeypatch.setattr("fastdiffinst.engine.train.Trainer", Recorder)
+    for flags in ([], ["--recompute"], ["--no-recompute"]):
+        assert main(["train", "--out", str(tmp_path / "run"), *flags]) == 0
+    assert seen == [None, True, False]
 
 
 # Runs whose training draws from torch's global generator besides the trainer's own generators.
