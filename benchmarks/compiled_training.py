@@ -3,7 +3,7 @@ stored activations: the same training batches (a preset's augmentation on a data
 split, so the image sizes vary), up to four variants, each in a fresh process, the processes
 interleaved over rounds (A B C, B C A, ...):
 
-- ``eager``: batches padded to their largest image (the default: no recomputation on the CPU);
+- ``eager``: batches padded to their largest image, ``train``'s default recomputation (off on the CPU);
 - ``eager square``: batches padded to ``input.square_pad`` (what ``--compile`` sets), eager;
 - ``compiled square``: ``--compile``: backbone + FPN, mask branch and decoder compiled;
 - ``eager recompute``: ``--recompute``: the backbone and decoder recomputed in the backward.
@@ -49,7 +49,8 @@ def measure(variant: str, preset: str, data: str, iterations: int, overrides: li
         cfg = override(cfg, [f"input.square_pad={cfg.input.max_size_train}"])
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(cfg, TrainOptions(out=Path(out) / "run", data=data, compile=variant == "compiled square",
-                                            recompute=variant == "eager recompute", progress=False))
+                                            recompute=True if variant == "eager recompute" else None,
+                                            progress=False))
         loader = trainer._loader()
         seconds = []
         for _ in range(iterations):
