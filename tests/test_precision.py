@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdiffinst import ops
 from fastdiffinst.common.boxes import signal_to_boxes
 from fastdiffinst.modeling import DiffusionInst
-from fastdiffinst.modeling.precision import half_precision_copy, precision_dtype
+from fastdiffinst.modeling.precision import conv_norm_pairs, half_precision_copy, precision_dtype
+from fastdiffinst.modeling.resnet import FrozenBatchNorm2d
 from fastdiffinst.modeling.sampler import sampling_step
 from test_losses import synthetic_batch
 from test_model import images, small_model
@@ -109,6 +111,53 @@ def test_half_copies_are_made_once_and_follow_the_weights():
     model.set_ops_impl("reference")
     model(inputs)
     assert model._half_copies._copies["head"][1] is not before
+
+
+def test_half_copies_fold_the_norms_and_run_channels_last_on_cpu():
+    model = small_model()
+    with torch.no_grad():  # statistics that make the folding do something
+        generator = torch.Generator().manual_seed(0)
+        for norm in model.modules():
+            if isinstance(norm, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+                for tensor, (low, high) in ((norm.running_mean, (-0.5, 0.5)), (norm.running_var, (0.5, 2.0)),
+                                            (norm.weight, (0.5, 1.5)), (norm.bias, (-0.2, 0.2))):
+                    tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
+    batch = model.preprocess(images([(64, 96)])).tensor
+    with torch.no_grad():
+        inputs = {"backbone": batch, "mask_branch": model.backbone(batch)}
+    for name in ("backbone", "mask_branch"):
+        source = getattr(model, name)
+        norms = sum(isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)) for m in source.modules())
+        assert len(conv_norm_pairs(source)) == norms > 0  # every norm here follows a convolution
+        for channels_last in (False, True):
+            # In fp32 the copy differs from the source only by folding: w·s and b − mean·s rounded
+            # once (~1e-7 relative each) instead of the norm's own roundings, compounded over the
+            # <= 21 convolutions of official_small's path: far below 1e-5.
+            folded = half_precision_copy(source, torch.float32, channels_last=channels_last)
+            assert not conv_norm_pairs(folded)
+            assert not any(isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d)) for m in folded.modules())
+            assert all(p.is_contiguous(memory_format=torch.channels_last) == channels_last
+                       for p in folded.parameters() if p.dim() == 4 and p.shape[2] > 1)
+            with torch.no_grad():
+                x = inputs[name]
+                layout = torch.channels_last if channels_last else torch.contiguous_format
+                x = x.contiguous(memory_format=layout) if name == "backbone" else \
+                    [level.contiguous(memory_format=layout) for level in x]
+                expected, actual = source(inputs[name]), folded(x)
+            if name == "mask_branch":
+                expected, actual = [expected], [actual]
+            assert max(_rel(a, e) for a, e in zip(actual, expected)) < 1e-5
+    # The norms stay in the model itself and in its state dict; GroupNorm is not folded (it
+    # normalises by each input's own statistics).
+    assert "backbone.bottom_up.stem.conv1.norm.running_mean" in model.state_dict()
+    assert not conv_norm_pairs(small_model(backbone__resnet__norm="GN").backbone)
+    # In half-precision inference on CPU the backbone and mask branch run channels-last (the
+    # pyramid comes out NHWC for the RoI pooler); fp32 keeps the official NCHW.
+    with torch.no_grad():
+        assert model.extract_features(batch).pyramid[0].is_contiguous()
+        model.set_precision("bf16")
+        features = model.extract_features(batch)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in features.pyramid)
 
 
 @pytest.mark.parametrize("precision", HALF)

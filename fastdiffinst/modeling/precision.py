@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -59,13 +60,46 @@ def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def half_precision_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+def conv_norm_pairs(module: nn.Module) -> list[tuple[nn.Conv2d, nn.Module, nn.Module, str]]:
+    """The batch norms that directly follow a convolution in ``module``, as ``(conv, norm, parent,
+    name)`` (``getattr(parent, name) is norm``): a conv carrying its norm as the attribute ``norm``
+    (detectron2's ``Conv2d(norm=...)``, :class:`~fastdiffinst.modeling.resnet.ConvNorm`) or a conv
+    followed by its norm in an ``nn.Sequential``. Only norms with fixed statistics in inference
+    (running mean and variance) count; GroupNorm normalises by each input's own statistics."""
+
+    def foldable(norm: nn.Module) -> bool:
+        return isinstance(getattr(norm, "running_mean", None), torch.Tensor) and \
+            isinstance(getattr(norm, "running_var", None), torch.Tensor)
+
+    pairs = []
+    for parent in module.modules():
+        if isinstance(parent, nn.Conv2d) and foldable(getattr(parent, "norm", None)):
+            pairs.append((parent, parent.norm, parent, "norm"))
+        elif isinstance(parent, nn.Sequential):
+            children = list(parent.named_children())
+            pairs += [(conv, norm, parent, name) for (_, conv), (name, norm) in zip(children, children[1:])
+                      if isinstance(conv, nn.Conv2d) and foldable(norm)]
+    return pairs
+
+
+def half_precision_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool = False) -> nn.Module:
     """An inference copy of ``module`` with its floating-point parameters and buffers in ``dtype``,
-    except in submodules that declare ``full_precision = True``; no gradients. Each tensor is cast
-    straight into the copy (``deepcopy``'s memo), so the fp32 tensors and their gradients are not
-    copied first."""
+    except in submodules that declare ``full_precision = True``; no gradients.
+
+    The batch norms that follow a convolution (:func:`conv_norm_pairs`) are folded into its weight
+    and bias, in the source's precision before the cast (an inference-time norm is a per-channel
+    affine map: one rounding fewer, and no pass over the activations). With ``channels_last`` the
+    4-D weights are channels-last (NHWC), the layout that oneDNN's bf16 convolutions run fastest in
+    on CPU. Each tensor is cast straight into the copy (``deepcopy``'s memo), so the fp32 tensors
+    and their gradients are not copied first."""
     kept = {id(t) for m in module.modules() if getattr(m, "full_precision", False)
             for t in itertools.chain(m.parameters(), m.buffers())}
+    pairs = conv_norm_pairs(module)
+    folded = {}
+    with torch.no_grad():
+        for conv, norm, _, _ in pairs:
+            folded[id(conv)] = fuse_conv_bn_weights(conv.weight, conv.bias, norm.running_mean, norm.running_var,
+                                                    norm.eps, norm.weight, norm.bias)
     memo: dict[int, object] = {}
     with torch.no_grad():
         for tensor in itertools.chain(module.parameters(), module.buffers()):
@@ -73,7 +107,17 @@ def half_precision_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
                 cast = tensor.detach().to(tensor.dtype if id(tensor) in kept else dtype, copy=True)
                 memo[id(tensor)] = nn.Parameter(cast, requires_grad=False) if isinstance(tensor, nn.Parameter) \
                     else cast
-    return copy.deepcopy(module, memo).requires_grad_(False)
+        for conv, _, _, _ in pairs:
+            memo[id(conv.weight)] = nn.Parameter(folded[id(conv)][0].detach().to(memo[id(conv.weight)].dtype),
+                                                 requires_grad=False)
+    result = copy.deepcopy(module, memo)
+    for (conv, _, _, name), (conv_copy, _, parent_copy, _) in zip(pairs, conv_norm_pairs(result)):
+        bias = folded[id(conv)][1].detach()
+        conv_copy.bias = nn.Parameter(bias.to(conv_copy.weight.dtype), requires_grad=False)
+        setattr(parent_copy, name, nn.Identity())
+    if channels_last:
+        result = result.to(memory_format=torch.channels_last)
+    return result.requires_grad_(False)
 
 
 class HalfPrecisionCopies:
@@ -86,22 +130,22 @@ class HalfPrecisionCopies:
         self._copies: dict[str, tuple[tuple, nn.Module | Callable]] = {}
 
     @staticmethod
-    def _stamp(module: nn.Module, dtype: torch.dtype) -> tuple:
+    def _stamp(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> tuple:
         tensors = itertools.chain(module.parameters(), module.buffers())
-        return (dtype, tuple(id(m) for m in module.modules()),
+        return (dtype, channels_last, tuple(id(m) for m in module.modules()),
                 tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
 
     def get(self, name: str, module: nn.Module, dtype: torch.dtype,
-            wrap: Callable[[nn.Module], nn.Module | Callable]) -> nn.Module | Callable:
-        """The copy of ``module`` in ``dtype``, passed through ``wrap`` (e.g. ``torch.compile``)
-        when made."""
-        stamp = self._stamp(module, dtype)
+            wrap: Callable[[nn.Module], nn.Module | Callable], channels_last: bool = False) -> nn.Module | Callable:
+        """The copy of ``module`` in ``dtype`` (see :func:`half_precision_copy`), passed through
+        ``wrap`` (e.g. ``torch.compile``) when made."""
+        stamp = self._stamp(module, dtype, channels_last)
         entry = self._copies.get(name)
         if entry is None or entry[0] != stamp:
-            entry = (stamp, wrap(half_precision_copy(module, dtype)))
+            entry = (stamp, wrap(half_precision_copy(module, dtype, channels_last)))
             self._copies[name] = entry
         return entry[1]
 
 
-__all__ = ["PRECISIONS", "HalfPrecisionCopies", "at_least_fp32", "emulation_reason", "half_precision_copy",
-           "precision_dtype"]
+__all__ = ["PRECISIONS", "HalfPrecisionCopies", "at_least_fp32", "conv_norm_pairs", "emulation_reason",
+           "half_precision_copy", "precision_dtype"]
