@@ -111,19 +111,20 @@ class DynamicConv(nn.Module):
 
     def generate_filters(self, pro_features: Tensor, workspace: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``pro_features [K, D]`` -> ``P1 [K, D, d]``, ``P2 [K, d, D]`` (``dynamic_layer``'s output
-        split in two). With ``workspace [2, K, D·d]`` each half is its own addmm (what F.linear
-        computes, on half of the weight's rows: the same dot products) into its own dense buffer:
+        split in two). In inference each half is its own addmm (what F.linear computes, on half of
+        the weight's rows: the same dot products), dense, into ``workspace [2, K, D·d]`` if given:
         the slices of one ``[K, 2·D·d]`` output have a batch stride of ``2·D·d``, which the bf16
         batched matrix product on CPU copies to dense first (36 ms of 790 at r50_coco, 500
         proposals). Under autograd one linear, whose weight gradient is one matrix product."""
-        if workspace is None:
+        if torch.is_grad_enabled():
             params = self.dynamic_layer(pro_features)
             halves = params[:, :self.num_params], params[:, self.num_params:]
         else:
             weight, bias = self.dynamic_layer.weight, self.dynamic_layer.bias
-            halves = tuple(torch.addmm(bias[rows], pro_features, weight[rows].t(), out=buffer)
-                           for rows, buffer in zip((slice(None, self.num_params), slice(self.num_params, None)),
-                                                   workspace))
+            rows = slice(None, self.num_params), slice(self.num_params, None)
+            buffers = workspace if workspace is not None else (None, None)
+            halves = tuple(torch.addmm(bias[r], pro_features, weight[r].t(), out=buffer)
+                           for r, buffer in zip(rows, buffers))
         return (halves[0].view(-1, self.hidden_dim, self.dim_dynamic),
                 halves[1].view(-1, self.dim_dynamic, self.hidden_dim))
 
