@@ -93,15 +93,25 @@ def test_half_copies_are_made_once_and_follow_the_weights():
     assert set(copies) == {"backbone", "mask_branch", "head"}
     model(inputs)
     assert all(model._half_copies._copies[name][1] is module for name, module in copies.items())
-    # An optimizer step (in place) remakes the copy of the module it changed, from the new weights.
-    optimizer = torch.optim.SGD(model.head.parameters(), lr=0.1)
-    for p in model.head.parameters():
-        p.grad = torch.ones_like(p)
-    optimizer.step()
+    # An in-place write remakes the copy of the module it changed, from the new weights.
+    with torch.no_grad():
+        model.head.head_series[0].linear1.weight.mul_(0.5)
     model(inputs)
     head = model._half_copies._copies["head"][1]
     assert head is not copies["head"] and model._half_copies._copies["backbone"][1] is copies["backbone"]
     assert torch.equal(head.head_series[0].linear1.weight, model.head.head_series[0].linear1.weight.bfloat16())
+    # So does an optimizer step, fused ones too (the trainer's AdamW(fused=True) does not count its
+    # writes in the tensors' _version: the copies went stale in train's periodic evaluation in bf16).
+    for optimizer in (torch.optim.SGD(model.head.parameters(), lr=0.1),
+                      torch.optim.AdamW(model.head.parameters(), lr=0.1, fused=True)):
+        for p in model.head.parameters():
+            p.grad = torch.ones_like(p)
+        before = model._half_copies._copies["head"][1]
+        optimizer.step()
+        model(inputs)
+        head = model._half_copies._copies["head"][1]
+        assert head is not before
+        assert torch.equal(head.head_series[0].linear1.weight, model.head.head_series[0].linear1.weight.bfloat16())
     assert all(p.grad is None and not p.requires_grad for p in head.parameters())  # the sources' grads stay behind
     # So do load_state_dict (in place) and a swapped pooler (another ops implementation).
     model.load_state_dict(small_model().state_dict())

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -120,19 +121,39 @@ def half_precision_copy(module: nn.Module, dtype: torch.dtype, channels_last: bo
     return result.requires_grad_(False)
 
 
+class _OptimizerSteps:
+    """The number of ``torch.optim`` optimizer steps taken in this process (a global step post-hook,
+    registered once): fused optimizers (``AdamW(fused=True)``, what ``train`` uses) write the
+    parameters in place without counting the writes in their ``_version``."""
+
+    count = 0
+    _hook = None
+
+    @classmethod
+    def watch(cls) -> None:
+        if cls._hook is None:
+            cls._hook = register_optimizer_step_post_hook(cls._step)
+
+    @classmethod
+    def _step(cls, optimizer, args, kwargs) -> None:
+        cls.count += 1
+
+
 class HalfPrecisionCopies:
     """Half-precision inference copies of named modules, each made on first use and remade only when
-    its source changed: a parameter or buffer replaced or modified in place (an optimizer step,
-    ``load_state_dict``; tensors count their in-place writes in ``_version``), or a submodule
+    its source changed: a parameter or buffer replaced or modified in place (``load_state_dict``, an
+    in-place write; tensors count their in-place writes in ``_version``), any ``torch.optim``
+    optimizer step (fused optimizers do not count theirs, :class:`_OptimizerSteps`), or a submodule
     swapped (e.g. the RoI pooler when the ops implementation changes)."""
 
     def __init__(self) -> None:
         self._copies: dict[str, tuple[tuple, nn.Module | Callable]] = {}
+        _OptimizerSteps.watch()
 
     @staticmethod
     def _stamp(module: nn.Module, dtype: torch.dtype, channels_last: bool) -> tuple:
         tensors = itertools.chain(module.parameters(), module.buffers())
-        return (dtype, channels_last, tuple(id(m) for m in module.modules()),
+        return (dtype, channels_last, _OptimizerSteps.count, tuple(id(m) for m in module.modules()),
                 tuple((t.data_ptr(), t._version, t.dtype) for t in tensors))
 
     def get(self, name: str, module: nn.Module, dtype: torch.dtype,
