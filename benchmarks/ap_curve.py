@@ -50,18 +50,21 @@ def main() -> None:
         folder, _, label = spec.partition(":")
         points, final = curve(Path(folder), args.metric)
         color = f"C{i}"
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color, label=f"{label}: segm")
-        ax.plot([p[0] for p in points], [p[2] for p in points], marker=".", linestyle="--", color=color,
-                label=f"{label}: bbox")
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=color, label=label)
+        ax.plot([p[0] for p in points], [p[2] for p in points], marker=".", linestyle="--", color=color)
         if final is not None:
-            ax.scatter([final[0]] * 2, final[1:], facecolors="none", edgecolors=color, s=80,
-                       label=f"{label}: all 200 validation images")
+            ax.scatter([final[0]] * 2, final[1:], facecolors="none", edgecolors=color, s=80)
+    # One entry per run (its colour), and one per style: what the line and marker kinds mean.
+    key = [plt.Line2D([], [], color="grey", marker="o", label="segm (first 50 validation images)"),
+           plt.Line2D([], [], color="grey", marker=".", linestyle="--", label="bbox (first 50 validation images)"),
+           plt.Line2D([], [], color="grey", marker="o", markerfacecolor="none", markersize=9, linestyle="none",
+                      label="segm and bbox, all 200 validation images")]
     if args.target is not None:
         ax.axhline(args.target, color="grey", linewidth=0.8)
     ax.set_xlabel("training wall-clock (minutes; evaluations and checkpoints not counted)")
     ax.set_ylabel(f"validation {args.metric} (percent)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + key, fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(args.out)
