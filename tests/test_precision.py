@@ -12,7 +12,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastdiffinst import ops
 from fastdiffinst.common.boxes import signal_to_boxes
 from fastdiffinst.modeling import DiffusionInst
-from fastdiffinst.modeling.precision import conv_norm_pairs, half_precision_copy, precision_dtype
+from fastdiffinst.modeling.precision import (
+    PackedLinear,
+    conv_norm_pairs,
+    emulation_reason,
+    half_precision_copy,
+    precision_dtype,
+)
 from fastdiffinst.modeling.resnet import FrozenBatchNorm2d
 from fastdiffinst.modeling.sampler import sampling_step
 from test_losses import synthetic_batch
@@ -95,11 +101,11 @@ def test_half_copies_are_made_once_and_follow_the_weights():
     assert all(model._half_copies._copies[name][1] is module for name, module in copies.items())
     # An in-place write remakes the copy of the module it changed, from the new weights.
     with torch.no_grad():
-        model.head.head_series[0].linear1.weight.mul_(0.5)
+        model.head.head_series[0].norm1.weight.mul_(0.5)
     model(inputs)
     head = model._half_copies._copies["head"][1]
     assert head is not copies["head"] and model._half_copies._copies["backbone"][1] is copies["backbone"]
-    assert torch.equal(head.head_series[0].linear1.weight, model.head.head_series[0].linear1.weight.bfloat16())
+    assert torch.equal(head.head_series[0].norm1.weight, model.head.head_series[0].norm1.weight.bfloat16())
     # So does an optimizer step, fused ones too (the trainer's AdamW(fused=True) does not count its
     # writes in the tensors' _version: the copies went stale in train's periodic evaluation in bf16).
     for optimizer in (torch.optim.SGD(model.head.parameters(), lr=0.1),
@@ -111,7 +117,7 @@ def test_half_copies_are_made_once_and_follow_the_weights():
         model(inputs)
         head = model._half_copies._copies["head"][1]
         assert head is not before
-        assert torch.equal(head.head_series[0].linear1.weight, model.head.head_series[0].linear1.weight.bfloat16())
+        assert torch.equal(head.head_series[0].norm1.weight, model.head.head_series[0].norm1.weight.bfloat16())
     assert all(p.grad is None and not p.requires_grad for p in head.parameters())  # the sources' grads stay behind
     # So do load_state_dict (in place) and a swapped pooler (another ops implementation).
     model.load_state_dict(small_model().state_dict())
@@ -168,6 +174,40 @@ def test_half_copies_fold_the_norms_and_run_channels_last_on_cpu():
         model.set_precision("bf16")
         features = model.extract_features(batch)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in features.pyramid)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_packed_linears_compute_what_the_linears_compute(precision):
+    if emulation_reason(precision, "cpu") is not None:
+        pytest.skip(emulation_reason(precision, "cpu"))
+    dtype = precision_dtype(precision)
+    head = small_model().head
+    stage = head.head_series[0]
+    torch.manual_seed(0)
+    pro, roi = torch.randn(37, stage.d_model), torch.randn(37, 49, stage.d_model)
+    time = torch.randn(2, 4 * stage.d_model)
+    plain = half_precision_copy(head, dtype)
+    packed = half_precision_copy(head, dtype, packed=True)
+    # Every linear packed, DynamicConv's filter generator as its two filter matrices; the attention's
+    # projections (read as tensors) and the fp32 timestep embedding left alone.
+    packed_stage = packed.head_series[0]
+    assert not any(type(m) is nn.Linear for m in packed.modules() if not isinstance(m, nn.MultiheadAttention))
+    assert [layer.out_features for layer in packed_stage.inst_interact.dynamic_layer] == \
+        [stage.inst_interact.num_params] * 2
+    assert isinstance(packed_stage.linear1, PackedLinear) and isinstance(packed.time_mlp[1], PackedLinear)
+    assert packed_stage.self_attn.in_proj_weight.dtype == dtype
+    assert packed.time_mlp[0].freqs.dtype == torch.float32
+    with torch.no_grad():
+        pairs = [(plain.head_series[0].inst_interact(pro.to(dtype), roi.to(dtype)),
+                  packed_stage.inst_interact(pro.to(dtype), roi.to(dtype))),
+                 (plain.head_series[0].block_time_mlp(time.to(dtype)), packed_stage.block_time_mlp(time.to(dtype)))]
+    for expected, actual in pairs:
+        assert actual.dtype == dtype and actual.shape == expected.shape
+        # The same products, blocked as oneDNN's packed layout wants: fp32 sums in another order
+        # (measured 4.5e-7 relative against MKL's sgemm in fp32). In bf16 both are oneDNN's kernels
+        # (bit-identical here, AVX512-BF16); another CPU's kernel may round an element to its
+        # neighbour (2^-8 relative at most), which the layers after it carry: a bound of 2 units.
+        assert _rel(actual, expected) < (1e-5 if precision == "fp32" else 2 * UNIT_ROUNDOFF["bf16"])
 
 
 @pytest.mark.parametrize("precision", HALF)

@@ -33,7 +33,7 @@ from fastdiffinst.modeling.postprocess import (
     select_detections,
     topk_candidates,
 )
-from fastdiffinst.modeling.precision import HalfPrecisionCopies, precision_dtype
+from fastdiffinst.modeling.precision import HalfPrecisionCopies, emulation_reason, precision_dtype
 from fastdiffinst.modeling.resnet import ResNet
 from fastdiffinst.modeling.sampler import (
     DrawFn,
@@ -237,7 +237,8 @@ class DiffusionInst(nn.Module):
         if not self._half_inference():
             return self._runners[name]
         return self._half_copies.get(name, getattr(self, name), self.compute_dtype, lambda m: self._wrap(name, m),
-                                     channels_last=name in CONVOLUTIONAL and self._channels_last())
+                                     channels_last=name in CONVOLUTIONAL and self._channels_last(),
+                                     packed=self._packed_linears())
 
     def _channels_last(self) -> bool:
         """Whether this forward runs the convolutional modules (:data:`CONVOLUTIONAL`) channels-last:
@@ -245,6 +246,14 @@ class DiffusionInst(nn.Module):
         are faster in NHWC (r50_coco, 512², 1 step: 0.68 against 0.83 s per image in bf16). fp32
         keeps NCHW, the official numerics; on a GPU it is not measured yet."""
         return self._half_inference() and self.device.type == "cpu"
+
+    def _packed_linears(self) -> bool:
+        """Whether the half-precision copies' linear layers are oneDNN-packed (``PackedLinear``):
+        eager half-precision inference on a CPU that computes the precision natively (oneDNN's
+        half-precision linear needs those instructions). Under ``torch.compile`` inductor plans
+        the products itself. r50_coco, 512², bf16: docs/precision.md."""
+        return (self._channels_last() and not self.compiled
+                and emulation_reason(self.precision, self.device) is None)
 
     def schedule(self, device: torch.device) -> DiffusionSchedule:
         """The float64 cosine schedule on ``device`` (kept out of the buffers: it is derived, and

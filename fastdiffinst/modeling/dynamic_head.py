@@ -82,6 +82,9 @@ class DynamicConv(nn.Module):
     """
 
     recompute_chunk: int | None = None
+    # The CPU inference copies pack ``dynamic_layer`` as two linears, one per filter matrix
+    # (fastdiffinst.modeling.precision.pack_linears).
+    packed_row_blocks = {"dynamic_layer": 2}
 
     def __init__(self, hidden_dim: int, dim_dynamic: int, pooler_resolution: int) -> None:
         super().__init__()
@@ -115,8 +118,12 @@ class DynamicConv(nn.Module):
         the weight's rows: the same dot products), dense, into ``workspace [2, K, D·d]`` if given:
         the slices of one ``[K, 2·D·d]`` output have a batch stride of ``2·D·d``, which the bf16
         batched matrix product on CPU copies to dense first (36 ms of 790 at r50_coco, 500
-        proposals). Under autograd one linear, whose weight gradient is one matrix product."""
-        if torch.is_grad_enabled():
+        proposals). Under autograd one linear, whose weight gradient is one matrix product. A packed
+        copy (``dynamic_layer`` a list of the two halves, each a oneDNN linear) computes each half
+        into a fresh output."""
+        if isinstance(self.dynamic_layer, nn.ModuleList):
+            halves = tuple(layer(pro_features) for layer in self.dynamic_layer)
+        elif torch.is_grad_enabled():
             params = self.dynamic_layer(pro_features)
             halves = params[:, :self.num_params], params[:, self.num_params:]
         else:
@@ -256,7 +263,9 @@ class DynamicHead(nn.Module):
         # decoding cast them to fp32; half-precision features must not round them.
         boxes = boxes.to(at_least_fp32(features[0].dtype))
         embedding, *mlp = self.time_mlp
-        time = embedding(t).to(mlp[0].weight.dtype)
+        # The embedding (fp32 angles, full_precision) in the features' dtype, which is the layers'
+        # own outside autocast (and autocast casts it for them inside).
+        time = embedding(t).to(features[0].dtype)
         for layer in mlp:
             time = layer(time)
         logits, stage_boxes, kernels = [], [], []
@@ -279,9 +288,10 @@ class DynamicHead(nn.Module):
         """In eager inference, one buffer for every stage's generated DynamicConv filters
         (``[2, B·N, D·d]``, 65 MB at N = 500): a fresh tensor per stage costs its page faults on CPU
         (13 ms of the 55 ms filter generation at N = 500). The arithmetic is unchanged. None under
-        autograd, autocast (F.linear's cast) or torch.compile (which plans its own buffers)."""
-        if (torch.is_grad_enabled() or torch.is_autocast_enabled(time.device.type)
-                or torch.compiler.is_compiling()):
-            return None
+        autograd, autocast (F.linear's cast), torch.compile (which plans its own buffers) or packed
+        linears (oneDNN's linear writes its own output)."""
         interact = self.head_series[0].inst_interact
+        if (torch.is_grad_enabled() or torch.is_autocast_enabled(time.device.type)
+                or torch.compiler.is_compiling() or isinstance(interact.dynamic_layer, nn.ModuleList)):
+            return None
         return time.new_empty((2, boxes.shape[0] * boxes.shape[1], interact.num_params))
