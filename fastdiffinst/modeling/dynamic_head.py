@@ -180,7 +180,9 @@ class DecoderStage(nn.Module):
         roi = pooler(features, boxes)                              # [B·N, D, R, R]
         roi = roi.view(batch * num, d, -1)
         if pro_features is None:
-            pro_features = roi.mean(-1)
+            # Accumulated in (at least) fp32 as a half-precision mean is anyway, but without its
+            # widened copy of the whole [B·N, D, R²] input (bf16, 500 proposals: 2.5 -> 1.0 ms).
+            pro_features = roi.mean(-1, dtype=at_least_fp32(roi.dtype)).to(roi.dtype)
         roi = roi.permute(0, 2, 1)                                 # [B·N, R², D]
 
         # Self-attention among the proposals of each image (sequence N, batch B). Contiguous: the
