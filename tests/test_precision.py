@@ -4,6 +4,9 @@ graph without host synchronisation."""
 
 from __future__ import annotations
 
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -127,6 +130,14 @@ def test_half_copies_are_made_once_and_follow_the_weights():
     model.set_ops_impl("reference")
     model(inputs)
     assert model._half_copies._copies["head"][1] is not before
+    # A copied or pickled model leaves the copies behind (a cache; on a CPU with bf16 instructions
+    # they hold oneDNN tensors, which have no storage to copy) and makes its own.
+    twin = copy.deepcopy(model)
+    assert not twin._half_copies._copies
+    torch.save(model, io.BytesIO())
+    with torch.no_grad():
+        boxes = [m(inputs, generator=torch.Generator().manual_seed(0))[0]["boxes"] for m in (twin, model)]
+    assert torch.equal(*boxes)
 
 
 def test_half_copies_fold_the_norms_and_run_channels_last_on_cpu():

@@ -202,6 +202,11 @@ class HalfPrecisionCopies:
         self._copies: dict[str, tuple[tuple, nn.Module | Callable]] = {}
         _OptimizerSteps.watch()
 
+    def __reduce__(self):
+        # A cache derived from the weights: a copied or pickled model starts with none (the packed
+        # linears' oneDNN tensors have no storage to copy or save) and makes its own on use.
+        return (HalfPrecisionCopies, ())
+
     @staticmethod
     def _stamp(module: nn.Module, dtype: torch.dtype, channels_last: bool, packed: bool) -> tuple:
         tensors = itertools.chain(module.parameters(), module.buffers())
