@@ -2,6 +2,14 @@
 fp32 and under bf16 autocast (the official code with its AMP switch on), same seeded random weights,
 same images and random boxes (docs/precision.md).
 
+Each row also gives the work the call cannot avoid: the floating-point operations of its matrix
+products and convolutions, counted once per case by ``torch.utils.flop_counter`` on ``ours fp32``
+(``dense_gflop``; the fused ops and element-wise passes are not counted), the rate achieved over them
+against the matrix-product ceiling of the variant's precision measured in the same run
+(``ours_rate``), and ``ceiling_bound_x``: the speed-up over the baseline that a call would reach if
+every one of those operations ran at that ceiling and nothing else took time — the most any
+implementation of these layers can give on the machine.
+
 Variants of each case: ``official fp32`` (the baseline of every row), ``official bf16 autocast``,
 ``ours fp32``, ``ours bf16`` (half-precision copies of the dense modules), and in the full profile
 ``ours fp32 compiled`` and ``ours bf16 compiled`` (the DDIM step as one graph; compile time reported
@@ -28,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.harness import comparison_row, time_interleaved
+from benchmarks.harness import comparison_row, rate_note, time_interleaved
 
 STUDY, OP = "model_precision", "DiffusionInst"
 BASELINE = "official fp32"
@@ -108,6 +116,21 @@ def _runnable(variant: Variant, device: str, profile: str) -> str | None:
     return None if profile == "smoke" or not half else emulation_reason("bf16", device)
 
 
+def dense_flops(call) -> int:
+    """The floating-point operations of the matrix products and convolutions ``call()`` runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        call()
+    return counter.get_total_flops()
+
+
+def _ceiling_tflops(variant: Variant, ceilings: dict) -> tuple[float, str]:
+    """The matrix-product ceiling (TFLOP/s) of the precision ``variant`` multiplies in, and its name."""
+    half = variant.autocast or variant.precision != "fp32"
+    return (ceilings["bf16_matmul_TFLOPs"], "bf16 matmul") if half else (ceilings["fp32_matmul_TFLOPs"], "fp32 matmul")
+
+
 def _model(preset: str, case: Case, variant: Variant, device: str):
     from fastdiffinst.config import get_config, replace_path
     from fastdiffinst.modeling import DiffusionInst
@@ -153,20 +176,28 @@ def run(device: str, profile: str, progress, ceilings: dict) -> list[dict]:
                     continue
                 notes[name] = f"first call (compile) {time.perf_counter() - start:.0f} s"
             calls[name] = call
+        gflop = dense_flops(calls["ours fp32"]) / 1e9  # the same layers in every variant
         timings = time_interleaved(calls, device, p.repeats, p.warmup)
         for name, timing in timings.items():
             if name == BASELINE:
                 continue
             versus = [BASELINE] + (["official bf16 autocast"] if name.startswith("ours bf16")
                                    and "official bf16 autocast" in timings else [])
+            ceiling, ceiling_name = _ceiling_tflops(VARIANTS[name], ceilings)
             for other in versus:
+                bound = timings[other].median_s * ceiling * 1e3 / gflop
                 row = comparison_row(STUDY, OP, case.label(p.preset), name, other, timing, timings[other],
                                      batch=case.batch, steps=case.steps, n=case.proposals, size=[case.size] * 2,
                                      images_per_s=case.batch / timing.median_s,
                                      baseline_images_per_s=case.batch / timings[other].median_s,
                                      max_abs_diff="; ".join(filter(None, [
                                          f"{case.batch / timing.median_s:.2f} vs "
-                                         f"{case.batch / timings[other].median_s:.2f} images/s", notes.get(name)])))
+                                         f"{case.batch / timings[other].median_s:.2f} images/s",
+                                         f"{gflop:.0f} GFLOP of products: {bound:.2f}x at the {ceiling_name} ceiling",
+                                         notes.get(name)])),
+                                     dense_gflop=gflop, ceiling_bound_x=bound,
+                                     ours_rate=rate_note(gflop / timing.median_s, "GFLOP/s", 1e3 * ceiling,
+                                                         ceiling_name))
                 target = TARGETS[device_type].get((name, other, case.batch, case.steps))
                 if target is not None and profile != "smoke":
                     row.update(target=f">= {target}x", target_met=row["speedup_x"] >= target)

@@ -238,7 +238,7 @@ class DiffusionInst(nn.Module):
             return self._runners[name]
         return self._half_copies.get(name, getattr(self, name), self.compute_dtype, lambda m: self._wrap(name, m),
                                      channels_last=name in CONVOLUTIONAL and self._channels_last(),
-                                     packed=self._packed_linears())
+                                     packed=self._packed())
 
     def _channels_last(self) -> bool:
         """Whether this forward runs the convolutional modules (:data:`CONVOLUTIONAL`) channels-last:
@@ -247,11 +247,12 @@ class DiffusionInst(nn.Module):
         keeps NCHW, the official numerics; on a GPU it is not measured yet."""
         return self._half_inference() and self.device.type == "cpu"
 
-    def _packed_linears(self) -> bool:
-        """Whether the half-precision copies' linear layers are oneDNN-packed (``PackedLinear``):
-        eager half-precision inference on a CPU that computes the precision natively (oneDNN's
-        half-precision linear needs those instructions). Under ``torch.compile`` inductor plans
-        the products itself. r50_coco, 512², bf16: docs/precision.md."""
+    def _packed(self) -> bool:
+        """Whether the half-precision copies' linear layers and convolutions are oneDNN-packed
+        (``PackedLinear``, ``PackedConv2d``): eager half-precision inference on a CPU that computes
+        the precision natively (oneDNN's half-precision kernels need those instructions). Under
+        ``torch.compile`` inductor plans the products itself. r50_coco, 512², bf16:
+        docs/precision.md."""
         return (self._channels_last() and not self.compiled
                 and emulation_reason(self.precision, self.device) is None)
 

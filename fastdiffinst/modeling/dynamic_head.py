@@ -83,7 +83,7 @@ class DynamicConv(nn.Module):
 
     recompute_chunk: int | None = None
     # The CPU inference copies pack ``dynamic_layer`` as two linears, one per filter matrix
-    # (fastdiffinst.modeling.precision.pack_linears).
+    # (fastdiffinst.modeling.precision.pack_for_onednn).
     packed_row_blocks = {"dynamic_layer": 2}
 
     def __init__(self, hidden_dim: int, dim_dynamic: int, pooler_resolution: int) -> None:
