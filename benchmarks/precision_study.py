@@ -69,6 +69,10 @@ class Case:
     steps: int
     variants: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        if "ours fp32" not in self.variants:  # the case's FLOPs are counted on it
+            raise ValueError(f"a precision study case must time 'ours fp32', got {self.variants}")
+
     def label(self, preset: str) -> str:
         return f"{preset} {self.batch}x{self.size}x{self.size} N={self.proposals} {self.steps} step" + \
             ("s" if self.steps > 1 else "")
