@@ -25,6 +25,7 @@ from fastdiffinst.modeling.precision import (
 )
 from fastdiffinst.modeling.resnet import ConvNorm, FrozenBatchNorm2d
 from fastdiffinst.modeling.sampler import sampling_step
+from fastdiffinst.modeling.swin import PatchEmbed
 from test_losses import synthetic_batch
 from test_model import images, small_model
 
@@ -231,8 +232,10 @@ def test_packed_convolutions_compute_what_the_convolutions_compute(precision):
     # A conv with a norm that is not folded (GroupNorm) keeps it after the packed conv.
     gn = nn.Sequential(ConvNorm(8, 16, 3, stride=2, norm="GN"), nn.ReLU())
     torch.manual_seed(0)
-    nn.init.normal_(gn[0].norm.weight), nn.init.normal_(gn[0].norm.bias)
-    for module, channels in ((model.backbone, 3), (model.mask_branch, None), (gn, 8)):
+    nn.init.normal_(gn[0].norm.weight)
+    nn.init.normal_(gn[0].norm.bias)
+    patches = nn.Sequential(PatchEmbed(4, 3, 16, patch_norm=True))  # Swin's stem: a strided conv
+    for module, channels in ((model.backbone, 3), (model.mask_branch, None), (gn, 8), (patches, 3)):
         plain = half_precision_copy(module, dtype, channels_last=True)
         packed = half_precision_copy(module, dtype, channels_last=True, packed=True)
         assert not any(isinstance(m, nn.Conv2d) for m in packed.modules())
@@ -252,6 +255,26 @@ def test_packed_convolutions_compute_what_the_convolutions_compute(precision):
                 # The same oneDNN kernels on a weight reordered once instead of on every call: measured
                 # bit-identical here (fp32 and bf16); the bounds are packed linears' (above).
                 assert _rel(a, e) < (1e-5 if precision == "fp32" else 2 * UNIT_ROUNDOFF["bf16"])
+
+
+def test_convolutions_packing_would_change_stay_as_they_are():
+    # String padding, another padding mode, a subclass (it may compute something else) and a hooked
+    # conv are left unpacked, not refused: the copy still runs them.
+    class Standardised(nn.Conv2d):
+        def _conv_forward(self, x, weight, bias):
+            return super()._conv_forward(x, (weight - weight.mean()) / weight.std(), bias)
+
+    hooked = nn.Conv2d(4, 4, 1)
+    hooked.register_forward_hook(lambda module, args, out: out * 2)
+    module = nn.Sequential(nn.Conv2d(4, 4, 3, padding="same"), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                           Standardised(4, 4, 1), hooked, nn.Conv2d(4, 4, 1))
+    packed = half_precision_copy(module, torch.float32, channels_last=True, packed=True)
+    assert [type(m) for m in packed] == [nn.Conv2d, nn.Conv2d, Standardised, nn.Conv2d, PackedConv2d]
+    with pytest.raises(ValueError, match="PackedConv2d computes an nn.Conv2d or ConvNorm"):
+        PackedConv2d(module[2])
+    x = torch.randn(1, 4, 9, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert _rel(packed(x), module(x)) < 1e-5
 
 
 @pytest.mark.parametrize("precision", HALF)

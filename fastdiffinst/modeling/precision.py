@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -108,47 +109,65 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+# Held while a PackedConv2d packs its weight (once per convolution).
+_PACKING = threading.Lock()
+
+
 class PackedConv2d(nn.Module):
-    """A convolution (``nn.Conv2d``, zero padding, with its norm when it carries one that was not
-    folded) for CPU inference through oneDNN, its weight reordered once into the blocked layout
-    oneDNN picks for the first input's shape (the reorder ``torch.compile``'s freezing makes;
-    without a shape oneDNN picks a layout it must reorder again on every call). ``F.conv2d``
-    reorders the weight on every call: r50_coco's backbone + FPN in bf16 at 512², channels-last,
-    ~0.20 s against ~0.19 s packed; other input shapes reuse the layout (800×1216 and 480×640
-    measured as fast as ``F.conv2d`` or faster). The same products: bit-identical to ``F.conv2d``
-    on an AVX512-BF16 CPU. No autograd; ``x [B, C, H, W]`` -> ``[B, out_channels, H', W']``."""
+    """An ``nn.Conv2d`` (or a :class:`~fastdiffinst.modeling.resnet.ConvNorm` with the norm it
+    applies after, when that norm was not folded) for CPU inference through oneDNN, its weight
+    reordered once into the blocked layout oneDNN picks for the first input's shape (the reorder
+    ``torch.compile``'s freezing makes; without a shape oneDNN picks a layout it must reorder again
+    on every call). ``F.conv2d`` reorders the weight on every call: r50_coco's backbone + FPN in
+    bf16 at 512², channels-last, ~0.20 s against ~0.19 s packed. The first shape fixes the layout
+    for good; other shapes reuse it (a 512² layout at 800×1216 and 480×640 measured as fast as
+    ``F.conv2d`` or faster; other batch sizes and NCHW inputs give the same results). The same
+    products: bit-identical to ``F.conv2d`` on an AVX512-BF16 CPU. No autograd; ``x [B, C, H, W]``
+    -> ``[B, out_channels, H', W']``. Only for convolutions :func:`packable`."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"PackedConv2d needs numeric zero padding, got padding={conv.padding!r}, "
-                             f"padding_mode={conv.padding_mode!r}")
+        if not packable(conv):
+            raise ValueError(f"PackedConv2d computes an nn.Conv2d or ConvNorm with numeric zero padding and no "
+                             f"hooks, got {type(conv).__name__}(padding={conv.padding!r}, "
+                             f"padding_mode={conv.padding_mode!r})")
         # Not parameters or buffers: the packed weight is a oneDNN tensor with no storage to save,
         # move or compare, and the plain one is dropped once packed.
         self.weight: torch.Tensor | None = conv.weight.detach()
         self.packed: torch.Tensor | None = None
         self.bias = None if conv.bias is None else conv.bias.detach()
         self.geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        self.norm = getattr(conv, "norm", None)
+        self.norm = conv.norm if isinstance(conv, ConvNorm) else None
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
-            self.packed = torch.ops.mkldnn._reorder_convolution_weight(self.weight, *self.geometry, list(x.shape))
-            self.weight = None
+            with _PACKING:  # two threads' first calls: one packs, the other then finds it packed
+                if self.packed is None:
+                    self.packed = torch.ops.mkldnn._reorder_convolution_weight(self.weight, *self.geometry,
+                                                                               list(x.shape))
+                    self.weight = None
         y = torch.ops.mkldnn._convolution_pointwise(x, self.packed, self.bias, *self.geometry, "none", [], "")
         return y if self.norm is None else self.norm(y)
 
     def extra_repr(self) -> str:
-        padding, stride, _, groups = self.geometry
+        padding, stride, dilation, groups = self.geometry
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={tuple(stride)}, "
-                f"padding={tuple(padding)}, groups={groups}, bias={self.bias is not None}")
+                f"padding={tuple(padding)}, dilation={tuple(dilation)}, groups={groups}, bias={self.bias is not None}")
+
+
+def packable(conv: nn.Module) -> bool:
+    """Whether :class:`PackedConv2d` computes what ``conv`` computes: an ``nn.Conv2d`` or a
+    ``ConvNorm`` (exactly: a subclass may compute something else), with numeric zero padding and no
+    forward hooks."""
+    return (type(conv) in (nn.Conv2d, ConvNorm) and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and not conv._forward_hooks and not conv._forward_pre_hooks)
 
 
 def pack_for_onednn(module: nn.Module) -> None:
-    """Replaces, in place, every ``nn.Linear`` and ``nn.Conv2d`` (or subclass whose ``forward`` is
-    the conv followed by its ``norm``) of ``module`` (outside ``full_precision`` submodules) by a
-    :class:`PackedLinear` or :class:`PackedConv2d`. A parent that reads a linear's rows in blocks
+    """Replaces, in place, every ``nn.Linear`` and every :func:`packable` convolution of ``module``
+    (outside ``full_precision`` submodules) by a :class:`PackedLinear` or :class:`PackedConv2d`; other
+    convolutions stay as they are. A parent that reads a linear's rows in blocks
     names it in ``packed_row_blocks`` (``{attribute: blocks}``): it becomes an ``nn.ModuleList`` of
     one :class:`PackedLinear` per equal block of rows. ``nn.MultiheadAttention``'s projections are
     read as tensors by its functional forward and stay."""
@@ -157,7 +176,7 @@ def pack_for_onednn(module: nn.Module) -> None:
             continue
         blocks = getattr(parent, "packed_row_blocks", {})
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Conv2d) and _conv_then_norm(child):
+            if packable(child):
                 setattr(parent, name, PackedConv2d(child))
                 continue
             if type(child) is not nn.Linear:
@@ -171,12 +190,6 @@ def pack_for_onednn(module: nn.Module) -> None:
                                   None if child.bias is None else child.bias[i * rows:(i + 1) * rows])
                      for i in range(count)]
             setattr(parent, name, nn.ModuleList(parts) if name in blocks else parts[0])
-
-
-def _conv_then_norm(conv: nn.Conv2d) -> bool:
-    """Whether ``conv``'s forward is ``nn.Conv2d``'s (then its ``norm``, if it has one): what
-    :class:`PackedConv2d` computes."""
-    return type(conv).forward in (nn.Conv2d.forward, ConvNorm.forward)
 
 
 def half_precision_copy(module: nn.Module, dtype: torch.dtype, channels_last: bool = False,
@@ -277,4 +290,4 @@ class HalfPrecisionCopies:
 
 
 __all__ = ["PRECISIONS", "HalfPrecisionCopies", "PackedConv2d", "PackedLinear", "at_least_fp32", "conv_norm_pairs",
-           "emulation_reason", "half_precision_copy", "pack_for_onednn", "precision_dtype"]
+           "emulation_reason", "half_precision_copy", "pack_for_onednn", "packable", "precision_dtype"]
