@@ -112,6 +112,12 @@ class DynamicConv(nn.Module):
         x = F.relu(self.norm2(torch.bmm(x, param2)), inplace=True)
         return F.relu(self.norm3(self.out_layer(x.flatten(1))), inplace=True)
 
+    @property
+    def packed(self) -> bool:
+        """Whether this is a packed CPU inference copy: ``dynamic_layer`` its two filter matrices,
+        each a oneDNN linear that writes its own output (``packed_row_blocks``)."""
+        return isinstance(self.dynamic_layer, nn.ModuleList)
+
     def generate_filters(self, pro_features: Tensor, workspace: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``pro_features [K, D]`` -> ``P1 [K, D, d]``, ``P2 [K, d, D]`` (``dynamic_layer``'s output
         split in two). In inference each half is its own addmm (what F.linear computes, on half of
@@ -121,7 +127,7 @@ class DynamicConv(nn.Module):
         proposals). Under autograd one linear, whose weight gradient is one matrix product. A packed
         copy (``dynamic_layer`` a list of the two halves, each a oneDNN linear) computes each half
         into a fresh output."""
-        if isinstance(self.dynamic_layer, nn.ModuleList):
+        if self.packed:
             halves = tuple(layer(pro_features) for layer in self.dynamic_layer)
         elif torch.is_grad_enabled():
             params = self.dynamic_layer(pro_features)
@@ -294,6 +300,6 @@ class DynamicHead(nn.Module):
         linears (oneDNN's linear writes its own output)."""
         interact = self.head_series[0].inst_interact
         if (torch.is_grad_enabled() or torch.is_autocast_enabled(time.device.type)
-                or torch.compiler.is_compiling() or isinstance(interact.dynamic_layer, nn.ModuleList)):
+                or torch.compiler.is_compiling() or interact.packed):
             return None
         return time.new_empty((2, boxes.shape[0] * boxes.shape[1], interact.num_params))
